@@ -1,0 +1,750 @@
+/* nbdloop's I/O engine.  See nbdl.h for the contract.
+ *
+ * Shape (after liburing's examples/io_uring-cp.c): each pthread owns one
+ * ring with `entries` SQEs and, in direct mode, `entries` aligned bounce
+ * slots of `seg_size` bytes registered with the ring.  A request's segments
+ * run in waves of at most `entries`: prepare one SQE per segment with the
+ * segment's index in user_data, submit them together, reap every completion
+ * and store its result in the segment.  Nothing is left in flight when a
+ * call returns, because the caller's buffer belongs to nbdkit.
+ */
+#define _GNU_SOURCE
+#include <Python.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <linux/fs.h>
+#include <linux/stat.h>
+
+#include <liburing.h>
+
+#include "nbdl.h"
+
+#define STAT_ADD(field, n) \
+  __atomic_fetch_add (&global_stats.field, (n), __ATOMIC_RELAXED)
+
+static struct nbdl_stats global_stats;
+
+/* ---- the image and its range lock ------------------------------------ */
+
+struct nbdl_range {
+  uint64_t start, end;
+  int mode;
+  struct nbdl_range *prev, *next;
+};
+
+struct nbdl_image {
+  uint64_t id; /* rings remember which image they were built for */
+  int fd;
+  int direct;
+  int pin;
+  uint32_t seg_size;
+  uint32_t entries;
+  char *zeros; /* buffered mode's source for NBDL_OP_WRITE_ZEROES */
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  struct nbdl_range *ranges; /* held ranges, a doubly linked list */
+  unsigned waiters;
+};
+
+static uint64_t next_image_id = 1;
+
+struct nbdl_image *
+nbdl_image_new (int fd, int direct, uint32_t seg_size, uint32_t entries,
+                int pin)
+{
+  struct nbdl_image *img;
+
+  if (fd < 0 || seg_size == 0 || entries == 0 || entries > 4096) {
+    errno = EINVAL;
+    return NULL;
+  }
+  img = calloc (1, sizeof *img);
+  if (img == NULL)
+    return NULL;
+  img->id = __atomic_fetch_add (&next_image_id, 1, __ATOMIC_RELAXED);
+  img->fd = fd;
+  img->direct = direct;
+  img->pin = pin;
+  img->seg_size = seg_size;
+  img->entries = entries;
+  if (!direct) {
+    img->zeros = calloc (1, seg_size);
+    if (img->zeros == NULL) {
+      free (img);
+      return NULL;
+    }
+  }
+  pthread_mutex_init (&img->lock, NULL);
+  pthread_cond_init (&img->cond, NULL);
+  return img;
+}
+
+void
+nbdl_image_free (struct nbdl_image *img)
+{
+  if (img == NULL)
+    return;
+  pthread_mutex_destroy (&img->lock);
+  pthread_cond_destroy (&img->cond);
+  free (img->zeros);
+  free (img);
+}
+
+static int
+ranges_conflict (const struct nbdl_range *a, const struct nbdl_range *b)
+{
+  if (a->start >= b->end || b->start >= a->end)
+    return 0;
+  return a->mode == NBDL_LOCK_EXCLUSIVE || b->mode == NBDL_LOCK_EXCLUSIVE;
+}
+
+static void
+range_lock (struct nbdl_image *img, struct nbdl_range *r, uint64_t off,
+            uint64_t len, int mode)
+{
+  const struct nbdl_range *q;
+  int waited = 0;
+
+  r->start = off;
+  r->end = off + len;
+  r->mode = mode;
+  r->prev = NULL;
+  pthread_mutex_lock (&img->lock);
+ again:
+  for (q = img->ranges; q != NULL; q = q->next) {
+    if (ranges_conflict (q, r)) {
+      img->waiters++;
+      pthread_cond_wait (&img->cond, &img->lock);
+      img->waiters--;
+      waited = 1;
+      goto again;
+    }
+  }
+  r->next = img->ranges;
+  if (img->ranges)
+    img->ranges->prev = r;
+  img->ranges = r;
+  pthread_mutex_unlock (&img->lock);
+  if (waited)
+    STAT_ADD (lock_waits, 1);
+}
+
+static void
+range_unlock (struct nbdl_image *img, struct nbdl_range *r)
+{
+  pthread_mutex_lock (&img->lock);
+  if (r->prev)
+    r->prev->next = r->next;
+  else
+    img->ranges = r->next;
+  if (r->next)
+    r->next->prev = r->prev;
+  if (img->waiters)
+    pthread_cond_broadcast (&img->cond);
+  pthread_mutex_unlock (&img->lock);
+}
+
+/* ---- per-thread state: the ring and the pinned Python thread state ---- */
+
+struct nbdl_ring {
+  struct io_uring ring;
+  uint64_t img_id;
+  int fd;          /* the raw fd, used when it is not registered */
+  int fixed_file;  /* fd is registered as fixed file 0 */
+  int fixed_bufs;  /* bounce slots are registered buffers 0..entries-1 */
+  uint32_t entries;
+  uint32_t seg_size;
+  char *bounce;    /* entries * seg_size bytes, 4096-aligned; NULL if buffered */
+};
+
+struct nbdl_thread {
+  PyThreadState *pinned; /* kept alive across nbdkit callbacks */
+  struct nbdl_ring *ring;
+};
+
+static pthread_key_t thread_key;
+static pthread_once_t thread_key_once = PTHREAD_ONCE_INIT;
+
+static void
+ring_free (struct nbdl_ring *r)
+{
+  if (r == NULL)
+    return;
+  /* Nothing is in flight here.  Unregister explicitly: the ring's own
+   * teardown runs later in a kernel worker, and until then the registered
+   * file would stay open, and with it the image's flock. */
+  if (r->fixed_file)
+    io_uring_unregister_files (&r->ring);
+  if (r->fixed_bufs)
+    io_uring_unregister_buffers (&r->ring);
+  io_uring_queue_exit (&r->ring);
+  free (r->bounce);
+  free (r);
+  STAT_ADD (rings_freed, 1);
+}
+
+/* pthread key destructor: runs when an nbdkit worker thread exits, which
+ * happens when its connection closes. */
+static void
+thread_exit (void *p)
+{
+  struct nbdl_thread *t = p;
+
+  ring_free (t->ring);
+  if (t->pinned != NULL && Py_IsInitialized ()) {
+    /* Take the GIL with our own thread state, then delete it.  We keep our
+     * own pointer because Python's TSS slot may already be cleared. */
+    PyEval_RestoreThread (t->pinned);
+    PyThreadState_Clear (t->pinned);
+    PyThreadState_DeleteCurrent ();
+    STAT_ADD (unpinned, 1);
+  }
+  free (t);
+}
+
+static void
+make_thread_key (void)
+{
+  if (pthread_key_create (&thread_key, thread_exit) != 0) {
+    fprintf (stderr, "nbdloop: pthread_key_create failed\n");
+    abort ();
+  }
+}
+
+/* Called with the GIL released (cffi releases it around our calls). */
+static struct nbdl_thread *
+get_thread (struct nbdl_image *img)
+{
+  struct nbdl_thread *t;
+
+  pthread_once (&thread_key_once, make_thread_key);
+  t = pthread_getspecific (thread_key);
+  if (t == NULL) {
+    t = calloc (1, sizeof *t);
+    if (t == NULL)
+      return NULL;
+    if (pthread_setspecific (thread_key, t) != 0) {
+      free (t);
+      return NULL;
+    }
+  }
+  if (img->pin && t->pinned == NULL) {
+    /* nbdkit wraps each callback in PyGILState_Ensure/Release, which
+     * creates and destroys this thread's PyThreadState every time.  One
+     * extra Ensure that is never released keeps it alive; we hand the GIL
+     * straight back so cffi can retake it on return. */
+    PyGILState_Ensure ();
+    t->pinned = PyEval_SaveThread ();
+    STAT_ADD (pinned, 1);
+  }
+  return t;
+}
+
+static struct nbdl_ring *
+ring_new (struct nbdl_image *img, int *err)
+{
+  /* Strongest setup first; older kernels reject newer flags with EINVAL. */
+  static const unsigned flag_sets[] = {
+    IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN |
+      IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+    IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN,
+    IORING_SETUP_SUBMIT_ALL,
+    0,
+  };
+  struct nbdl_ring *r;
+  struct io_uring_params p;
+  size_t i;
+  int ret = -EINVAL;
+
+  r = calloc (1, sizeof *r);
+  if (r == NULL) {
+    *err = -ENOMEM;
+    return NULL;
+  }
+  r->img_id = img->id;
+  r->fd = img->fd;
+  r->entries = img->entries;
+  r->seg_size = img->seg_size;
+
+  for (i = 0; i < sizeof flag_sets / sizeof flag_sets[0]; i++) {
+    memset (&p, 0, sizeof p);
+    p.flags = flag_sets[i];
+    ret = io_uring_queue_init_params (img->entries, &r->ring, &p);
+    if (ret != -EINVAL)
+      break;
+  }
+  if (ret < 0) {
+    *err = ret;
+    free (r);
+    return NULL;
+  }
+
+  ret = io_uring_register_files (&r->ring, &img->fd, 1);
+  r->fixed_file = ret == 0;
+
+  if (img->direct) {
+    size_t total = (size_t) img->entries * img->seg_size;
+    struct iovec *iov;
+    uint32_t s;
+
+    ret = posix_memalign ((void **) &r->bounce, 4096, total);
+    if (ret != 0) {
+      io_uring_queue_exit (&r->ring);
+      free (r);
+      *err = -ret;
+      return NULL;
+    }
+    memset (r->bounce, 0, total);
+    iov = calloc (img->entries, sizeof *iov);
+    if (iov != NULL) {
+      for (s = 0; s < img->entries; s++) {
+        iov[s].iov_base = r->bounce + (size_t) s * img->seg_size;
+        iov[s].iov_len = img->seg_size;
+      }
+      /* Fails with ENOMEM past RLIMIT_MEMLOCK; plain reads still work. */
+      ret = io_uring_register_buffers (&r->ring, iov, img->entries);
+      r->fixed_bufs = ret == 0;
+      free (iov);
+    }
+    if (r->fixed_bufs)
+      STAT_ADD (fixed_bufs, 1);
+  }
+  STAT_ADD (rings, 1);
+  return r;
+}
+
+static struct nbdl_ring *
+get_ring (struct nbdl_image *img, int *err)
+{
+  struct nbdl_thread *t = get_thread (img);
+
+  if (t == NULL) {
+    *err = -ENOMEM;
+    return NULL;
+  }
+  if (t->ring != NULL && t->ring->img_id != img->id) {
+    ring_free (t->ring);
+    t->ring = NULL;
+  }
+  if (t->ring == NULL)
+    t->ring = ring_new (img, err);
+  return t->ring;
+}
+
+/* A ring whose state we can no longer trust is dropped; the next call on
+ * this thread builds a fresh one. */
+static void
+drop_ring (void)
+{
+  struct nbdl_thread *t = pthread_getspecific (thread_key);
+
+  if (t != NULL) {
+    ring_free (t->ring);
+    t->ring = NULL;
+  }
+}
+
+void
+nbdl_thread_release (void)
+{
+  pthread_once (&thread_key_once, make_thread_key);
+  drop_ring ();
+}
+
+/* ---- submission and completion ---------------------------------------- */
+
+static struct io_uring_sqe *
+next_sqe (struct nbdl_ring *r)
+{
+  /* The ring has `entries` SQEs and a wave never prepares more. */
+  struct io_uring_sqe *sqe = io_uring_get_sqe (&r->ring);
+
+  if (sqe == NULL) {
+    fprintf (stderr, "nbdloop: submission queue unexpectedly full\n");
+    abort ();
+  }
+  return sqe;
+}
+
+static void
+prep_rw (struct nbdl_ring *r, int write, char *addr, uint32_t len,
+         uint64_t off, int slot, int fua, uint64_t user_data)
+{
+  struct io_uring_sqe *sqe = next_sqe (r);
+  int fd = r->fixed_file ? 0 : r->fd;
+
+  if (slot >= 0 && r->fixed_bufs) {
+    if (write)
+      io_uring_prep_write_fixed (sqe, fd, addr, len, off, slot);
+    else
+      io_uring_prep_read_fixed (sqe, fd, addr, len, off, slot);
+  }
+  else {
+    if (write)
+      io_uring_prep_write (sqe, fd, addr, len, off);
+    else
+      io_uring_prep_read (sqe, fd, addr, len, off);
+  }
+  if (write && fua)
+    sqe->rw_flags = RWF_DSYNC;
+  if (r->fixed_file)
+    sqe->flags |= IOSQE_FIXED_FILE;
+  sqe->user_data = user_data;
+}
+
+/* Submit the n prepared SQEs and wait for all of their completions,
+ * storing each result in res[user_data] and its arrival in order[...];
+ * user_data is below nslots.  Returns 0, or -errno if the SQEs could not
+ * all be submitted; then the ring is dropped and every slot still marked
+ * NBDL_NOT_RUN gets that error. */
+static int
+submit_and_reap (struct nbdl_ring *r, unsigned n, unsigned nslots,
+                 int64_t *res, uint32_t *order, uint32_t *next_order)
+{
+  unsigned submitted = 0, reaped = 0;
+  int ret = 0, tries = 0;
+
+  STAT_ADD (sqes, n);
+  STAT_ADD (waves, 1);
+  while (submitted < n) {
+    ret = io_uring_submit_and_wait (&r->ring, n - submitted);
+    if (ret > 0) {
+      submitted += ret;
+      continue;
+    }
+    if ((ret == -EINTR || ret == -EAGAIN || ret == 0) && ++tries < 1000)
+      continue;
+    break;
+  }
+  while (reaped < submitted) {
+    struct io_uring_cqe *cqe;
+    unsigned head, seen = 0;
+    int w = io_uring_wait_cqe (&r->ring, &cqe);
+
+    if (w == -EINTR || w == -EAGAIN)
+      continue;
+    if (w < 0) {
+      /* We cannot return while the kernel may still use the buffers. */
+      fprintf (stderr, "nbdloop: io_uring_wait_cqe: %s\n", strerror (-w));
+      abort ();
+    }
+    io_uring_for_each_cqe (&r->ring, head, cqe) {
+      uint64_t i = cqe->user_data;
+      if (i < nslots) {
+        res[i] = cqe->res;
+        order[i] = (*next_order)++;
+      }
+      seen++;
+    }
+    io_uring_cq_advance (&r->ring, seen);
+    reaped += seen;
+  }
+  if (submitted < n) {
+    unsigned i;
+    /* Only SQEs that never reached the kernel are left in the SQ ring;
+     * their user_data slots still hold NBDL_NOT_RUN. */
+    for (i = 0; i < nslots; i++)
+      if (res[i] == NBDL_NOT_RUN)
+        res[i] = ret < 0 ? ret : -EIO;
+    drop_ring ();
+    return ret < 0 ? ret : -EIO;
+  }
+  return 0;
+}
+
+/* ---- requests --------------------------------------------------------- */
+
+static void
+copy_out (char *user, const struct nbdl_seg *s, const char *slot, int64_t res)
+{
+  /* Copy the part of the request's window that the read produced. */
+  uint64_t got = res > 0 ? (uint64_t) res : 0;
+  uint64_t end = (uint64_t) s->skip + s->copy_len;
+
+  if (got > end)
+    got = end;
+  if (got > s->skip) {
+    memcpy (user + s->user_off, slot + s->skip, got - s->skip);
+    STAT_ADD (copied, got - s->skip);
+  }
+}
+
+static void
+fill_window (struct nbdl_image *img, int op, char *user,
+             const struct nbdl_seg *s, char *slot)
+{
+  if (op == NBDL_OP_WRITE)
+    memcpy (slot + s->skip, user + s->user_off, s->copy_len);
+  else
+    memset (slot + s->skip, 0, s->copy_len);
+  STAT_ADD (copied, s->copy_len);
+  (void) img;
+}
+
+/* One wave of at most `entries` segments. */
+static int
+run_wave (struct nbdl_image *img, struct nbdl_ring *r, int op, int fua,
+          char *user, struct nbdl_seg *w, unsigned n, uint32_t *next_order)
+{
+  int64_t res[n];
+  uint32_t order[n];
+  unsigned i, prereads = 0, bad = 0;
+  int write = op != NBDL_OP_READ;
+  int ret;
+
+  if (img->direct && write) {
+    /* Read-modify-write: fetch the edge blocks into their slots first. */
+    for (i = 0; i < n; i++) {
+      res[i] = NBDL_NOT_RUN;
+      order[i] = UINT32_MAX;
+      if (w[i].flags & NBDL_SEG_PREREAD) {
+        prep_rw (r, 0, r->bounce + (size_t) i * r->seg_size, w[i].len,
+                 w[i].file_off, i, 0, i);
+        prereads++;
+      }
+    }
+    if (prereads > 0) {
+      uint32_t scratch = 0;
+      STAT_ADD (prereads, prereads);
+      ret = submit_and_reap (r, prereads, n, res, order, &scratch);
+      /* user_data was the slot index, so res[] is indexed by segment. */
+      for (i = 0; i < n; i++) {
+        if (!(w[i].flags & NBDL_SEG_PREREAD))
+          continue;
+        if (res[i] != (int64_t) w[i].len) {
+          /* A short pre-read cannot be completed later: report EIO. */
+          w[i].res = res[i] < 0 ? res[i] : -EIO;
+          w[i].order = (*next_order)++;
+          bad++;
+        }
+      }
+      if (ret < 0 || bad > 0)
+        return bad > 0 ? (int) bad : ret;
+    }
+  }
+
+  for (i = 0; i < n; i++) {
+    struct nbdl_seg *s = &w[i];
+    char *addr;
+    int slot;
+
+    res[i] = NBDL_NOT_RUN;
+    order[i] = UINT32_MAX;
+    if (img->direct) {
+      slot = i;
+      addr = r->bounce + (size_t) i * r->seg_size;
+      if (write)
+        fill_window (img, op, user, s, addr);
+    }
+    else {
+      slot = -1;
+      addr = op == NBDL_OP_WRITE_ZEROES ? img->zeros : user + s->user_off;
+    }
+    prep_rw (r, write, addr, s->len, s->file_off, slot, fua, i);
+  }
+  ret = submit_and_reap (r, n, n, res, order, next_order);
+  for (i = 0; i < n; i++) {
+    w[i].res = res[i];
+    w[i].order = order[i];
+    if (img->direct && !write)
+      copy_out (user, &w[i], r->bounce + (size_t) i * r->seg_size, res[i]);
+    if (res[i] != (int64_t) w[i].len)
+      bad++;
+  }
+  (void) ret;
+  return (int) bad;
+}
+
+int
+nbdl_rw (struct nbdl_image *img, int op, int fua, char *user,
+         struct nbdl_seg *segs, uint32_t nsegs, uint64_t lock_off,
+         uint64_t lock_len, int lock_mode)
+{
+  struct nbdl_range held;
+  struct nbdl_ring *r;
+  uint32_t done = 0, next_order = 0, i;
+  int err = 0, bad = 0;
+
+  for (i = 0; i < nsegs; i++) {
+    segs[i].res = NBDL_NOT_RUN;
+    segs[i].order = UINT32_MAX;
+    if (segs[i].len > img->seg_size ||
+        (uint64_t) segs[i].skip + segs[i].copy_len > segs[i].len ||
+        (!img->direct && (segs[i].skip != 0 || segs[i].copy_len != segs[i].len)))
+      return -EINVAL;
+  }
+  r = get_ring (img, &err);
+  if (r == NULL)
+    return err;
+  STAT_ADD (requests, 1);
+
+  if (lock_mode != NBDL_LOCK_NONE)
+    range_lock (img, &held, lock_off, lock_len, lock_mode);
+  while (done < nsegs && bad == 0) {
+    uint32_t n = nsegs - done;
+
+    if (n > r->entries)
+      n = r->entries;
+    bad = run_wave (img, r, op, fua, user, segs + done, n, &next_order);
+    if (bad < 0)
+      break;
+    done += n;
+    /* run_wave may have dropped a broken ring; get a fresh one. */
+    if (done < nsegs && bad == 0) {
+      r = get_ring (img, &err);
+      if (r == NULL) {
+        bad = err;
+        break;
+      }
+    }
+  }
+  if (lock_mode != NBDL_LOCK_NONE)
+    range_unlock (img, &held);
+
+  bad = 0;
+  for (i = 0; i < nsegs; i++)
+    if (segs[i].res != (int64_t) segs[i].len)
+      bad++;
+  return bad;
+}
+
+int64_t
+nbdl_rw1 (struct nbdl_image *img, int op, int fua, char *user,
+          uint64_t file_off, uint32_t len, int lock_mode)
+{
+  struct nbdl_seg s = {
+    .file_off = file_off, .user_off = 0, .len = len, .skip = 0,
+    .copy_len = len, .flags = 0,
+  };
+  int ret = nbdl_rw (img, op, fua, user, &s, 1, file_off, len, lock_mode);
+
+  return ret < 0 ? ret : s.res;
+}
+
+/* Run one SQE that needs no buffer. */
+static int
+one_op (struct nbdl_image *img, struct nbdl_ring *r)
+{
+  int64_t res = NBDL_NOT_RUN;
+  uint32_t order, next = 0;
+  int ret;
+
+  (void) img;
+  STAT_ADD (requests, 1);
+  ret = submit_and_reap (r, 1, 1, &res, &order, &next);
+  if (ret < 0)
+    return ret;
+  return (int) res;
+}
+
+static struct io_uring_sqe *
+prep_fd_op (struct nbdl_ring *r)
+{
+  struct io_uring_sqe *sqe = next_sqe (r);
+
+  sqe->user_data = 0;
+  return sqe;
+}
+
+static void
+finish_fd_op (struct nbdl_ring *r, struct io_uring_sqe *sqe)
+{
+  if (r->fixed_file) {
+    sqe->fd = 0;
+    sqe->flags |= IOSQE_FIXED_FILE;
+  }
+}
+
+int
+nbdl_fsync (struct nbdl_image *img, int datasync)
+{
+  struct io_uring_sqe *sqe;
+  struct nbdl_ring *r;
+  int err = 0;
+
+  r = get_ring (img, &err);
+  if (r == NULL)
+    return err;
+  sqe = prep_fd_op (r);
+  io_uring_prep_fsync (sqe, r->fd, datasync ? IORING_FSYNC_DATASYNC : 0);
+  finish_fd_op (r, sqe);
+  return one_op (img, r);
+}
+
+int
+nbdl_fallocate (struct nbdl_image *img, int mode, uint64_t off, uint64_t len,
+                int lock_mode)
+{
+  struct nbdl_range held;
+  struct io_uring_sqe *sqe;
+  struct nbdl_ring *r;
+  int err = 0, ret;
+
+  r = get_ring (img, &err);
+  if (r == NULL)
+    return err;
+  if (lock_mode != NBDL_LOCK_NONE)
+    range_lock (img, &held, off, len, lock_mode);
+  sqe = prep_fd_op (r);
+  io_uring_prep_fallocate (sqe, r->fd, mode, off, len);
+  finish_fd_op (r, sqe);
+  ret = one_op (img, r);
+  if (lock_mode != NBDL_LOCK_NONE)
+    range_unlock (img, &held);
+  return ret;
+}
+
+int
+nbdl_fadvise (struct nbdl_image *img, uint64_t off, uint32_t len, int advice)
+{
+  struct io_uring_sqe *sqe;
+  struct nbdl_ring *r;
+  int err = 0;
+
+  r = get_ring (img, &err);
+  if (r == NULL)
+    return err;
+  sqe = prep_fd_op (r);
+  io_uring_prep_fadvise (sqe, r->fd, off, len, advice);
+  finish_fd_op (r, sqe);
+  return one_op (img, r);
+}
+
+/* ---- helpers ------------------------------------------------------------ */
+
+int
+nbdl_dio_align (int fd, uint32_t *mem_align, uint32_t *off_align)
+{
+  struct statx st;
+
+  memset (&st, 0, sizeof st);
+  if (statx (fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &st) != 0)
+    return -errno;
+  if (st.stx_mask & STATX_DIOALIGN) {
+    *mem_align = st.stx_dio_mem_align;
+    *off_align = st.stx_dio_offset_align;
+  }
+  else {
+    *mem_align = 0;
+    *off_align = 0;
+  }
+  return 0;
+}
+
+void
+nbdl_stats (struct nbdl_stats *out)
+{
+  uint64_t *dst = (uint64_t *) out;
+  uint64_t *src = (uint64_t *) &global_stats;
+  size_t i;
+
+  for (i = 0; i < sizeof *out / sizeof (uint64_t); i++)
+    dst[i] = __atomic_load_n (&src[i], __ATOMIC_RELAXED);
+}

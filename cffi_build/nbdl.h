@@ -1,0 +1,112 @@
+/* nbdloop's I/O engine: the C half of the binding to liburing.
+ *
+ * Python plans each request (nbdloop/plan.py) as a scatter list of segments;
+ * this code executes the list on the calling thread's own ring, with the GIL
+ * released (cffi drops it around every call), and writes one result per
+ * segment back into the list.  It decides nothing about alignment or
+ * resubmission: that logic lives, and is tested, in the pure Python module.
+ *
+ * Every declaration here is mirrored in cffi_build/build_uring.py's CDEF.
+ */
+#ifndef NBDL_H
+#define NBDL_H
+
+#include <stdint.h>
+
+/* Operations for nbdl_rw. */
+#define NBDL_OP_READ 0
+#define NBDL_OP_WRITE 1
+#define NBDL_OP_WRITE_ZEROES 2 /* write zeroes where the request's data would go */
+
+/* Segment flags. */
+#define NBDL_SEG_PREREAD 1 /* read the segment before writing it (RMW edge) */
+
+/* Range-lock modes. */
+#define NBDL_LOCK_NONE 0
+#define NBDL_LOCK_SHARED 1    /* plain writes, zeroes and trims */
+#define NBDL_LOCK_EXCLUSIVE 2 /* read-modify-write of edge blocks */
+
+/* A segment that was never submitted, because an earlier wave failed. */
+#define NBDL_NOT_RUN (-1000000000LL)
+
+/* One bio_vec-like segment of a request.
+ *
+ * The segment covers [file_off, file_off + len) of the backing file.  Bytes
+ * [skip, skip + copy_len) of it belong to the request and sit at user_off in
+ * the caller's buffer.  In buffered mode skip is 0 and copy_len == len: the
+ * I/O goes straight to the caller's buffer.  In direct mode the I/O goes
+ * through an aligned bounce slot owned by the ring.
+ */
+struct nbdl_seg {
+  uint64_t file_off;
+  uint64_t user_off;
+  uint32_t len;
+  uint32_t skip;
+  uint32_t copy_len;
+  uint32_t flags;
+  int64_t res;    /* out: bytes transferred, or -errno, or NBDL_NOT_RUN */
+  uint32_t order; /* out: position of this completion among the request's */
+  uint32_t pad;
+};
+
+/* Counters, summed over all threads; read with nbdl_stats. */
+struct nbdl_stats {
+  uint64_t requests;   /* calls that did I/O */
+  uint64_t sqes;       /* submissions */
+  uint64_t waves;      /* submit-and-wait rounds */
+  uint64_t prereads;   /* RMW edge reads */
+  uint64_t copied;     /* bytes copied between bounce and caller */
+  uint64_t lock_waits; /* range-lock acquisitions that had to wait */
+  uint64_t rings;      /* rings created */
+  uint64_t rings_freed;
+  uint64_t pinned;     /* Python thread states pinned */
+  uint64_t unpinned;   /* ... and released at thread exit */
+  uint64_t fixed_bufs; /* rings whose bounce buffers are registered */
+};
+
+struct nbdl_image;
+
+/* Make an engine for fd.  direct: fd has O_DIRECT, so I/O uses bounce
+ * buffers.  seg_size: largest segment (a multiple of the alignment).
+ * entries: ring entries = bounce slots per thread = segments per wave.
+ * pin: keep each calling pthread's Python thread state alive (nbdkit workers).
+ * Returns NULL with errno set on failure. */
+struct nbdl_image *nbdl_image_new (int fd, int direct, uint32_t seg_size,
+                                   uint32_t entries, int pin);
+void nbdl_image_free (struct nbdl_image *img);
+
+/* Run nsegs segments.  Returns the number of segments whose res is not
+ * their full length (0: all done), or -errno if no ring could be set up.
+ * With lock_mode != NBDL_LOCK_NONE, [lock_off, lock_off + lock_len) is held
+ * in that mode for the whole call. */
+int nbdl_rw (struct nbdl_image *img, int op, int fua, char *user,
+             struct nbdl_seg *segs, uint32_t nsegs, uint64_t lock_off,
+             uint64_t lock_len, int lock_mode);
+
+/* The one-segment fast path of nbdl_rw, for a request that is a single
+ * full-window segment.  Returns bytes transferred or -errno. */
+int64_t nbdl_rw1 (struct nbdl_image *img, int op, int fua, char *user,
+                  uint64_t file_off, uint32_t len, int lock_mode);
+
+/* fdatasync (datasync = 1) or fsync through the ring. */
+int nbdl_fsync (struct nbdl_image *img, int datasync);
+
+/* fallocate(mode, off, len) through the ring, under a range lock. */
+int nbdl_fallocate (struct nbdl_image *img, int mode, uint64_t off,
+                    uint64_t len, int lock_mode);
+
+/* posix_fadvise through the ring. */
+int nbdl_fadvise (struct nbdl_image *img, uint64_t off, uint32_t len,
+                  int advice);
+
+/* Direct-I/O alignment of fd from statx(STATX_DIOALIGN).  Returns 0 and
+ * fills *mem_align and *off_align (both 0 if the kernel does not say),
+ * or -errno. */
+int nbdl_dio_align (int fd, uint32_t *mem_align, uint32_t *off_align);
+
+void nbdl_stats (struct nbdl_stats *out);
+
+/* Free the calling thread's ring now (it is freed at thread exit anyway). */
+void nbdl_thread_release (void);
+
+#endif

@@ -1,0 +1,306 @@
+"""The ``nbdloop`` command line."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import socket
+import stat
+import sys
+from pathlib import Path
+
+import click
+
+from nbdloop import backing
+from nbdloop.sizes import format_size, parse_size
+
+PLUGIN = Path(__file__).resolve().parent / "plugin.py"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_THREADS = 16
+
+
+class UsageError(click.ClickException):
+    """One line on stderr and exit status 2."""
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"nbdloop: {self.format_message()}", err=True)
+
+
+# ---- parameter types ----------------------------------------------------------
+
+class SizeType(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = SizeType()
+
+
+def runtime_dir() -> Path:
+    """Where sockets and state live: /run/nbdloop for root, else
+    $XDG_RUNTIME_DIR/nbdloop.  Created 0700 so only its owner can use it."""
+    override = os.environ.get("NBDLOOP_RUNTIME_DIR")
+    if override:
+        base = Path(override)
+    elif os.geteuid() == 0:
+        base = Path("/run/nbdloop")
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        base = Path(os.environ["XDG_RUNTIME_DIR"]) / "nbdloop"
+    else:
+        base = Path(f"/tmp/nbdloop-{os.geteuid()}")
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = base.stat()
+    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o022:
+        raise UsageError(f"runtime directory {base} is not private to this user")
+    return base
+
+
+def image_key(image: str) -> str:
+    """A short, stable name for an image: its basename and a hash of its path."""
+    real = os.path.realpath(image)
+    digest = hashlib.sha256(real.encode()).hexdigest()[:8]
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(real).name)
+    return f"{stem}-{digest}"
+
+
+def default_socket(image: str) -> Path:
+    return runtime_dir() / f"{image_key(image)}.sock"
+
+
+def check_socket_free(path: Path) -> None:
+    """Refuse a socket path that a live server owns; clear a stale one."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise UsageError(f"socket directory {path.parent} does not exist") from None
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UsageError(f"{path} exists and is not a socket")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+    except ConnectionRefusedError:
+        path.unlink()  # a dead server's leftover
+        return
+    except OSError as e:
+        raise UsageError(f"socket {path}: {e.strerror}") from None
+    finally:
+        s.close()
+    raise UsageError(f"socket {path} is already in use by a running server")
+
+
+def check_port_free(bind: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((bind, port))
+    except OSError as e:
+        raise UsageError(f"cannot listen on {bind}:{port}: {e.strerror}") from None
+    finally:
+        s.close()
+
+
+def check_permissions(image: str, readonly: bool) -> None:
+    """Root ignores permission bits, but a file that nobody may write is a
+    read-only image, and one nobody may read is not ours to serve."""
+    try:
+        st = os.stat(image)
+    except OSError:
+        return  # open_image reports it
+    if not stat.S_ISREG(st.st_mode):
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o444:
+        raise UsageError(f"{image}: is not readable (mode {mode:04o})")
+    if not readonly and not mode & 0o222:
+        raise UsageError(f"{image}: is read-only (mode {mode:04o}); "
+                         "use --readonly to serve it read-only")
+
+
+def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
+                socket_path: str | None, port: int | None, bind: str, threads: int,
+                segment_size: int, export_name: str, pidfile: str | None,
+                verbose: bool = False) -> list[str]:
+    """The nbdkit command line that serves ``image`` with our plugin."""
+    nbdkit = shutil.which("nbdkit")
+    if nbdkit is None:
+        raise UsageError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
+    argv = [nbdkit, "--foreground", "--threads", str(threads)]
+    if socket_path is not None:
+        argv += ["--unix", socket_path]
+    else:
+        argv += ["--port", str(port), "--ipaddr", bind]
+    if readonly:
+        argv.append("--readonly")
+    if pidfile:
+        argv += ["--pidfile", pidfile]
+    if verbose:
+        argv.append("--verbose")
+    argv += ["python", str(PLUGIN), f"file={os.path.abspath(image)}", f"mode={mode}",
+             f"readonly={int(readonly)}", f"segment-size={segment_size}"]
+    if fd is not None:
+        argv.append(f"fd={fd}")
+    if export_name:
+        argv.append(f"export-name={export_name}")
+    return argv
+
+
+def plugin_env() -> dict[str, str]:
+    """nbdkit embeds Debian's python3: point it at this package."""
+    env = dict(os.environ)
+    paths = [str(PACKAGE_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(":") if p]
+    env["PYTHONPATH"] = ":".join(paths)
+    return env
+
+
+# ---- commands -------------------------------------------------------------------
+
+class OneLineErrors(click.Group):
+    """Every usage or validation error is one line on stderr, exit status 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None,
+             standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            if isinstance(e, UsageError):
+                e.show()
+            else:
+                click.echo(f"nbdloop: {e.format_message()}", err=True)
+            sys.exit(2 if isinstance(e, (click.UsageError, UsageError)) else e.exit_code)
+        except click.Abort:
+            click.echo("nbdloop: aborted", err=True)
+            sys.exit(1)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nbdloop")
+def main() -> None:
+    """nbdloop: a userspace loop device.  Serve a file over NBD through
+    io_uring, in direct (O_DIRECT) or buffered (page cache) mode."""
+
+
+@main.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.argument("size", type=SIZE)
+@click.option("--force", is_flag=True, help="Overwrite IMAGE if it exists.")
+def create(image: str, size: int, force: bool) -> None:
+    """Make a sparse IMAGE of SIZE bytes (512M, 1G, 1.5T or bytes)."""
+    if size <= 0:
+        raise UsageError(f"size must be positive, not {size}")
+    if size % backing.SECTOR:
+        raise UsageError(f"size {size} is not a multiple of {backing.SECTOR} bytes")
+    if os.path.isdir(image):
+        raise UsageError(f"{image}: is a directory")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (0 if force else os.O_EXCL)
+    try:
+        fd = os.open(image, flags, 0o644)
+    except FileExistsError:
+        raise UsageError(f"{image}: already exists (use --force to overwrite)") from None
+    except OSError as e:
+        raise UsageError(f"{image}: cannot create: {e.strerror}") from None
+    try:
+        if force:
+            try:
+                import fcntl
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"{image}: in use by a running server; not overwriting") from None
+            os.ftruncate(fd, 0)
+        os.ftruncate(fd, size)
+    except OSError as e:
+        os.close(fd)
+        if not force:
+            os.unlink(image)
+        if e.errno in (errno.EFBIG, errno.EINVAL):
+            raise UsageError(f"{image}: size {format_size(size)} does not fit on this "
+                             "filesystem (file too large)") from None
+        raise UsageError(f"{image}: {e.strerror}") from None
+    os.close(fd)
+    click.echo(f"created {image}: {format_size(size)} ({size} bytes), sparse")
+
+
+def serve_options(f):
+    for opt in reversed([
+        click.option("--mode", type=click.Choice(backing.MODES), default="direct",
+                      show_default=True, help="direct: O_DIRECT, no page cache; "
+                      "buffered: through the page cache like the classic loop device."),
+        click.option("--readonly", "-r", is_flag=True, help="Serve read-only."),
+        click.option("--threads", type=click.IntRange(1, 256), default=DEFAULT_THREADS,
+                     show_default=True, help="nbdkit worker threads per connection."),
+        click.option("--segment-size", type=SIZE, default=backing.DEFAULT_SEG_SIZE,
+                     show_default="128K", help="Largest I/O segment (multiple of 4K)."),
+        click.option("--export-name", default="", help="Export name to offer (default: any)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def validate_serve(image, mode, readonly, segment_size):
+    if segment_size < 4096 or segment_size % 4096 or segment_size > 16 << 20:
+        raise click.BadParameter("must be a multiple of 4K between 4K and 16M",
+                                 param_hint="--segment-size")
+    check_permissions(image, readonly)
+
+
+@main.command()
+@click.argument("image", type=click.Path())
+@serve_options
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False),
+              help="Unix socket to listen on [default: under the runtime dir].")
+@click.option("--port", type=click.IntRange(1, 65535), help="Listen on TCP instead.")
+@click.option("--bind", default="127.0.0.1", show_default=True,
+              help="Address for --port.")
+@click.option("--pidfile", type=click.Path(dir_okay=False),
+              help="Write the server pid here once it accepts connections.")
+@click.option("--verbose", "-v", is_flag=True, help="nbdkit debug messages.")
+def serve(image, mode, readonly, threads, segment_size, export_name, socket_path,
+          port, bind, pidfile, verbose):
+    """Serve IMAGE over NBD in the foreground until SIGINT or SIGTERM."""
+    validate_serve(image, mode, readonly, segment_size)
+    if socket_path and port:
+        raise click.BadParameter("use --socket or --port, not both", param_hint="--socket")
+    sock = None
+    if port is None:
+        sock = Path(socket_path) if socket_path else default_socket(image)
+        check_socket_free(sock)
+    else:
+        check_port_free(bind, port)
+    try:
+        fd, geometry = backing.open_image(image, mode=mode, readonly=readonly)
+    except backing.ImageError as e:
+        raise UsageError(str(e)) from None
+    # nbdkit inherits the opened, locked descriptor: no window in which a
+    # second server could take the image.
+    os.set_inheritable(fd, True)
+    argv = nbdkit_argv(image, fd=fd, mode=mode, readonly=readonly,
+                       socket_path=str(sock) if sock else None, port=port, bind=bind,
+                       threads=threads, segment_size=segment_size,
+                       export_name=export_name, pidfile=pidfile, verbose=verbose)
+    where = f"unix:{sock}" if sock else f"nbd://{bind}:{port}"
+    click.echo(f"nbdloop: serving {image} ({format_size(geometry.size)}, {mode}, "
+               f"alignment {geometry.align}) on {where}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.umask(0o077)  # the socket is 0600
+    os.execve(argv[0], argv, plugin_env())
+
+
+if __name__ == "__main__":
+    main()

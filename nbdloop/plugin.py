@@ -1,0 +1,227 @@
+"""nbdkit plugin: ``nbdkit python nbdloop/plugin.py file=IMAGE [key=value...]``.
+
+Only callbacks live here, in lifecycle order.  Each connection gets a
+:class:`Handle`; the I/O callbacks delegate to it, and it delegates to the
+server's one :class:`nbdloop.backing.Backing`.
+
+Keys: ``file`` (the image), ``fd`` (an already opened and locked descriptor
+of it, inherited from ``nbdloop serve``), ``mode`` (direct|buffered),
+``readonly``, ``segment-size``, ``entries``, ``export-name``, ``pin``.
+"""
+import errno
+
+import nbdkit
+
+from nbdloop.backing import DEFAULT_ENTRIES, DEFAULT_SEG_SIZE, Backing, ImageError, inspect_fd
+from nbdloop.sizes import parse_size
+
+API_VERSION = 2
+
+# Module state is the configuration, written only by config() on the main
+# thread before any connection, and the Backing, set once in get_ready().
+# The Backing is shared by all connections and is thread safe (see its
+# docstring); nothing else is shared, so no Python lock is needed.
+_config = {
+    "file": None,
+    "fd": None,
+    "mode": "direct",
+    "readonly": False,
+    "segment-size": DEFAULT_SEG_SIZE,
+    "entries": DEFAULT_ENTRIES,
+    "export-name": "",
+    "pin": True,
+}
+_backing = None
+
+
+def _bool(value):
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean")
+
+
+def _raise_errno(e):
+    nbdkit.set_error(e.errno if isinstance(e, OSError) and e.errno else errno.EIO)
+    raise e
+
+
+class Handle:
+    """One client connection.  The data callbacks are the Backing's own
+    bound methods, so a request costs no extra Python call."""
+
+    def __init__(self, backing, readonly):
+        self.backing = backing
+        self.readonly = readonly or backing.readonly
+        self.pread = backing.pread
+        self.pwrite = backing.pwrite
+
+
+def thread_model():
+    # Parallel: each nbdkit worker thread runs its requests on its own ring;
+    # the Backing's only shared state (the range lock) is locked in C.
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def config(key, value):
+    if key not in _config:
+        raise ValueError(f"unknown parameter {key!r}")
+    if key in ("readonly", "pin"):
+        _config[key] = _bool(value)
+    elif key == "segment-size":
+        _config[key] = parse_size(value)
+    elif key in ("entries", "fd"):
+        _config[key] = int(value)
+    elif key == "mode":
+        if value not in ("direct", "buffered"):
+            raise ValueError(f"mode must be direct or buffered, not {value!r}")
+        _config[key] = value
+    else:
+        _config[key] = value
+
+
+def config_complete():
+    if _config["file"] is None:
+        raise ValueError("the file parameter is required: file=IMAGE")
+
+
+def get_ready():
+    global _backing
+    kw = dict(mode=_config["mode"], readonly=_config["readonly"],
+              seg_size=_config["segment-size"], entries=_config["entries"],
+              pin=_config["pin"])
+    try:
+        if _config["fd"] is not None:
+            # nbdloop serve opened, checked and locked the image for us.
+            fd = _config["fd"]
+            geometry = inspect_fd(fd, _config["file"], _config["mode"])
+            _backing = Backing(fd, _config["file"], geometry, **kw)
+        else:
+            _backing = Backing.open(_config["file"], **kw)
+    except ImageError as e:
+        raise RuntimeError(str(e)) from None
+
+
+def cleanup():
+    if _backing is not None:
+        _backing.close()
+
+
+def default_export(readonly, is_tls):
+    return _config["export-name"]
+
+
+def list_exports(readonly, is_tls):
+    return [_config["export-name"]]
+
+
+def open(readonly):
+    name = nbdkit.export_name()
+    if name not in ("", _config["export-name"]):
+        # Export names are only compared, never used as paths.
+        nbdkit.set_error(errno.ENOENT)
+        raise LookupError(f"no export named {name!r}")
+    return Handle(_backing, readonly)
+
+
+def get_size(h):
+    return h.backing.size
+
+
+def block_size(h):
+    return h.backing.block_size()
+
+
+def is_rotational(h):
+    return False
+
+
+def can_write(h):
+    return not h.readonly
+
+
+def can_flush(h):
+    return True
+
+
+def can_trim(h):
+    return not h.readonly
+
+
+def can_zero(h):
+    return not h.readonly
+
+
+def can_fast_zero(h):
+    return not h.readonly
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE
+
+
+def can_multi_conn(h):
+    # No server-side cache: every connection sees the same file, and a flush
+    # on one makes all completed writes durable.
+    return True
+
+
+def can_cache(h):
+    return nbdkit.CACHE_NONE if h.backing.direct else nbdkit.CACHE_NATIVE
+
+
+def can_extents(h):
+    return True
+
+
+def pread(h, buf, offset, flags):
+    try:
+        h.pread(buf, offset)
+    except OSError as e:
+        _raise_errno(e)
+
+
+def pwrite(h, buf, offset, flags):
+    try:
+        h.pwrite(buf, offset, flags & nbdkit.FLAG_FUA != 0)
+    except OSError as e:
+        _raise_errno(e)
+
+
+def flush(h, flags):
+    try:
+        h.backing.flush()
+    except OSError as e:
+        _raise_errno(e)
+
+
+def trim(h, count, offset, flags):
+    try:
+        h.backing.trim(count, offset, fua=flags & nbdkit.FLAG_FUA != 0)
+    except OSError as e:
+        _raise_errno(e)
+
+
+def zero(h, count, offset, flags):
+    try:
+        h.backing.zero(count, offset,
+                       may_trim=flags & nbdkit.FLAG_MAY_TRIM != 0,
+                       fast=flags & nbdkit.FLAG_FAST_ZERO != 0,
+                       fua=flags & nbdkit.FLAG_FUA != 0)
+    except OSError as e:
+        _raise_errno(e)
+
+
+def cache(h, count, offset, flags):
+    try:
+        h.backing.cache(count, offset)
+    except OSError as e:
+        _raise_errno(e)
+
+
+def extents(h, count, offset, flags):
+    try:
+        return h.backing.extents(count, offset, req_one=flags & nbdkit.FLAG_REQ_ONE != 0)
+    except OSError as e:
+        _raise_errno(e)

@@ -1,0 +1,122 @@
+"""nbdloop's binding to liburing: the only module that imports the compiled
+extension.  No cffi object leaves it; callers pass ints, buffers and
+:class:`nbdloop.plan.Segment` lists, and get ints and tuples back.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from nbdloop._uring import ffi, lib
+from nbdloop.plan import NOT_RUN, Segment
+
+OP_READ = lib.NBDL_OP_READ
+OP_WRITE = lib.NBDL_OP_WRITE
+OP_WRITE_ZEROES = lib.NBDL_OP_WRITE_ZEROES
+
+LOCK_NONE = lib.NBDL_LOCK_NONE
+LOCK_SHARED = lib.NBDL_LOCK_SHARED
+LOCK_EXCLUSIVE = lib.NBDL_LOCK_EXCLUSIVE
+
+if lib.NBDL_NOT_RUN != NOT_RUN:  # the two halves must agree
+    raise ImportError("nbdloop._uring was built from a different nbdl.h")
+
+_STAT_FIELDS = [name for name, _ in ffi.typeof("struct nbdl_stats").fields]
+
+
+def check(ret: int, what: str) -> int:
+    """Turn a negative errno return into OSError; the only place that does."""
+    if ret < 0:
+        raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
+    return ret
+
+
+def dio_alignment(fd: int) -> tuple[int, int]:
+    """statx(STATX_DIOALIGN) of ``fd``: ``(memory, offset)`` alignment, or
+    ``(0, 0)`` if the kernel or filesystem does not report it."""
+    mem = ffi.new("uint32_t *")
+    off = ffi.new("uint32_t *")
+    check(lib.nbdl_dio_align(fd, mem, off), "statx")
+    return mem[0], off[0]
+
+
+def stats() -> dict[str, int]:
+    """The engine's counters, summed over all threads."""
+    out = ffi.new("struct nbdl_stats *")
+    lib.nbdl_stats(out)
+    return {name: getattr(out, name) for name in _STAT_FIELDS}
+
+
+def release_thread() -> None:
+    """Free the calling thread's ring now instead of at thread exit."""
+    lib.nbdl_thread_release()
+
+
+class Engine:
+    """The rings that serve one open backing file.
+
+    Each thread that calls in gets its own ring (and, in direct mode, its own
+    registered bounce slots), created on first use and freed when the thread
+    exits.  ``pin`` keeps the calling thread's Python thread state alive
+    between nbdkit callbacks.
+    """
+
+    def __init__(self, fd: int, *, direct: bool, seg_size: int, entries: int,
+                 pin: bool = False) -> None:
+        img = lib.nbdl_image_new(fd, int(direct), seg_size, entries, int(pin))
+        if img == ffi.NULL:
+            err = ffi.errno
+            raise OSError(err, f"setting up the I/O engine: {os.strerror(err)}")
+        self._img = img
+        self.direct = direct
+        self.seg_size = seg_size
+        self.entries = entries
+
+    def close(self) -> None:
+        """Free the engine.  Safe to call twice.
+
+        A ring keeps the file registered, and so open (and flock-locked), until
+        the ring is freed.  The calling thread's ring is freed here; other
+        threads drop theirs on their next call or when they exit."""
+        img, self._img = self._img, None
+        if img is not None:
+            lib.nbdl_thread_release()
+            lib.nbdl_image_free(img)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def rw1(self, op: int, buf, offset: int, fua: bool, lock: int) -> int:
+        """One full-window segment of ``len(buf)`` bytes at ``offset``.
+        Returns bytes transferred or -errno (not raised: the caller merges)."""
+        return lib.nbdl_rw1(self._img, op, fua, ffi.from_buffer(buf), offset, len(buf), lock)
+
+    def rw(self, op: int, buf, segs: Sequence[Segment], fua: bool,
+           lock: tuple[int, int, int]) -> list[tuple[int, int]]:
+        """Run ``segs``; returns one ``(res, order)`` per segment.  ``buf`` may
+        be None for OP_WRITE_ZEROES.  ``lock`` is ``(offset, length, mode)``."""
+        n = len(segs)
+        arr = ffi.new("struct nbdl_seg[]", n)
+        for c, s in zip(arr, segs):
+            c.file_off = s.file_off
+            c.user_off = s.user_off
+            c.len = s.length
+            c.skip = s.skip
+            c.copy_len = s.copy_len
+            c.flags = lib.NBDL_SEG_PREREAD if s.preread else 0
+        user = ffi.NULL if buf is None else ffi.from_buffer(buf)
+        ret = lib.nbdl_rw(self._img, op, fua, user, arr, n, lock[0], lock[1], lock[2])
+        check(ret, "io_uring setup")
+        return [(c.res, c.order) for c in arr]
+
+    def fsync(self, datasync: bool = True) -> int:
+        return lib.nbdl_fsync(self._img, int(datasync))
+
+    def fallocate(self, mode: int, offset: int, length: int, lock: int) -> int:
+        return lib.nbdl_fallocate(self._img, mode, offset, length, lock)
+
+    def fadvise(self, offset: int, length: int, advice: int) -> int:
+        return lib.nbdl_fadvise(self._img, offset, length, advice)
