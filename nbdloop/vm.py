@@ -252,6 +252,7 @@ def ensure_assets(cache_dir: Path | None = None) -> VmAssets:
         build = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir))
         try:
             _build_entry(build, kernel_package, kernel_version, recipe)
+            build.chmod(0o755)
             os.rename(build, entry)
         finally:
             shutil.rmtree(build, ignore_errors=True)
@@ -360,8 +361,9 @@ def _kernel_package(cache_dir: Path) -> tuple[str, str]:
     if depends is None or "Version" not in fields:
         raise VmError(f"apt-cache show {_KERNEL_METAPACKAGE} names no linux-image package")
     package, version = depends.group(1), fields["Version"]
-    tmp = memo.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"stamp": stamp, "package": package, "version": version}))
+    fd, tmp = tempfile.mkstemp(prefix=".kernel-package-", dir=cache_dir)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"stamp": stamp, "package": package, "version": version}, f)
     os.replace(tmp, memo)
     return package, version
 
@@ -755,6 +757,7 @@ def kernel_check_script(
     *,
     device: str = GUEST_NBD_DEVICE,
     mountpoint: str = "/mnt",
+    expect_connections: int | None = None,
 ) -> KernelCheck:
     """Return the guest script that exercises a filesystem over the kernel NBD client.
 
@@ -762,7 +765,8 @@ def kernel_check_script(
     the argv from :func:`nbdloop.nbdclient.nbd_client_args`), mkfs, mount,
     write ``files`` and sync, verify sha256, umount, fsck, remount, verify
     again from disk, umount, disconnect. A failing step ends the script and
-    names itself in the verdict.
+    names itself in the verdict. With ``expect_connections``, the connect step
+    also fails unless exactly that many TCP connections reach the server.
     """
     if fstype not in _FILESYSTEMS:
         raise ValueError(f"fstype {fstype!r} is not one of {', '.join(_FILESYSTEMS)}")
@@ -785,6 +789,12 @@ def kernel_check_script(
             copies.append(f"must mkdir -p {q(f'{mountpoint}/{parent}')}")
         copies.append(f"must cp {q(f'{GUEST_PAYLOAD_DIR}/{name}')} {q(f'{mountpoint}/{name}')}")
     copy_lines = "\n".join(copies)
+    count_check = ""
+    if expect_connections is not None:
+        count_check = f"""conns=$(netstat -tn | grep -c '{GUEST_SERVER_HOST}:{GUEST_SERVER_PORT} *ESTABLISHED')
+echo "$conns connection(s) to the server"
+[ "$conns" -eq {int(expect_connections)} ] || fail "$conns connections to the server, expected {int(expect_connections)}"
+"""
     script = f"""#!/bin/sh
 # nbdloop kernel check: {fstype} on {device} over the kernel NBD client.
 STEP=start
@@ -819,8 +829,9 @@ must {shlex.join(nbd_args)}
 size=$(cat {sysblock}/size)
 [ "$size" -gt 0 ] || fail "{device} has size $size after nbd-client"
 echo "{device}: $size sectors, logical block $(cat {sysblock}/queue/logical_block_size)," \\
-     "physical block $(cat {sysblock}/queue/physical_block_size)"
-
+     "physical block $(cat {sysblock}/queue/physical_block_size)," \\
+     "timeout $(cat {sysblock}/queue/io_timeout) ms"
+{count_check}
 step mkfs
 must {shlex.join(mkfs)} {dev}
 
