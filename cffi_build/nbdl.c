@@ -351,6 +351,12 @@ drop_ring (void)
   }
 }
 
+int
+nbdl_pin_thread (struct nbdl_image *img)
+{
+  return get_thread (img) != NULL ? 0 : -ENOMEM;
+}
+
 void
 nbdl_thread_release (void)
 {

@@ -106,6 +106,10 @@ int nbdl_dio_align (int fd, uint32_t *mem_align, uint32_t *off_align);
 
 void nbdl_stats (struct nbdl_stats *out);
 
+/* Pin the calling thread's Python thread state now (if the image pins),
+ * without doing any I/O. */
+int nbdl_pin_thread (struct nbdl_image *img);
+
 /* Free the calling thread's ring now (it is freed at thread exit anyway). */
 void nbdl_thread_release (void);
 

@@ -14,10 +14,12 @@ import click
 
 from nbdloop import backing
 from nbdloop.sizes import format_size, parse_size
+from nbdloop.supervise import supervise
 
 PLUGIN = Path(__file__).resolve().parent / "plugin.py"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_THREADS = 16
+EMBEDDED_PYTHON_HOME = "/usr"   # Debian's libpython3.11, which nbdkit embeds
 
 
 class UsageError(click.ClickException):
@@ -136,7 +138,7 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise UsageError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
-    argv = [nbdkit, "--foreground", "--threads", str(threads)]
+    argv = [nbdkit, "--foreground", "--exit-with-parent", "--threads", str(threads)]
     if socket_path is not None:
         argv += ["--unix", socket_path]
     else:
@@ -157,8 +159,15 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
 
 
 def plugin_env() -> dict[str, str]:
-    """nbdkit embeds Debian's python3: point it at this package."""
+    """nbdkit embeds Debian's python3: point it at this package.
+
+    The embedded interpreter finds its standard library from the first
+    ``python3`` on PATH unless told otherwise; with another Python first on
+    PATH (pyenv, a venv) it would load a foreign stdlib and miss Debian's
+    dist-packages (where _cffi_backend lives).  PYTHONHOME pins it to /usr.
+    """
     env = dict(os.environ)
+    env.setdefault("PYTHONHOME", EMBEDDED_PYTHON_HOME)
     paths = [str(PACKAGE_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(":") if p]
     env["PYTHONPATH"] = ":".join(paths)
     return env
@@ -289,17 +298,21 @@ def serve(image, mode, readonly, threads, segment_size, export_name, socket_path
     # nbdkit inherits the opened, locked descriptor: no window in which a
     # second server could take the image.
     os.set_inheritable(fd, True)
+    ready = runtime_dir() / f"{image_key(image)}.{os.getpid()}.ready"
     argv = nbdkit_argv(image, fd=fd, mode=mode, readonly=readonly,
                        socket_path=str(sock) if sock else None, port=port, bind=bind,
                        threads=threads, segment_size=segment_size,
-                       export_name=export_name, pidfile=pidfile, verbose=verbose)
+                       export_name=export_name, pidfile=str(ready), verbose=verbose)
     where = f"unix:{sock}" if sock else f"nbd://{bind}:{port}"
     click.echo(f"nbdloop: serving {image} ({format_size(geometry.size)}, {mode}, "
                f"alignment {geometry.align}) on {where}", err=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
     os.umask(0o077)  # the socket is 0600
-    os.execve(argv[0], argv, plugin_env())
+    status = supervise(argv, env=plugin_env(), pass_fds=(fd,), ready_file=ready,
+                       pidfile=Path(pidfile).absolute() if pidfile else None,
+                       socket_path=sock)
+    if status != 0:
+        click.echo(f"nbdloop: server exited with status {status}", err=True)
+    sys.exit(0 if status == 0 else 1)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,10 @@ class Engine:
         check(ret, "io_uring setup")
         return [(c.res, c.order) for c in arr]
 
+    def pin_thread(self) -> None:
+        """Pin the calling thread's Python thread state (if ``pin``)."""
+        check(lib.nbdl_pin_thread(self._img), "pinning the thread state")
+
     def fsync(self, datasync: bool = True) -> int:
         return lib.nbdl_fsync(self._img, int(datasync))
 

@@ -1,0 +1,355 @@
+"""Benchmark nbdloop against its peers with fio, in interleaved rounds.
+
+Every subject (nbdloop direct/buffered, qemu-nbd, nbdkit's file plugin, the
+kernel loop device with direct I/O, the raw file) is measured in the same
+invocation, round by round (A B C ... A B C ...), so that drift on a noisy
+machine cancels.  Ratios are medians of per-round ratios.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import mmap
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from nbdloop import server as srv
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    rw: str
+    bs: str
+    iodepth: int
+    numjobs: int = 1
+    rwmixread: int | None = None
+
+    @property
+    def label(self) -> str:
+        jobs = f" {self.numjobs}x" if self.numjobs > 1 else " "
+        return f"{self.bs} {self.rw}{jobs}QD{self.iodepth}"
+
+
+WORKLOADS = {w.name: w for w in [
+    Workload("randread-4k-qd1", "randread", "4k", 1),
+    Workload("randread-4k-qd32", "randread", "4k", 32),
+    Workload("randwrite-4k-qd32", "randwrite", "4k", 32),
+    Workload("randrw-4k-qd32", "randrw", "4k", 32, rwmixread=70),
+    Workload("read-1m-qd8", "read", "1M", 8),
+    Workload("write-1m-qd8", "write", "1M", 8),
+    Workload("multiconn-4k-4x8", "randread", "4k", 8, numjobs=4),
+]}
+
+QUICK_WORKLOADS = ["randread-4k-qd32", "randwrite-4k-qd32", "randread-4k-qd1",
+                   "read-1m-qd8", "write-1m-qd8"]
+
+
+@dataclass
+class Target:
+    """What fio runs against: an NBD URI (nbd engine) or a file/device
+    (io_uring engine, O_DIRECT)."""
+    uri: str | None = None
+    filename: str | None = None
+    server_pid: int | None = None   # whose CPU time to charge
+
+
+@dataclass
+class Subject:
+    name: str
+    kind: str          # "nbdloop", "peer"
+    start: Callable[[], contextlib.AbstractContextManager[Target]]
+    mode: str = ""
+
+
+@dataclass
+class RunResult:
+    subject: str
+    workload: str
+    round: int
+    iops: float
+    mib_s: float
+    lat_mean_us: float
+    lat_p99_us: float
+    server_cpu_s: float | None
+    cpu_s_per_gib: float | None
+    gib: float
+    cache_bytes: int | None
+    error: str = ""
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def page_cache_bytes(path: str) -> int:
+    """Bytes of ``path`` resident in the page cache, by mmap + mincore(2)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page = mmap.PAGESIZE
+    resident = 0
+    chunk = 1 << 30
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for off in range(0, size, chunk):
+            n = min(chunk, size - off)
+            addr = libc.mmap(None, n, mmap.PROT_READ, mmap.MAP_SHARED, fd, off)
+            if addr in (None, ctypes.c_void_p(-1).value):
+                err = ctypes.get_errno()
+                raise OSError(err, f"mmap of {path}: {os.strerror(err)}")
+            try:
+                vec = ctypes.create_string_buffer((n + page - 1) // page)
+                if libc.mincore(addr, n, vec) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"mincore on {path}: {os.strerror(err)}")
+                resident += sum(b & 1 for b in vec.raw)
+            finally:
+                libc.munmap(addr, n)
+    finally:
+        os.close(fd)
+    return min(resident * page, size)
+
+
+def drop_image_cache(path: str) -> None:
+    """Evict ``path`` from the page cache so each run starts cold."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def fio_argv(w: Workload, t: Target, runtime: float, out: str, size: int) -> list[str]:
+    argv = ["fio", f"--name={w.name}", f"--rw={w.rw}", f"--bs={w.bs}",
+            f"--iodepth={w.iodepth}", f"--numjobs={w.numjobs}", "--group_reporting",
+            f"--runtime={runtime}", "--time_based", "--randrepeat=0",
+            "--output-format=json", f"--output={out}"]
+    if w.rwmixread is not None:
+        argv.append(f"--rwmixread={w.rwmixread}")
+    if t.uri is not None:
+        argv += ["--ioengine=nbd", f"--uri={t.uri}"]
+    else:
+        argv += ["--ioengine=io_uring", "--direct=1", f"--filename={t.filename}",
+                 f"--size={size}"]
+    if w.numjobs > 1 and w.rw.startswith("read"):
+        argv.append(f"--offset_increment={size // w.numjobs}")
+    return argv
+
+
+def run_fio(w: Workload, t: Target, runtime: float, size: int) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        argv = fio_argv(w, t, runtime, out.name, size)
+        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           timeout=runtime + 120)
+        if p.returncode != 0:
+            raise RuntimeError(f"fio failed ({p.returncode}): "
+                               f"{(p.stderr or p.stdout).strip().splitlines()[-1:]}")
+        return json.load(open(out.name))
+
+
+def summarize(job: dict) -> tuple[float, float, float, float, float]:
+    """IOPS, MiB/s, mean and p99 completion latency (us), GiB moved."""
+    iops = mib = 0.0
+    lat_sum = lat_n = 0.0
+    p99 = 0.0
+    gib = 0.0
+    for d in ("read", "write"):
+        s = job[d]
+        if not s["io_bytes"]:
+            continue
+        iops += s["iops"]
+        mib += s["bw_bytes"] / (1 << 20)
+        gib += s["io_bytes"] / (1 << 30)
+        lat = s["clat_ns"]
+        lat_sum += lat["mean"] * s["total_ios"]
+        lat_n += s["total_ios"]
+        pct = lat.get("percentile", {})
+        p99 = max(p99, pct.get("99.000000", 0.0))
+    mean = lat_sum / lat_n if lat_n else 0.0
+    return iops, mib, mean / 1000, p99 / 1000, gib
+
+
+# ---- subjects --------------------------------------------------------------------
+
+def nbdloop_subject(image: str, workdir: str, mode: str, **kw) -> Subject:
+    @contextlib.contextmanager
+    def start() -> Iterator[Target]:
+        s = srv.nbdloop_server(image, workdir, name=f"nbdloop-{mode}", mode=mode, **kw)
+        with s:
+            yield Target(uri=s.uri, server_pid=s.pid)
+    return Subject(f"nbdloop-{mode}", "nbdloop", start, mode=mode)
+
+
+def qemu_nbd_subject(image: str, workdir: str) -> Subject:
+    @contextlib.contextmanager
+    def start() -> Iterator[Target]:
+        s = srv.qemu_nbd_server(image, workdir)
+        with s:
+            yield Target(uri=s.uri, server_pid=s.pid)
+    return Subject("qemu-nbd", "peer", start)
+
+
+def nbdkit_file_subject(image: str, workdir: str) -> Subject:
+    @contextlib.contextmanager
+    def start() -> Iterator[Target]:
+        s = srv.nbdkit_file_server(image, workdir)
+        with s:
+            yield Target(uri=s.uri, server_pid=s.pid)
+    return Subject("nbdkit-file", "peer", start)
+
+
+def loop_dio_subject(image: str) -> Subject:
+    @contextlib.contextmanager
+    def start() -> Iterator[Target]:
+        dev = subprocess.run(["losetup", "-f", "--show", "--direct-io=on", image],
+                             check=True, capture_output=True, text=True).stdout.strip()
+        try:
+            yield Target(filename=dev)
+        finally:
+            subprocess.run(["losetup", "-d", dev], check=False)
+    return Subject("loop-dio", "peer", start)
+
+
+def raw_subject(image: str) -> Subject:
+    @contextlib.contextmanager
+    def start() -> Iterator[Target]:
+        yield Target(filename=image)
+    return Subject("raw", "peer", start)
+
+
+# ---- the run ----------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    image: str
+    subjects: list[Subject]
+    workloads: list[Workload]
+    rounds: int
+    runtime: float
+    size: int
+    results: list[RunResult] = field(default_factory=list)
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def run(plan: Plan, progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr,
+                                                                       flush=True)) -> None:
+    """Measure every subject on every workload, interleaved by round."""
+    total = plan.rounds * len(plan.subjects) * len(plan.workloads)
+    done = 0
+    t0 = time.monotonic()
+    for rnd in range(plan.rounds):
+        for w in plan.workloads:
+            for subj in plan.subjects:
+                elapsed = time.monotonic() - t0
+                eta = elapsed / done * (total - done) if done else plan.runtime * total
+                progress(f"[{done + 1}/{total}] round {rnd + 1}/{plan.rounds} {w.label:>22} "
+                         f"on {subj.name:<16} (ETA {_fmt_eta(eta)})")
+                plan.results.append(measure(plan, subj, w, rnd))
+                done += 1
+
+
+def measure(plan: Plan, subj: Subject, w: Workload, rnd: int) -> RunResult:
+    drop_image_cache(plan.image)
+    try:
+        with subj.start() as target:
+            cpu0 = _cpu_seconds(target.server_pid) if target.server_pid else None
+            job = run_fio(w, target, plan.runtime, plan.size)["jobs"][0]
+            cpu1 = _cpu_seconds(target.server_pid) if target.server_pid else None
+            cache = page_cache_bytes(plan.image)
+    except Exception as e:  # a failed run is recorded, not fatal
+        return RunResult(subj.name, w.name, rnd, 0, 0, 0, 0, None, None, 0, None,
+                         error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+    iops, mib, lat, p99, gib = summarize(job)
+    cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
+    return RunResult(subj.name, w.name, rnd, iops, mib, lat, p99, cpu,
+                     (cpu / gib) if cpu is not None and gib else None, gib, cache)
+
+
+def metric(r: RunResult, w: Workload) -> float:
+    """The figure that ratios compare: MiB/s for 1M workloads, else IOPS."""
+    return r.mib_s if w.bs.upper().endswith("M") else r.iops
+
+
+def ratios(plan: Plan, a: str, b: str) -> dict[str, tuple[float, float, float] | None]:
+    """Per workload: median, min and max over rounds of metric(a) / metric(b)."""
+    out = {}
+    for w in plan.workloads:
+        per_round = []
+        for rnd in range(plan.rounds):
+            ra = [r for r in plan.results if r.subject == a and r.workload == w.name
+                  and r.round == rnd and not r.error]
+            rb = [r for r in plan.results if r.subject == b and r.workload == w.name
+                  and r.round == rnd and not r.error]
+            if ra and rb and metric(rb[0], w) > 0:
+                per_round.append(metric(ra[0], w) / metric(rb[0], w))
+        out[w.name] = ((statistics.median(per_round), min(per_round), max(per_round))
+                       if per_round else None)
+    return out
+
+
+def medians(plan: Plan, subject: str, w: Workload) -> dict | None:
+    rs = [r for r in plan.results if r.subject == subject and r.workload == w.name
+          and not r.error]
+    if not rs:
+        return None
+    vals = [metric(r, w) for r in rs]
+
+    def med(attr):
+        xs = [getattr(r, attr) for r in rs if getattr(r, attr) is not None]
+        return statistics.median(xs) if xs else None
+    return {"metric": statistics.median(vals), "min": min(vals), "max": max(vals),
+            "iops": med("iops"), "mib_s": med("mib_s"), "lat_mean_us": med("lat_mean_us"),
+            "lat_p99_us": med("lat_p99_us"), "cpu_s_per_gib": med("cpu_s_per_gib"),
+            "cache_bytes": med("cache_bytes")}
+
+
+def prepare_image(path: str, size: int) -> None:
+    """A fully written image of ``size`` bytes (reads of holes would flatter
+    everyone), made once and reused."""
+    p = Path(path)
+    if p.exists() and p.stat().st_size == size and p.stat().st_blocks * 512 >= size:
+        return
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size // len(chunk)):
+            f.write(chunk)
+        f.write(chunk[: size % len(chunk)])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def results_json(plan: Plan) -> dict:
+    return {"image": plan.image, "size": plan.size, "rounds": plan.rounds,
+            "runtime": plan.runtime,
+            "subjects": [s.name for s in plan.subjects],
+            "workloads": [asdict(w) for w in plan.workloads],
+            "runs": [asdict(r) for r in plan.results]}
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None

@@ -1,0 +1,166 @@
+"""Run NBD servers as child processes: nbdloop itself (through ``nbdloop
+serve``, so what runs is what users run) and the peers we compare against.
+
+Used by ``attach``, the benchmark and the tests.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class ServerError(Exception):
+    """A server that would not start, with the end of its log."""
+
+
+def nbdloop_serve_argv(image: str, socket_path: str, *, mode: str = "direct",
+                       pidfile: str | None = None, readonly: bool = False,
+                       threads: int | None = None, segment_size: str | None = None,
+                       export_name: str | None = None, extra: list[str] | None = None
+                       ) -> list[str]:
+    argv = [sys.executable, "-m", "nbdloop.cli", "serve", image, "--socket", socket_path,
+            "--mode", mode]
+    if pidfile:
+        argv += ["--pidfile", pidfile]
+    if readonly:
+        argv.append("--readonly")
+    if threads:
+        argv += ["--threads", str(threads)]
+    if segment_size:
+        argv += ["--segment-size", str(segment_size)]
+    if export_name:
+        argv += ["--export-name", export_name]
+    return argv + list(extra or [])
+
+
+def qemu_nbd_argv(image: str, socket_path: str, *, pidfile: str | None = None,
+                  cache: str = "none", aio: str = "io_uring") -> list[str]:
+    """qemu-nbd as the peer: persistent (-t), several clients (-e), O_DIRECT."""
+    qemu_nbd = shutil.which("qemu-nbd")
+    if qemu_nbd is None:
+        raise ServerError("qemu-nbd is not installed (apt-get install qemu-utils)")
+    argv = [qemu_nbd, "-t", "-e", "64", "-f", "raw", "-k", socket_path,
+            f"--cache={cache}", f"--aio={aio}", "--discard=unmap"]
+    if pidfile:
+        argv += [f"--pid-file={pidfile}"]
+    return argv + [image]
+
+
+def nbdkit_file_argv(image: str, socket_path: str, *, pidfile: str | None = None,
+                     threads: int = 16, cache: str = "none") -> list[str]:
+    """nbdkit's own C file plugin, as a peer."""
+    argv = ["nbdkit", "-f", "-U", socket_path, "-t", str(threads)]
+    if pidfile:
+        argv += ["-P", pidfile]
+    return argv + ["file", image, f"cache={cache}"]
+
+
+class ServerProcess:
+    """A server child process that is ready once its pidfile exists."""
+
+    def __init__(self, argv: list[str], *, socket_path: str, pidfile: str, log: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.argv = argv
+        self.socket_path = socket_path
+        self.pidfile = Path(pidfile)
+        self.log = Path(log)
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def server_pid(self) -> int:
+        """The nbdkit process under ``nbdloop serve`` (its only child), or
+        this process itself for peers that run directly."""
+        try:
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        except OSError:
+            children = []
+        return int(children[0]) if children else self.pid
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.socket_path}"
+
+    def start(self, timeout: float = 60) -> ServerProcess:
+        self.pidfile.unlink(missing_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.pidfile.exists() and self.pidfile.read_text().strip():
+                return self
+            if self.proc.poll() is not None:
+                raise ServerError(f"server exited with status {self.proc.returncode}: "
+                                  f"{self.log_tail()}")
+            time.sleep(0.02)
+        self.kill()
+        raise ServerError(f"server did not start in {timeout}s: {self.log_tail()}")
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, wait; SIGKILL if it does not go.  Returns the exit status."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def nbdloop_server(image: str, workdir: str | os.PathLike, *, name: str = "nbdloop",
+                   **kw) -> ServerProcess:
+    """An nbdloop server on a socket in ``workdir``, started with ``nbdloop serve``."""
+    wd = Path(workdir)
+    sock, pid, log = (str(wd / f"{name}.{s}") for s in ("sock", "pid", "log"))
+    return ServerProcess(nbdloop_serve_argv(image, sock, pidfile=pid, **kw),
+                         socket_path=sock, pidfile=pid, log=log)
+
+
+def qemu_nbd_server(image: str, workdir: str | os.PathLike, *, name: str = "qemu-nbd",
+                    **kw) -> ServerProcess:
+    wd = Path(workdir)
+    sock, pid, log = (str(wd / f"{name}.{s}") for s in ("sock", "pid", "log"))
+    return ServerProcess(qemu_nbd_argv(image, sock, pidfile=pid, **kw),
+                         socket_path=sock, pidfile=pid, log=log)
+
+
+def nbdkit_file_server(image: str, workdir: str | os.PathLike, *, name: str = "nbdkit-file",
+                       **kw) -> ServerProcess:
+    wd = Path(workdir)
+    sock, pid, log = (str(wd / f"{name}.{s}") for s in ("sock", "pid", "log"))
+    return ServerProcess(nbdkit_file_argv(image, sock, pidfile=pid, **kw),
+                         socket_path=sock, pidfile=pid, log=log)

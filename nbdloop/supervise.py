@@ -1,0 +1,120 @@
+"""Run nbdkit under a small supervisor that makes SIGINT/SIGTERM mean "stop".
+
+nbdkit 1.32 in the parallel thread model does not stop on SIGTERM while a
+client holds an idle connection: its worker threads sit in read() and only
+notice the shutdown when the next request arrives (checked on this machine
+with nbdkit's own memory plugin).  A kernel NBD client is idle most of the
+time, so ``nbdloop serve`` would never stop.  The supervisor forwards the
+signal, gives nbdkit a moment, and then shuts down the read side of
+nbdkit's sockets (through pidfd_getfd), so each worker sees end-of-file,
+finishes the request it is on, and nbdkit exits cleanly.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+SYS_PIDFD_GETFD = 438
+GRACE = 1.0        # seconds nbdkit gets to stop by itself
+DRAIN = 60.0       # seconds for in-flight requests after the sockets close
+
+
+def shutdown_sockets(pid: int) -> int:
+    """shutdown(SHUT_RD) every socket of process ``pid``; returns how many."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    n = 0
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return 0
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, int(name), 0)
+            if fd < 0:
+                continue
+            s = socket.socket(fileno=fd)
+            try:
+                s.shutdown(socket.SHUT_RD)
+                n += 1
+            except OSError:
+                pass
+            finally:
+                s.close()
+    finally:
+        os.close(pidfd)
+    return n
+
+
+def stop(proc: subprocess.Popen) -> int:
+    """Stop nbdkit in an orderly way; returns its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(GRACE)
+    except subprocess.TimeoutExpired:
+        pass
+    shutdown_sockets(proc.pid)
+    try:
+        return proc.wait(DRAIN)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def supervise(argv: list[str], *, env: dict[str, str], pass_fds: tuple[int, ...],
+              ready_file: Path, pidfile: Path | None, socket_path: Path | None,
+              ready_timeout: float = 120) -> int:
+    """Start nbdkit, write ``pidfile`` (our pid) once it listens, and stop it on
+    SIGINT/SIGTERM.  Returns the exit status for ``nbdloop serve``."""
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM,
+                                                   signal.SIGHUP)}
+    ready_file.unlink(missing_ok=True)
+    proc = subprocess.Popen(argv, env=env, pass_fds=pass_fds)
+    for fd in pass_fds:
+        os.close(fd)   # nbdkit holds the image (and its lock) now
+    try:
+        deadline = time.monotonic() + ready_timeout
+        ready = False
+        while proc.poll() is None and not stopping:
+            if not ready and ready_file.exists() and ready_file.read_text().strip():
+                ready = True
+                if pidfile is not None:
+                    tmp = pidfile.with_name(pidfile.name + ".tmp")
+                    tmp.write_text(f"{os.getpid()}\n")
+                    tmp.rename(pidfile)
+            if not ready and time.monotonic() > deadline:
+                stopping = True
+                break
+            time.sleep(0.05)
+        status = stop(proc) if stopping else proc.returncode
+        if stopping and status in (0, -signal.SIGTERM):
+            status = 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for path in (pidfile, ready_file, socket_path):
+            if path is not None:
+                try:
+                    path.unlink()
+                except OSError:
+                    pass
+        for s, h in old.items():
+            signal.signal(s, h)
+    return status

@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Quick benchmark: nbdloop direct mode against qemu-nbd
+(--cache=none --aio=io_uring), fio's nbd engine, interleaved rounds.
+
+    .venv/bin/python scripts/quick_bench.py [--rounds 3] [--runtime 5] [--size 2G]
+
+Prints, per workload, the median ratio nbdloop/qemu-nbd over rounds (and its
+min-max).  A benchmark, not a test: nothing here passes or fails on speed.
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from nbdloop import bench  # noqa: E402
+from nbdloop.sizes import parse_size  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--runtime", type=float, default=5)
+    ap.add_argument("--size", default="2G")
+    ap.add_argument("--image", default=None, help="reuse this image (default: made under /var/tmp)")
+    ap.add_argument("--threads", type=int, default=None, help="nbdloop --threads")
+    ap.add_argument("--workloads", default=",".join(bench.QUICK_WORKLOADS))
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    image = args.image or f"/var/tmp/nbdloop-bench-{args.size}.img"
+    bench.prepare_image(image, size)
+    with tempfile.TemporaryDirectory() as wd:
+        kw = {"threads": args.threads} if args.threads else {}
+        plan = bench.Plan(image=image, rounds=args.rounds, runtime=args.runtime, size=size,
+                          workloads=[bench.WORKLOADS[w] for w in args.workloads.split(",")],
+                          subjects=[bench.nbdloop_subject(image, wd, "direct", **kw),
+                                    bench.qemu_nbd_subject(image, wd)])
+        bench.run(plan)
+    print(f"\nnbdloop direct / qemu-nbd, median of {args.rounds} interleaved rounds "
+          f"({args.runtime:g}s each):")
+    print(f"{'workload':<20} {'nbdloop':>10} {'qemu-nbd':>10} {'ratio':>7}  min-max")
+    rat = bench.ratios(plan, "nbdloop-direct", "qemu-nbd")
+    for w in plan.workloads:
+        a = bench.medians(plan, "nbdloop-direct", w)
+        b = bench.medians(plan, "qemu-nbd", w)
+        unit = "MiB/s" if w.bs.upper().endswith("M") else "IOPS"
+        r = rat[w.name]
+        if a is None or b is None or r is None:
+            print(f"{w.label:<20} failed: see errors above")
+            continue
+        print(f"{w.label:<20} {a['metric']:>10.0f} {b['metric']:>10.0f} {r[0]:>7.2f}  "
+              f"{r[1]:.2f}-{r[2]:.2f}  ({unit})")
+    errors = [r for r in plan.results if r.error]
+    for r in errors:
+        print(f"error: {r.subject} {r.workload} round {r.round}: {r.error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Shared fixtures: real servers started the way users start them.
+
+A test that needs a tool or root that is missing skips with a reason that
+names it, except under NBDLOOP_STRICT=1 (set by ``make test`` and CI, which
+install everything): there a missing prerequisite is a failure.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nbdloop import server as srv  # noqa: E402
+
+MODES = ["direct", "buffered"]
+STRICT = os.environ.get("NBDLOOP_STRICT") == "1"
+
+
+def require(condition: bool, what: str) -> None:
+    """Skip (or, under NBDLOOP_STRICT, fail) unless ``condition``."""
+    if condition:
+        return
+    if STRICT:
+        pytest.fail(f"missing prerequisite: {what}")
+    pytest.skip(f"missing prerequisite: {what}")
+
+
+def require_tools(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    require(not missing, f"{', '.join(missing)} not installed (run: make setup)")
+
+
+def require_root() -> None:
+    require(os.geteuid() == 0, "root (for losetup/mount)")
+
+
+def run(argv, **kw) -> subprocess.CompletedProcess:
+    """Run a command; on failure the assertion shows its output."""
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    p = subprocess.run(argv, **kw)
+    assert p.returncode == 0, f"{argv} exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+def nbdsh(uri: str, code: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run nbdsh with this interpreter (Debian's, which has python3-libnbd),
+    whatever python3 comes first on PATH."""
+    argv = [sys.executable, "-m", "nbd", "-u", uri, "-c", code]
+    if check:
+        return run(argv)
+    return subprocess.run(argv, capture_output=True, text=True)
+
+
+@pytest.fixture(params=MODES)
+def mode(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    """A 64 MiB sparse image."""
+    path = tmp_path / "disk.img"
+    run([sys.executable, "-m", "nbdloop.cli", "create", str(path), "64M"], cwd=ROOT)
+    return path
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """Factory: start ``nbdloop serve`` on an image; stopped (and checked to
+    have exited cleanly) at teardown."""
+    require_tools("nbdkit")
+    started: list[srv.ServerProcess] = []
+
+    def start(img, mode="direct", name="nbdloop", **kw) -> srv.ServerProcess:
+        s = srv.nbdloop_server(str(img), tmp_path, name=name, mode=mode, **kw)
+        started.append(s)
+        return s.start()
+
+    yield start
+    for s in started:
+        if s.alive():
+            status = s.stop()
+            assert status == 0, f"server exited {status}: {s.log_tail()}"
