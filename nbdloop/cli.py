@@ -133,7 +133,7 @@ def check_permissions(image: str, readonly: bool) -> None:
 def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
                 socket_path: str | None, port: int | None, bind: str, threads: int,
                 segment_size: int, export_name: str, pidfile: str | None,
-                verbose: bool = False) -> list[str]:
+                verbose: bool = False, stats_file: str | None = None) -> list[str]:
     """The nbdkit command line that serves ``image`` with our plugin."""
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
@@ -155,6 +155,8 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
         argv.append(f"fd={fd}")
     if export_name:
         argv.append(f"export-name={export_name}")
+    if stats_file:
+        argv.append(f"stats-file={os.path.abspath(stats_file)}")
     return argv
 
 
@@ -279,8 +281,10 @@ def validate_serve(image, mode, readonly, segment_size):
 @click.option("--pidfile", type=click.Path(dir_okay=False),
               help="Write the server pid here once it accepts connections.")
 @click.option("--verbose", "-v", is_flag=True, help="nbdkit debug messages.")
+@click.option("--stats-file", type=click.Path(dir_okay=False),
+              help="Write the I/O engine's counters here (JSON) as connections close.")
 def serve(image, mode, readonly, threads, segment_size, export_name, socket_path,
-          port, bind, pidfile, verbose):
+          port, bind, pidfile, verbose, stats_file):
     """Serve IMAGE over NBD in the foreground until SIGINT or SIGTERM."""
     validate_serve(image, mode, readonly, segment_size)
     if socket_path and port:
@@ -302,7 +306,8 @@ def serve(image, mode, readonly, threads, segment_size, export_name, socket_path
     argv = nbdkit_argv(image, fd=fd, mode=mode, readonly=readonly,
                        socket_path=str(sock) if sock else None, port=port, bind=bind,
                        threads=threads, segment_size=segment_size,
-                       export_name=export_name, pidfile=str(ready), verbose=verbose)
+                       export_name=export_name, pidfile=str(ready), verbose=verbose,
+                       stats_file=stats_file)
     where = f"unix:{sock}" if sock else f"nbd://{bind}:{port}"
     click.echo(f"nbdloop: serving {image} ({format_size(geometry.size)}, {mode}, "
                f"alignment {geometry.align}) on {where}", err=True)

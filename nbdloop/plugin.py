@@ -6,16 +6,25 @@ server's one :class:`nbdloop.backing.Backing`.
 
 Keys: ``file`` (the image), ``fd`` (an already opened and locked descriptor
 of it, inherited from ``nbdloop serve``), ``mode`` (direct|buffered),
-``readonly``, ``segment-size``, ``entries``, ``export-name``, ``pin``.
+``readonly``, ``segment-size``, ``entries``, ``export-name``, ``pin``, and
+``stats-file`` (the engine's counters are written there as JSON whenever a
+connection closes).
 """
+import builtins
 import errno
 
 import nbdkit
 
+import json
+import os
+
+from nbdloop import uring
 from nbdloop.backing import DEFAULT_ENTRIES, DEFAULT_SEG_SIZE, Backing, ImageError, inspect_fd
 from nbdloop.sizes import parse_size
 
 API_VERSION = 2
+
+builtins_open = builtins.open   # this module's open() is nbdkit's callback
 
 # Module state is the configuration, written only by config() on the main
 # thread before any connection, and the Backing, set once in get_ready().
@@ -30,6 +39,7 @@ _config = {
     "entries": DEFAULT_ENTRIES,
     "export-name": "",
     "pin": True,
+    "stats-file": None,
 }
 _backing = None
 
@@ -123,6 +133,17 @@ def open(readonly):
         nbdkit.set_error(errno.ENOENT)
         raise LookupError(f"no export named {name!r}")
     return Handle(_backing, readonly)
+
+
+def close(h):
+    path = _config["stats-file"]
+    if path:
+        # By now nbdkit has joined this connection's workers, so their rings
+        # and thread states are already counted as freed.
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with builtins_open(tmp, "w") as f:
+            json.dump(uring.stats(), f)
+        os.replace(tmp, path)
 
 
 def get_size(h):

@@ -94,6 +94,10 @@ def supervise(argv: list[str], *, env: dict[str, str], pass_fds: tuple[int, ...]
         while proc.poll() is None and not stopping:
             if not ready and ready_file.exists() and ready_file.read_text().strip():
                 ready = True
+                if socket_path is not None:
+                    # nbdkit creates its socket 0755 whatever our umask; the
+                    # runtime directory (0700) covers the moment until now.
+                    os.chmod(socket_path, 0o600)
                 if pidfile is not None:
                     tmp = pidfile.with_name(pidfile.name + ".tmp")
                     tmp.write_text(f"{os.getpid()}\n")

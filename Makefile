@@ -1,0 +1,38 @@
+# nbdloop: two commands do everything on a fresh Debian 12 machine, as root.
+#   make demo   serve a demo image and put a filesystem on it through the kernel
+#   make test   the whole test suite
+# Each installs whatever is missing first (scripts/setup.sh).
+
+SHELL := /bin/bash
+VENV := $(CURDIR)/.venv
+# Debian's python3 (the one nbdkit embeds) and our venv come first, whatever
+# other python3 the machine has on PATH.
+export PATH := $(VENV)/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+PYTEST_ARGS ?=
+
+.PHONY: all setup demo test test-fast install bench clean
+
+all: setup
+
+setup:
+	@./scripts/setup.sh
+
+demo: setup
+	@./scripts/demo.sh
+
+test: setup
+	NBDLOOP_STRICT=1 $(VENV)/bin/python -m pytest -ra $(PYTEST_ARGS)
+
+# Everything except the slow tests, for a quick check while editing.
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+install: setup
+	ln -sf $(VENV)/bin/nbdloop /usr/local/bin/nbdloop
+	@echo "nbdloop is $$(command -v nbdloop)"
+
+bench: setup
+	$(VENV)/bin/python scripts/quick_bench.py
+
+clean:
+	rm -rf build *.egg-info nbdloop/_uring*.so nbdloop/_uring.c .pytest_cache
