@@ -36,6 +36,7 @@ static struct nbdl_stats global_stats;
 struct nbdl_range {
   uint64_t start, end;
   int mode;
+  int fast;            /* a shared hold taken on the lock-free path */
   struct nbdl_range *prev, *next;
 };
 
@@ -47,6 +48,12 @@ struct nbdl_image {
   uint32_t seg_size;
   uint32_t entries;
   char *zeros; /* buffered mode's source for NBDL_OP_WRITE_ZEROES */
+  /* The range lock.  Shared holds (every aligned write) normally take a
+   * lock-free path: they only count themselves in fast_shared, as long as
+   * no exclusive hold (a read-modify-write) exists or waits.  Otherwise
+   * holds are entries in the `ranges` list under `lock`. */
+  uint64_t fast_shared;      /* atomic */
+  uint32_t exclusive;        /* atomic: exclusive holders and waiters */
   pthread_mutex_t lock;
   pthread_cond_t cond;
   struct nbdl_range *ranges; /* held ranges, a doubly linked list */
@@ -115,9 +122,35 @@ range_lock (struct nbdl_image *img, struct nbdl_range *r, uint64_t off,
   r->start = off;
   r->end = off + len;
   r->mode = mode;
+  r->fast = 0;
   r->prev = NULL;
+  if (mode == NBDL_LOCK_SHARED &&
+      __atomic_load_n (&img->exclusive, __ATOMIC_SEQ_CST) == 0) {
+    /* Announce ourselves, then check again: an exclusive locker does the
+     * same in the other order, so one of us always sees the other. */
+    __atomic_fetch_add (&img->fast_shared, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n (&img->exclusive, __ATOMIC_SEQ_CST) == 0) {
+      r->fast = 1;
+      return;
+    }
+    __atomic_fetch_sub (&img->fast_shared, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_lock (&img->lock);
+    pthread_cond_broadcast (&img->cond);
+    pthread_mutex_unlock (&img->lock);
+  }
+  if (mode == NBDL_LOCK_EXCLUSIVE)
+    __atomic_fetch_add (&img->exclusive, 1, __ATOMIC_SEQ_CST);
   pthread_mutex_lock (&img->lock);
  again:
+  if (mode == NBDL_LOCK_EXCLUSIVE &&
+      __atomic_load_n (&img->fast_shared, __ATOMIC_SEQ_CST) > 0) {
+    /* Lock-free shared holders do not say where they are: wait them out. */
+    img->waiters++;
+    pthread_cond_wait (&img->cond, &img->lock);
+    img->waiters--;
+    waited = 1;
+    goto again;
+  }
   for (q = img->ranges; q != NULL; q = q->next) {
     if (ranges_conflict (q, r)) {
       img->waiters++;
@@ -139,6 +172,15 @@ range_lock (struct nbdl_image *img, struct nbdl_range *r, uint64_t off,
 static void
 range_unlock (struct nbdl_image *img, struct nbdl_range *r)
 {
+  if (r->fast) {
+    __atomic_fetch_sub (&img->fast_shared, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n (&img->exclusive, __ATOMIC_SEQ_CST) != 0) {
+      pthread_mutex_lock (&img->lock);
+      pthread_cond_broadcast (&img->cond);
+      pthread_mutex_unlock (&img->lock);
+    }
+    return;
+  }
   pthread_mutex_lock (&img->lock);
   if (r->prev)
     r->prev->next = r->next;
@@ -146,6 +188,8 @@ range_unlock (struct nbdl_image *img, struct nbdl_range *r)
     img->ranges = r->next;
   if (r->next)
     r->next->prev = r->prev;
+  if (r->mode == NBDL_LOCK_EXCLUSIVE)
+    __atomic_fetch_sub (&img->exclusive, 1, __ATOMIC_SEQ_CST);
   if (img->waiters)
     pthread_cond_broadcast (&img->cond);
   pthread_mutex_unlock (&img->lock);
