@@ -66,6 +66,8 @@ int nbdl_fadvise(struct nbdl_image *img, uint64_t off, uint32_t len,
                  int advice);
 int nbdl_dio_align(int fd, uint32_t *mem_align, uint32_t *off_align);
 void nbdl_stats(struct nbdl_stats *out);
+int nbdl_set_io_flusher(void);
+int nbdl_mlockall(void);
 int nbdl_pin_thread(struct nbdl_image *img);
 void nbdl_thread_release(void);
 """

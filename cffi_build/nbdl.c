@@ -769,6 +769,32 @@ nbdl_fadvise (struct nbdl_image *img, uint64_t off, uint32_t len, int advice)
 
 /* ---- helpers ------------------------------------------------------------ */
 
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#ifndef PR_SET_IO_FLUSHER
+#define PR_SET_IO_FLUSHER 57
+#define PR_GET_IO_FLUSHER 58
+#endif
+
+int
+nbdl_set_io_flusher (void)
+{
+  /* Memory reclaim in this thread (and the threads it creates later) must
+   * not wait on I/O to the device we serve: PF_MEMALLOC_NOIO and
+   * PF_LOCAL_THROTTLE, as the loop driver's and ublk's servers have. */
+  if (prctl (PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0)
+    return -errno;
+  return prctl (PR_GET_IO_FLUSHER, 0, 0, 0, 0);
+}
+
+int
+nbdl_mlockall (void)
+{
+  if (mlockall (MCL_CURRENT | MCL_FUTURE) != 0)
+    return -errno;
+  return 0;
+}
+
 int
 nbdl_dio_align (int fd, uint32_t *mem_align, uint32_t *off_align)
 {

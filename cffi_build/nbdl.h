@@ -106,6 +106,13 @@ int nbdl_dio_align (int fd, uint32_t *mem_align, uint32_t *off_align);
 
 void nbdl_stats (struct nbdl_stats *out);
 
+/* prctl(PR_SET_IO_FLUSHER) for the calling thread and the threads it
+ * creates afterwards; returns 1, or -errno. */
+int nbdl_set_io_flusher (void);
+
+/* mlockall(MCL_CURRENT | MCL_FUTURE); 0 or -errno. */
+int nbdl_mlockall (void);
+
 /* Pin the calling thread's Python thread state now (if the image pins),
  * without doing any I/O. */
 int nbdl_pin_thread (struct nbdl_image *img);

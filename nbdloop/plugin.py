@@ -8,10 +8,12 @@ Keys: ``file`` (the image), ``fd`` (an already opened and locked descriptor
 of it, inherited from ``nbdloop serve``), ``mode`` (direct|buffered),
 ``readonly``, ``segment-size``, ``entries``, ``export-name``, ``pin``, and
 ``stats-file`` (the engine's counters are written there as JSON whenever a
-connection closes).
+connection closes), ``io-flusher`` (PR_SET_IO_FLUSHER, default on) and
+``mlock`` (mlockall, default off).
 """
 import builtins
 import errno
+import sys
 
 import nbdkit
 
@@ -40,6 +42,8 @@ _config = {
     "export-name": "",
     "pin": True,
     "stats-file": None,
+    "io-flusher": True,
+    "mlock": False,
 }
 _backing = None
 
@@ -77,7 +81,7 @@ def thread_model():
 def config(key, value):
     if key not in _config:
         raise ValueError(f"unknown parameter {key!r}")
-    if key in ("readonly", "pin"):
+    if key in ("readonly", "pin", "io-flusher", "mlock"):
         _config[key] = _bool(value)
     elif key == "segment-size":
         _config[key] = parse_size(value)
@@ -98,6 +102,17 @@ def config_complete():
 
 def get_ready():
     global _backing
+    # Before any worker thread exists, so that they all inherit it.
+    if _config["io-flusher"]:
+        try:
+            uring.set_io_flusher()
+        except PermissionError:
+            # Needs CAP_SYS_RESOURCE, which some containers drop.
+            print("nbdloop: warning: PR_SET_IO_FLUSHER not permitted (no CAP_SYS_RESOURCE); "
+                  "memory reclaim in the server may wait on its own device",
+                  file=sys.stderr, flush=True)
+    if _config["mlock"]:
+        uring.lock_memory()
     kw = dict(mode=_config["mode"], readonly=_config["readonly"],
               seg_size=_config["segment-size"], entries=_config["entries"],
               pin=_config["pin"])

@@ -47,6 +47,17 @@ def stats() -> dict[str, int]:
     return {name: getattr(out, name) for name in _STAT_FIELDS}
 
 
+def set_io_flusher() -> None:
+    """Mark the calling thread, and threads it creates later, as an I/O
+    flusher (PR_SET_IO_FLUSHER), so reclaim never waits on our own device."""
+    check(lib.nbdl_set_io_flusher(), "prctl(PR_SET_IO_FLUSHER)")
+
+
+def lock_memory() -> None:
+    """mlockall(MCL_CURRENT | MCL_FUTURE): the server never waits on a page-in."""
+    check(lib.nbdl_mlockall(), "mlockall")
+
+
 def release_thread() -> None:
     """Free the calling thread's ring now instead of at thread exit."""
     lib.nbdl_thread_release()
