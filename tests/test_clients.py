@@ -117,7 +117,7 @@ def test_fio_verify_four_jobs(image, serve, mode, tmp_path):
     run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={s.uri}", "--rw=randwrite",
          "--bs=4k", "--iodepth=16", "--numjobs=4", "--size=12M", "--offset_increment=16M",
          "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--group_reporting",
-         "--output-format=json", f"--output={out}"])
+         "--output-format=json", f"--output={out}"], cwd=tmp_path)  # verify state files
     job = json.loads(out.read_text())["jobs"][0]
     assert job["error"] == 0
     assert job["write"]["total_ios"] == 4 * 12 * 256       # every block written
