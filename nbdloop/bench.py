@@ -35,6 +35,7 @@ class Workload:
     iodepth: int
     numjobs: int = 1
     rwmixread: int | None = None
+    region: int | None = None   # bytes of the image the workload touches
 
     @property
     def label(self) -> str:
@@ -50,7 +51,11 @@ WORKLOADS = {w.name: w for w in [
     Workload("read-1m-qd8", "read", "1M", 8),
     Workload("write-1m-qd8", "write", "1M", 8),
     Workload("multiconn-4k-4x8", "randread", "4k", 8, numjobs=4),
+    # A working set that fits in the page cache: buffered mode's home ground.
+    Workload("cached-reread-4k-qd32", "randread", "4k", 32, region=256 << 20),
 ]}
+
+DEFAULT_WORKLOADS = list(WORKLOADS)
 
 QUICK_WORKLOADS = ["randread-4k-qd32", "randwrite-4k-qd32", "randread-4k-qd1",
                    "read-1m-qd8", "write-1m-qd8"]
@@ -147,11 +152,14 @@ def fio_argv(w: Workload, t: Target, runtime: float, out: str, size: int) -> lis
             "--output-format=json", f"--output={out}"]
     if w.rwmixread is not None:
         argv.append(f"--rwmixread={w.rwmixread}")
+    if w.region is not None:
+        argv.append(f"--size={min(w.region, size)}")
     if t.uri is not None:
         argv += ["--ioengine=nbd", f"--uri={t.uri}"]
     else:
-        argv += ["--ioengine=io_uring", "--direct=1", f"--filename={t.filename}",
-                 f"--size={size}"]
+        argv += ["--ioengine=io_uring", "--direct=1", f"--filename={t.filename}"]
+        if w.region is None:
+            argv.append(f"--size={size}")
     if w.numjobs > 1 and w.rw.startswith("read"):
         argv.append(f"--offset_increment={size // w.numjobs}")
     return argv
@@ -197,7 +205,7 @@ def nbdloop_subject(image: str, workdir: str, mode: str, **kw) -> Subject:
     def start() -> Iterator[Target]:
         s = srv.nbdloop_server(image, workdir, name=f"nbdloop-{mode}", mode=mode, **kw)
         with s:
-            yield Target(uri=s.uri, server_pid=s.pid)
+            yield Target(uri=s.uri, server_pid=s.server_pid)   # nbdkit, not the supervisor
     return Subject(f"nbdloop-{mode}", "nbdloop", start, mode=mode)
 
 
@@ -353,3 +361,209 @@ def results_json(plan: Plan) -> dict:
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+# ---- availability -------------------------------------------------------------------
+
+PEERS = ("qemu-nbd", "nbdkit-file", "loop-dio", "raw")
+
+
+def make_subjects(image: str, workdir: str, modes: list[str], peers: list[str]
+                  ) -> tuple[list[Subject], dict[str, str]]:
+    """The subjects to measure, and the reason each skipped one was skipped."""
+    subjects: list[Subject] = []
+    skipped: dict[str, str] = {}
+    for m in modes:
+        subjects.append(nbdloop_subject(image, workdir, m))
+    for p in peers:
+        if p == "qemu-nbd":
+            if have("qemu-nbd"):
+                subjects.append(qemu_nbd_subject(image, workdir))
+            else:
+                skipped[p] = "qemu-nbd not installed (apt-get install qemu-utils)"
+        elif p == "nbdkit-file":
+            if have("nbdkit"):
+                subjects.append(nbdkit_file_subject(image, workdir))
+            else:
+                skipped[p] = "nbdkit not installed"
+        elif p == "loop-dio":
+            if os.geteuid() != 0 or not have("losetup"):
+                skipped[p] = "needs root and losetup"
+            elif not Path("/dev/loop-control").exists():
+                skipped[p] = "no loop driver (/dev/loop-control)"
+            else:
+                subjects.append(loop_dio_subject(image))
+        elif p == "raw":
+            subjects.append(raw_subject(image))
+        else:
+            raise ValueError(f"unknown peer {p!r} (choose from {', '.join(PEERS)})")
+    return subjects, skipped
+
+
+# ---- the page-cache footprint of a write-then-read ----------------------------------
+
+@dataclass
+class Footprint:
+    subject: str
+    bytes_moved: int
+    cache_bytes: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.cache_bytes / self.bytes_moved if self.bytes_moved else 0.0
+
+
+def footprint(subj: Subject, image: str, nbytes: int, size: int) -> Footprint:
+    """Write ``nbytes`` then read them back (1M, QD8), and report how much of
+    the image the page cache holds afterwards."""
+    drop_image_cache(image)
+    write = Workload("fp-write", "write", "1M", 8, region=nbytes)
+    read = Workload("fp-read", "read", "1M", 8, region=nbytes)
+    with subj.start() as target:
+        for w in (write, read):
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                argv = fio_argv(w, target, 0, out.name, size)
+                argv = [a for a in argv if not a.startswith(("--runtime", "--time_based"))]
+                p = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+                if p.returncode != 0:
+                    raise RuntimeError(f"fio failed: {p.stderr.strip()[-200:]}")
+        cache = page_cache_bytes(image)
+    return Footprint(subj.name, nbytes, cache)
+
+
+# ---- reports ------------------------------------------------------------------------
+
+def unit(w: Workload) -> str:
+    return "MiB/s" if w.bs.upper().endswith("M") else "IOPS"
+
+
+def markdown(plan: Plan, footprints: list[Footprint], skipped: dict[str, str]) -> str:
+    names = [s.name for s in plan.subjects]
+    direct = "nbdloop-direct" if "nbdloop-direct" in names else None
+    lines = [f"Medians of {plan.rounds} interleaved round(s), {plan.runtime:g} s each; "
+             f"image {plan.size >> 20} MiB.  Ratios are medians of per-round ratios "
+             "(min-max in brackets).", ""]
+    lines.append("| workload | " + " | ".join(names) + " |")
+    lines.append("|---|" + "---|" * len(names))
+    for w in plan.workloads:
+        cells = []
+        for n in names:
+            m = medians(plan, n, w)
+            cells.append(f"{m['metric']:.0f}" if m else "failed")
+        lines.append(f"| {w.label} ({unit(w)}) | " + " | ".join(cells) + " |")
+    if direct:
+        others = [n for n in names if n != direct]
+        lines += ["", f"Ratios, {direct} / peer:", "",
+                  "| workload | " + " | ".join(others) + " |",
+                  "|---|" + "---|" * len(others)]
+        rat = {o: ratios(plan, direct, o) for o in others}
+        for w in plan.workloads:
+            cells = []
+            for o in others:
+                r = rat[o][w.name]
+                cells.append(f"**{r[0]:.2f}** ({r[1]:.2f}-{r[2]:.2f})" if r else "-")
+            lines.append(f"| {w.label} | " + " | ".join(cells) + " |")
+    lines += ["", "Latency (mean / p99, microseconds), server CPU seconds per GiB moved, "
+              "and the image's page-cache footprint after the run:", "",
+              "| workload | subject | mean | p99 | CPU s/GiB | page cache |",
+              "|---|---|---|---|---|---|"]
+    for w in plan.workloads:
+        for n in names:
+            m = medians(plan, n, w)
+            if not m:
+                continue
+            cpu = f"{m['cpu_s_per_gib']:.2f}" if m["cpu_s_per_gib"] is not None else "-"
+            cache = (f"{m['cache_bytes'] / (1 << 20):.0f} MiB"
+                     if m["cache_bytes"] is not None else "-")
+            lines.append(f"| {w.label} | {n} | {m['lat_mean_us']:.0f} | "
+                         f"{m['lat_p99_us']:.0f} | {cpu} | {cache} |")
+    if footprints:
+        lines += ["", "Page cache after writing then reading "
+                  f"{footprints[0].bytes_moved >> 20} MiB:", "",
+                  "| subject | page cache | of the bytes moved |", "|---|---|---|"]
+        for f in footprints:
+            lines.append(f"| {f.subject} | {f.cache_bytes / (1 << 20):.1f} MiB | "
+                         f"{f.percent:.1f}% |")
+    if skipped:
+        lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())]
+    errors = [r for r in plan.results if r.error]
+    if errors:
+        lines += ["", "Failed runs:"] + [f"- {r.subject} {r.workload} round {r.round + 1}: "
+                                         f"{r.error}" for r in errors]
+    return "\n".join(lines) + "\n"
+
+
+def charts(plan: Plan, footprints: list[Footprint], out: Path) -> list[Path]:
+    """throughput.png (one panel per workload) and footprint.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [s.name for s in plan.subjects]
+    paths = []
+    n = len(plan.workloads)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, w in enumerate(plan.workloads):
+        ax = axes[i // cols][i % cols]
+        meds, lo, hi = [], [], []
+        for nme in names:
+            m = medians(plan, nme, w)
+            meds.append(m["metric"] if m else 0)
+            lo.append(m["metric"] - m["min"] if m else 0)
+            hi.append(m["max"] - m["metric"] if m else 0)
+        ax.bar(range(len(names)), meds, yerr=[lo, hi], capsize=3,
+               color=[colors[j % len(colors)] for j in range(len(names))])
+        ax.set_title(w.label, fontsize=10)
+        ax.set_ylabel(unit(w))
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+    for j in range(n, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.suptitle("Throughput, median of rounds (bars: min-max)")
+    fig.tight_layout()
+    p = out / "throughput.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    if footprints:
+        ax.bar([f.subject for f in footprints], [f.percent for f in footprints],
+               color=[colors[j % len(colors)] for j in range(len(footprints))])
+        ax.set_ylabel(f"% of {footprints[0].bytes_moved >> 20} MiB in page cache")
+        ax.set_title("Page cache after write + read")
+        for j, f in enumerate(footprints):
+            ax.text(j, f.percent, f"{f.percent:.1f}%", ha="center", va="bottom", fontsize=9)
+        ax.set_ylim(0, 110)
+    else:
+        ax.text(0.5, 0.5, "no footprint measured", ha="center")
+    ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    p = out / "footprint.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def write_reports(plan: Plan, footprints: list[Footprint], skipped: dict[str, str],
+                  out: Path, meta: dict) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    data = results_json(plan)
+    data.update(meta)
+    data["skipped"] = skipped
+    data["footprint"] = [asdict(f) | {"percent": f.percent} for f in footprints]
+    data["summary"] = {
+        w.name: {s.name: medians(plan, s.name, w) for s in plan.subjects}
+        for w in plan.workloads}
+    if any(s.name == "nbdloop-direct" for s in plan.subjects):
+        data["ratios"] = {s.name: ratios(plan, "nbdloop-direct", s.name)
+                          for s in plan.subjects if s.name != "nbdloop-direct"}
+    paths = [out / "results.json", out / "results.md"]
+    paths[0].write_text(json.dumps(data, indent=2) + "\n")
+    paths[1].write_text(markdown(plan, footprints, skipped))
+    paths += charts(plan, footprints, out)
+    return paths

@@ -93,6 +93,11 @@ class ServerProcess:
 
     def start(self, timeout: float = 60) -> ServerProcess:
         self.pidfile.unlink(missing_ok=True)
+        # Our own sockets live in our work dir; a previous server (nbdkit and
+        # qemu-nbd leave theirs behind) must not block this one.
+        sock = Path(self.socket_path)
+        if sock.is_socket():
+            sock.unlink()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, env=self.env,

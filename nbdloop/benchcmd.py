@@ -1,0 +1,128 @@
+"""``nbdloop bench``: nbdloop's two modes against its peers, with fio."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from nbdloop import bench
+from nbdloop.cli import SIZE, UsageError
+from nbdloop.sizes import format_size
+
+QUICK = {"workloads": bench.QUICK_WORKLOADS, "rounds": 1, "runtime": 3.0,
+         "peers": ["qemu-nbd", "raw"], "footprint": 256 << 20}
+FULL = {"workloads": bench.DEFAULT_WORKLOADS, "rounds": 2, "runtime": 5.0,
+        "peers": list(bench.PEERS), "footprint": 512 << 20}
+
+
+def _csv(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def default_image(size: int) -> Path:
+    cache = Path(os.environ.get("NBDLOOP_CACHE", Path.home() / ".cache" / "nbdloop"))
+    return cache / f"bench-{format_size(size)}.img"
+
+
+@click.command()
+@click.option("--image", type=click.Path(dir_okay=False),
+              help="Benchmark this image (it is overwritten by the write workloads).")
+@click.option("--size", type=SIZE, default="2G", show_default=True,
+              help="Size of the image made for the benchmark when --image is not given.")
+@click.option("--modes", default="direct,buffered", show_default=True,
+              help="nbdloop modes to measure.")
+@click.option("--peers", default=None,
+              help=f"Peers to compare against [default: all: {','.join(bench.PEERS)}; "
+                   "--quick: qemu-nbd,raw].")
+@click.option("--workloads", default=None,
+              help=f"Workloads [default: all: {','.join(bench.WORKLOADS)}].")
+@click.option("--runtime", type=click.FloatRange(0.5, 600), default=None,
+              help="Seconds per run [default 5; --quick 3].")
+@click.option("--rounds", type=click.IntRange(1, 50), default=None,
+              help="Interleaved rounds [default 2; --quick 1].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Where to write results.json, results.md and the charts "
+                   "[default: bench-results/DATE].")
+@click.option("--quick", is_flag=True, help="A short run: under 3 minutes.")
+@click.option("--footprint", "footprint_size", type=SIZE, default=None,
+              help="Bytes to write then read for the page-cache footprint "
+                   "[default 512M; --quick 256M; 0 to skip].")
+def bench_command(image, size, modes, peers, workloads, runtime, rounds, out_dir, quick,
+                  footprint_size):
+    """Measure nbdloop against qemu-nbd, nbdkit's file plugin, the kernel loop
+    device (--direct-io=on) and the raw file, in interleaved rounds."""
+    preset = QUICK if quick else FULL
+    modes_l = _csv(modes) or []
+    for m in modes_l:
+        if m not in ("direct", "buffered"):
+            raise click.BadParameter(f"{m!r} is not a mode (direct, buffered)",
+                                     param_hint="--modes")
+    peers_l = _csv(peers) if peers is not None else list(preset["peers"])
+    for p in peers_l:
+        if p not in bench.PEERS:
+            raise click.BadParameter(f"{p!r} is not a peer ({', '.join(bench.PEERS)})",
+                                     param_hint="--peers")
+    wl_names = _csv(workloads) or list(preset["workloads"])
+    for w in wl_names:
+        if w not in bench.WORKLOADS:
+            raise click.BadParameter(f"{w!r} is not a workload ({', '.join(bench.WORKLOADS)})",
+                                     param_hint="--workloads")
+    runtime = runtime if runtime is not None else preset["runtime"]
+    rounds = rounds if rounds is not None else preset["rounds"]
+    fp_bytes = footprint_size if footprint_size is not None else preset["footprint"]
+    if shutil.which("fio") is None:
+        raise UsageError("fio is not installed (apt-get install fio)")
+    if not modes_l and not peers_l:
+        raise UsageError("nothing to measure: give --modes or --peers")
+
+    if image:
+        if not os.path.isfile(image):
+            raise UsageError(f"{image}: no such file (or use --size to make one)")
+        size = os.path.getsize(image)
+    else:
+        image = str(default_image(size))
+        Path(image).parent.mkdir(parents=True, exist_ok=True)
+        click.echo(f"preparing {image} ({format_size(size)}, fully written)", err=True)
+        bench.prepare_image(image, size)
+    fp_bytes = min(fp_bytes, size)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(out_dir) if out_dir else Path("bench-results") / stamp
+
+    with tempfile.TemporaryDirectory(prefix="nbdloop-bench-") as wd:
+        subjects, skipped = bench.make_subjects(image, wd, modes_l, peers_l)
+        for name, why in skipped.items():
+            click.echo(f"skipping {name}: {why}", err=True)
+        plan = bench.Plan(image=image, subjects=subjects, rounds=rounds, runtime=runtime,
+                          size=size, workloads=[bench.WORKLOADS[w] for w in wl_names])
+        click.echo(f"{len(subjects)} subjects x {len(plan.workloads)} workloads x {rounds} "
+                   f"round(s) of {runtime:g} s", err=True)
+        bench.run(plan)
+        footprints = []
+        if fp_bytes:
+            for s in subjects:
+                if s.kind == "nbdloop" or s.name == "raw":
+                    click.echo(f"page-cache footprint: write+read {format_size(fp_bytes)} "
+                               f"on {s.name}", err=True)
+                    try:
+                        footprints.append(bench.footprint(s, image, fp_bytes, size))
+                    except Exception as e:
+                        click.echo(f"footprint on {s.name} failed: {e}", err=True)
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join(["nbdloop", "bench"] + sys.argv[2:]),
+            "host": platform.node(), "kernel": platform.release(),
+            "cpus": os.cpu_count(),
+            "fio": subprocess.run(["fio", "--version"], capture_output=True,
+                                  text=True).stdout.strip()}
+    paths = bench.write_reports(plan, footprints, skipped, out, meta)
+    click.echo((out / "results.md").read_text())
+    click.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
+    failed = [r for r in plan.results if r.error]
+    if failed:
+        raise click.ClickException(f"{len(failed)} run(s) failed; see {out / 'results.md'}")
