@@ -203,6 +203,7 @@ struct nbdl_ring {
   int fd;          /* the raw fd, used when it is not registered */
   int fixed_file;  /* fd is registered as fixed file 0 */
   int fixed_bufs;  /* bounce slots are registered buffers 0..entries-1 */
+  int broken;      /* a submission failed: drop the ring after this call */
   uint32_t entries;
   uint32_t seg_size;
   char *bounce;    /* entries * seg_size bytes, 4096-aligned; NULL if buffered */
@@ -452,8 +453,9 @@ prep_rw (struct nbdl_ring *r, int write, char *addr, uint32_t len,
 /* Submit the n prepared SQEs and wait for all of their completions,
  * storing each result in res[user_data] and its arrival in order[...];
  * user_data is below nslots.  Returns 0, or -errno if the SQEs could not
- * all be submitted; then the ring is dropped and every slot still marked
- * NBDL_NOT_RUN gets that error. */
+ * all be submitted; then every slot still marked NBDL_NOT_RUN gets that
+ * error and the ring is marked broken (unsubmitted SQEs are stuck in it),
+ * to be dropped by the caller once it no longer uses the bounce slots. */
 static int
 submit_and_reap (struct nbdl_ring *r, unsigned n, unsigned nslots,
                  int64_t *res, uint32_t *order, uint32_t *next_order)
@@ -503,7 +505,7 @@ submit_and_reap (struct nbdl_ring *r, unsigned n, unsigned nslots,
     for (i = 0; i < nslots; i++)
       if (res[i] == NBDL_NOT_RUN)
         res[i] = ret < 0 ? ret : -EIO;
-    drop_ring ();
+    r->broken = 1;
     return ret < 0 ? ret : -EIO;
   }
   return 0;
@@ -646,15 +648,18 @@ nbdl_rw (struct nbdl_image *img, int op, int fua, char *user,
     if (bad < 0)
       break;
     done += n;
-    /* run_wave may have dropped a broken ring; get a fresh one. */
-    if (done < nsegs && bad == 0) {
-      r = get_ring (img, &err);
-      if (r == NULL) {
-        bad = err;
-        break;
+    if (r->broken) {
+      drop_ring ();
+      r = NULL;
+      if (done < nsegs && bad == 0) {
+        r = get_ring (img, &err);
+        if (r == NULL)
+          break;
       }
     }
   }
+  if (r != NULL && r->broken)
+    drop_ring ();
   if (lock_mode != NBDL_LOCK_NONE)
     range_unlock (img, &held);
 
@@ -689,6 +694,8 @@ one_op (struct nbdl_image *img, struct nbdl_ring *r)
   (void) img;
   STAT_ADD (requests, 1);
   ret = submit_and_reap (r, 1, 1, &res, &order, &next);
+  if (r->broken)
+    drop_ring ();
   if (ret < 0)
     return ret;
   return (int) res;
