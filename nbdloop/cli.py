@@ -320,5 +320,144 @@ def serve(image, mode, readonly, threads, segment_size, export_name, socket_path
     sys.exit(0 if status == 0 else 1)
 
 
+# ---- attach, detach, list, vm-check ----------------------------------------------------
+# (imported here so that this block stays self-contained)
+import json  # noqa: E402
+
+from nbdloop import attach as attach_mod  # noqa: E402
+from nbdloop import vmcheck  # noqa: E402
+
+
+def state_dir() -> Path:
+    """Where attachments are recorded: <runtime dir>/attached (private)."""
+    d = runtime_dir() / "attached"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
+
+
+def check_block_size(ctx, param, value):
+    if value is not None and value not in attach_mod.BLOCK_SIZES:
+        raise click.BadParameter(f"{value} is not one of 512, 1024, 2048, 4096")
+    return value
+
+
+def open_for_check(image: str, mode: str, readonly: bool) -> backing.Geometry:
+    """Validate IMAGE the way serve will, without locking it."""
+    check_permissions(image, readonly)
+    try:
+        fd, geometry = backing.open_image(image, mode=mode, readonly=readonly, lock=False)
+    except backing.ImageError as e:
+        raise UsageError(str(e)) from None
+    os.close(fd)
+    return geometry
+
+
+@main.command()
+@click.argument("image", type=click.Path())
+@click.option("--mode", type=click.Choice(backing.MODES), default="direct", show_default=True,
+              help="direct: O_DIRECT, no page cache; buffered: through the page cache.")
+@click.option("--device", metavar="/dev/nbdN",
+              help="The NBD device to use [default: the first free one].")
+@click.option("--connections", "-C", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Connections from the kernel client (nbd-client -C).")
+@click.option("--block-size", "-b", type=int, callback=check_block_size,
+              help="Logical block size of the device: 512, 1024, 2048 or 4096 "
+                   "[default: the image's direct-I/O alignment].")
+@click.option("--readonly", "-r", is_flag=True, help="Attach read-only.")
+def attach(image, mode, device, connections, block_size, readonly):
+    """Serve IMAGE in the background and attach it to a kernel NBD device
+    (like losetup -f --show); prints the device."""
+    geometry = open_for_check(image, mode, readonly)
+    try:
+        if block_size is None:
+            block_size = attach_mod.default_block_size(geometry.align)
+    except attach_mod.AttachError as e:
+        raise UsageError(f"{image}: {e}") from None
+    if device is not None:
+        try:
+            attach_mod.check_device_name(device)
+        except attach_mod.AttachError as e:
+            raise click.BadParameter(str(e), param_hint="--device") from None
+    nbd_client = attach_mod.find_nbd_client()
+    problem = attach_mod.nbd_support_problem(nbd_client=nbd_client)
+    if problem:
+        raise UsageError(problem)
+    try:
+        att = attach_mod.attach(state_dir(), image, nbd_client=nbd_client, device=device,
+                                mode=mode, readonly=readonly, connections=connections,
+                                block_size=block_size)
+    except attach_mod.AttachError as e:
+        raise UsageError(str(e)) from None
+    click.echo(att.device)
+
+
+@main.command()
+@click.argument("target", metavar="DEVICE|IMAGE")
+def detach(target):
+    """Disconnect an attached device and stop its server."""
+    try:
+        att, state = attach_mod.detach(state_dir(), target,
+                                       nbd_client=attach_mod.find_nbd_client())
+    except attach_mod.AttachError as e:
+        raise UsageError(str(e)) from None
+    if state == "stale":
+        # serve's ready file, which a killed server could not remove.
+        (runtime_dir() / f"{image_key(att.image)}.{att.pid}.ready").unlink(missing_ok=True)
+        click.echo(f"nbdloop: {att.device}: removed a stale attachment of {att.image} "
+                   "(its server had died)", err=True)
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_(as_json):
+    """List attached images, like losetup -l."""
+    rows = [attach_mod.describe(a) for a in attach_mod.load(state_dir())]
+    if as_json:
+        click.echo(json.dumps({"attachments": rows}, indent=2))
+        return
+    if not rows:
+        return
+    table = [("DEVICE", "IMAGE", "MODE", "PID", "CONNS", "STATE")]
+    table += [(r["device"], r["image"], r["mode"] + (",ro" if r["readonly"] else ""),
+               str(r["pid"]), str(r["connections"]), r["state"]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        click.echo(" ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " " + row[-1])
+
+
+@main.command("vm-check")
+@click.argument("image", type=click.Path())
+@click.option("--mode", type=click.Choice(backing.MODES), default="direct", show_default=True,
+              help="How the server does its I/O.")
+@click.option("--fstype", type=click.Choice(vmcheck.FSTYPES), default="ext4",
+              show_default=True, help="The filesystem the guest makes.")
+@click.option("--connections", "-C", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Connections from the guest's nbd-client (-C).")
+@click.option("--block-size", "-b", type=int, callback=check_block_size,
+              help="nbd-client -b [default: the image's direct-I/O alignment, as attach].")
+@click.option("--timeout", type=click.IntRange(1, 3600), default=vmcheck.DEFAULT_TIMEOUT,
+              show_default=True, help="Seconds before a hung guest is killed.")
+@click.option("--seed", type=int, help="Seed for the files' content [default: random].")
+@click.option("--force", is_flag=True,
+              help="Make the filesystem even if IMAGE already holds data.")
+def vm_check(image, mode, fstype, connections, block_size, timeout, seed, force):
+    """Check IMAGE through the real kernel NBD client, in a VM: for machines
+    without an NBD driver.  Overwrites IMAGE with a new filesystem.
+
+    Exit status 0 if the guest and the host checks all passed, 1 if one
+    failed, 2 for bad input."""
+    check_permissions(image, False)
+    try:
+        report = vmcheck.run_vm_check(image, mode=mode, fstype=fstype,
+                                      connections=connections, block_size=block_size,
+                                      timeout=timeout, seed=seed, force=force,
+                                      progress=lambda line: click.echo(f"vm-check: {line}"))
+    except vmcheck.VmCheckError as e:
+        raise UsageError(str(e)) from None
+    for line in report.lines():
+        click.echo(line)
+    sys.exit(0 if report.ok else 1)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,358 @@
+"""attach, detach, list and vm-check's input checks, on the host.
+
+This host's kernel has no NBD driver (FACTS.md), so the kernel side of
+attach runs only in the VM (tests/e2e/test_kernel.py).  Here: attach without
+NBD support fails in one line and leaves nothing; the servers attach starts
+(through the same function) are listed, shown stale when they die, and
+cleaned up by detach; a failing nbd-client (the real one, against a real
+server) leaves nothing behind; bad input is one line and exit status 2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, require_tools, run
+from nbdloop import attach as A
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def rt(tmp_path, monkeypatch) -> Path:
+    """A private runtime directory (NBDLOOP_RUNTIME_DIR), for the CLI and
+    for the servers these tests start themselves."""
+    d = tmp_path / "rt"
+    d.mkdir(mode=0o700)
+    monkeypatch.setenv("NBDLOOP_RUNTIME_DIR", str(d))
+    return d
+
+
+@pytest.fixture
+def state(rt) -> Path:
+    d = rt / "attached"
+    d.mkdir(mode=0o700)
+    return d
+
+
+@pytest.fixture
+def cleanup(state):
+    """Stop every server recorded in the state directory at teardown."""
+    yield
+    for att in A.load(state):
+        A.stop_server(att)
+
+
+def nbdloop(rt: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NBDLOOP_RUNTIME_DIR": str(rt)}
+    return subprocess.run([sys.executable, "-m", "nbdloop.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, *phrases: str) -> str:
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert "Traceback" not in p.stderr + p.stdout
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    return lines[0]
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmdline = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{d.name}: {cmdline}")
+    return found
+
+
+def leftovers(state: Path) -> list[str]:
+    return sorted(p.name for p in state.iterdir() if p.name != ".lock")
+
+
+def host_has_nbd() -> bool:
+    return bool(A.nbd_devices()) or bool(list(Path("/dev").glob("nbd[0-9]*")))
+
+
+def wait_gone(pid: int) -> None:
+    """Wait for ``pid`` to exit (it may be our child: reap it then)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        assert A._wait_exit(pidfd, 30), f"process {pid} did not exit"
+    finally:
+        os.close(pidfd)
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def fake_sys_block(tmp_path: Path, devices: dict[str, bool]) -> Path:
+    """A stand-in for /sys/block listing NBD devices (name -> connected).
+    The host kernel has none, so device choice is tested against this."""
+    sys_block = tmp_path / "sys-block"
+    for name, connected in devices.items():
+        (sys_block / name).mkdir(parents=True)
+        if connected:
+            (sys_block / name / "pid").write_text("1234\n")
+    (sys_block / "loop0").mkdir(parents=True)
+    return sys_block
+
+
+# ---- without NBD support --------------------------------------------------------------
+
+def test_attach_without_nbd_support_fails_in_one_line_and_leaves_nothing(rt, image):
+    if host_has_nbd() and A.find_nbd_client():
+        pytest.skip("this host has the kernel NBD client: the refusal cannot happen here")
+    p = nbdloop(rt, "attach", str(image))
+    line = assert_one_line_error(p, "attach needs the kernel NBD client")
+    assert p.stdout == ""
+    if not host_has_nbd():
+        assert "modprobe nbd" in line or "no NBD driver" in line, line
+        assert "vm-check" in line or "modprobe nbd" in line
+    if A.find_nbd_client() is None:
+        assert "apt-get install nbd-client" in line
+    assert processes_mentioning(str(image)) == []
+    state = rt / "attached"
+    assert not state.exists() or leftovers(state) == []
+    assert sorted(p.name for p in rt.iterdir()) in ([], ["attached"])
+
+
+def test_support_problem_names_what_is_missing_and_how_to_get_it(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    both = A.nbd_support_problem(sys_block=empty, dev=empty, nbd_client=None)
+    assert both is not None and "\n" not in both
+    assert "apt-get install nbd-client" in both
+    assert "modprobe nbd" in both or "no NBD driver" in both
+    no_client = A.nbd_support_problem(sys_block=fake_sys_block(tmp_path, {"nbd0": False}),
+                                      dev=empty, nbd_client=None)
+    assert "apt-get install nbd-client" in no_client and "modprobe" not in no_client
+    assert A.nbd_support_problem(sys_block=tmp_path / "sys-block", dev=empty,
+                                 nbd_client="/usr/sbin/nbd-client") is None
+
+
+def test_failed_nbd_client_stops_the_server_and_forgets_it(tmp_path, rt, state, image):
+    """The real nbd-client against a real server, on a device the kernel
+    cannot connect (no NBD driver here): attach must undo everything."""
+    require_tools("nbdkit")
+    if host_has_nbd():
+        pytest.skip("this host has NBD devices: nbd-client would really connect one")
+    nbd_client = A.find_nbd_client()
+    if nbd_client is None:
+        pytest.skip("nbd-client is not installed (apt-get install nbd-client)")
+    sys_block = fake_sys_block(tmp_path, {"nbd0": False})
+    with pytest.raises(A.AttachError) as e:
+        A.attach(state, str(image), nbd_client=nbd_client, sys_block=sys_block,
+                 block_size=4096)
+    message = str(e.value)
+    assert message.startswith("nbd-client failed to connect /dev/nbd0: "), message
+    assert "\n" not in message
+    assert "netlink" in message    # nbd-client's own words, not ours
+    assert processes_mentioning(str(image)) == []
+    assert leftovers(state) == []
+    assert sorted(p.name for p in rt.iterdir()) == ["attached"]
+
+
+# ---- list, stale entries, detach ------------------------------------------------------
+
+def start(state: Path, image: Path, device: str, **kw) -> A.Attachment:
+    """Start a server exactly as attach does, minus the kernel client."""
+    require_tools("nbdkit")
+    opts = dict(mode="direct", readonly=False, connections=1, block_size=512) | kw
+    return A.start_server(state, str(image), device=device, **opts)
+
+
+def test_started_server_is_recorded_and_serves(state, image, cleanup):
+    require_tools("nbdinfo")
+    att = start(state, image, "/dev/nbd0", connections=2, block_size=4096)
+    assert att.image == os.path.realpath(image)
+    assert A.server_alive(att) and A.nbdkit_alive(att)
+    assert A.state_of(att) == "disconnected"   # no kernel client here
+    assert leftovers(state) == ["nbd0.json", "nbd0.log", "nbd0.pid", "nbd0.sock"]
+    saved = json.loads((state / "nbd0.json").read_text())
+    assert saved["pid"] == att.pid and saved["server_pid"] == att.server_pid
+    assert saved["connections"] == 2 and saved["block_size"] == 4096
+    info = json.loads(run(["nbdinfo", "--json", f"nbd+unix:///?socket={att.socket}"]).stdout)
+    assert info["exports"][0]["export-size"] == 64 * MiB
+
+
+def test_list_shows_a_dead_server_as_stale_and_detach_cleans_it(rt, state, image, cleanup):
+    att = start(state, image, "/dev/nbd0")
+    p = nbdloop(rt, "list")
+    assert p.returncode == 0, p.stderr
+    header, row = p.stdout.splitlines()
+    assert header.split() == ["DEVICE", "IMAGE", "MODE", "PID", "CONNS", "STATE"]
+    assert row.split() == ["/dev/nbd0", os.path.realpath(image), "direct", str(att.pid), "1", "disconnected"]
+
+    os.kill(att.pid, signal.SIGKILL)
+    wait_gone(att.pid)
+    wait_gone(att.server_pid)   # nbdkit follows its parent (--exit-with-parent)
+    p = nbdloop(rt, "list")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[1].split()[-1] == "stale"
+    rows = json.loads(nbdloop(rt, "list", "--json").stdout)["attachments"]
+    assert [r["state"] for r in rows] == ["stale"]
+
+    p = nbdloop(rt, "detach", "/dev/nbd0")
+    assert p.returncode == 0, p.stderr
+    assert "stale" in p.stderr
+    assert leftovers(state) == []
+    assert sorted(f.name for f in rt.iterdir()) == ["attached"], "serve's ready file is left"
+    assert nbdloop(rt, "list").stdout == ""
+    assert processes_mentioning(str(image)) == []
+
+
+def test_detach_by_image_stops_a_running_server(rt, state, image, cleanup):
+    att = start(state, image, "/dev/nbd3", mode="buffered")
+    p = nbdloop(rt, "detach", str(image))
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""
+    wait_gone(att.pid)
+    assert not A.server_alive(att) and not A.nbdkit_alive(att)
+    assert processes_mentioning(str(image)) == []
+    assert leftovers(state) == []
+    # The server stopped cleanly: the image lock is free for the next one.
+    again = start(state, image, "/dev/nbd3")
+    assert A.server_alive(again)
+
+
+def test_list_json_and_table(rt, state, tmp_path, cleanup):
+    images = []
+    for name in ("a.img", "b.img"):
+        img = tmp_path / name
+        run([sys.executable, "-m", "nbdloop.cli", "create", str(img), "16M"], cwd=ROOT)
+        images.append(img)
+    a = start(state, images[0], "/dev/nbd10", mode="buffered", readonly=True, block_size=4096)
+    b = start(state, images[1], "/dev/nbd2", connections=4)
+    p = nbdloop(rt, "list", "--json")
+    assert p.returncode == 0, p.stderr
+    rows = json.loads(p.stdout)["attachments"]
+    assert [r["device"] for r in rows] == ["/dev/nbd2", "/dev/nbd10"]   # by number
+    assert rows[1] == {
+        "device": "/dev/nbd10", "image": os.path.realpath(images[0]), "mode": "buffered", "readonly": True,
+        "socket": a.socket, "pid": a.pid, "server_pid": a.server_pid, "connections": 1,
+        "block_size": 4096, "log": a.log, "started": a.started, "state": "disconnected"}
+    assert rows[0]["connections"] == 4 and rows[0]["pid"] == b.pid
+    table = nbdloop(rt, "list").stdout.splitlines()
+    assert [r.split()[0] for r in table] == ["DEVICE", "/dev/nbd2", "/dev/nbd10"]
+    assert table[2].split()[2] == "buffered,ro"
+    # Columns line up like losetup's.
+    assert len({line.index(line.split()[1]) for line in table}) == 1
+
+
+def test_attach_refuses_an_image_that_is_already_attached(tmp_path, state, image, cleanup):
+    start(state, image, "/dev/nbd0")
+    sys_block = fake_sys_block(tmp_path, {"nbd0": False, "nbd1": False})
+    with pytest.raises(A.AttachError, match=r"already attached to /dev/nbd0$"):
+        A.attach(state, str(image), nbd_client="/usr/sbin/nbd-client", sys_block=sys_block)
+    assert leftovers(state) == ["nbd0.json", "nbd0.log", "nbd0.pid", "nbd0.sock"]
+
+
+def test_device_choice(tmp_path, state, image, cleanup):
+    sys_block = fake_sys_block(tmp_path, {"nbd0": True, "nbd1": False, "nbd2": False,
+                                          "nbd10": False})
+    assert A.nbd_devices(sys_block) == ["/dev/nbd0", "/dev/nbd1", "/dev/nbd2", "/dev/nbd10"]
+    assert A.choose_device(state, None, sys_block) == "/dev/nbd1"
+    start(state, image, "/dev/nbd1")     # recorded by nbdloop: taken, even if not connected
+    assert A.choose_device(state, None, sys_block) == "/dev/nbd2"
+    assert A.choose_device(state, "/dev/nbd10", sys_block) == "/dev/nbd10"
+    for wanted, phrase in [("/dev/nbd0", "in use"), ("/dev/nbd1", "already attached"),
+                           ("/dev/nbd7", "no such NBD device"), ("/dev/sda", "not an NBD")]:
+        with pytest.raises(A.AttachError, match=phrase):
+            A.choose_device(state, wanted, sys_block)
+    full = fake_sys_block(tmp_path / "full", {"nbd0": True})
+    with pytest.raises(A.AttachError, match="no free NBD device"):
+        A.choose_device(state, None, full)
+
+
+def test_nbd_client_message_is_one_line():
+    out = ("Warning: the oldstyle protocol is no longer supported.\n"
+           "This method now uses the newstyle protocol with a default export\n"
+           "Negotiation: ..size = 64MB\n"
+           "Error: Couldn't resolve the nbd netlink family, make sure the nbd module is loaded.\n"
+           "\nExiting.\n")
+    assert A.nbd_client_message(out) == ("Couldn't resolve the nbd netlink family, make sure "
+                                         "the nbd module is loaded.")
+    assert A.nbd_client_message("Negotiation: ..\nsocket: connection refused\nExiting.\n") \
+        == "socket: connection refused"
+
+
+# ---- bad input: one line, exit status 2 -------------------------------------------------
+
+@pytest.mark.parametrize("args,phrase", [
+    (["attach", "{tmp}/missing.img"], "no such file"),
+    (["attach", "{tmp}"], "is a directory"),
+    (["attach", "{img}", "--block-size", "3000"], "--block-size"),
+    (["attach", "{img}", "-b", "8192"], "--block-size"),
+    (["attach", "{img}", "--connections", "0"], "--connections"),
+    (["attach", "{img}", "--mode", "sideways"], "--mode"),
+    (["attach", "{img}", "--device", "/dev/sda"], "not an NBD device"),
+    (["attach"], "IMAGE"),
+    (["detach", "/dev/nbd9"], "not attached"),
+    (["detach", "{img}"], "not attached"),
+    (["vm-check", "{tmp}/missing.img"], "no such file"),
+    (["vm-check", "{img}", "--fstype", "xfs"], "too small for xfs"),
+    (["vm-check", "{img}", "--fstype", "btrfs"], "--fstype"),
+    (["vm-check", "{img}", "-b", "100"], "--block-size"),
+    (["vm-check", "{data}"], "holds data"),
+])
+def test_bad_input_is_one_line(rt, tmp_path, image, args, phrase):
+    data = tmp_path / "data.img"
+    data.write_bytes(b"precious" * (8 * MiB))   # 64 MiB of data: not a fresh image
+    before = data.read_bytes()[:4096]
+    args = [a.format(tmp=tmp_path, img=image, data=data) for a in args]
+    assert_one_line_error(nbdloop(rt, *args), phrase)
+    assert data.read_bytes()[:4096] == before
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_attach_read_only_file_needs_readonly(rt, image):
+    image.chmod(0o444)
+    try:
+        assert_one_line_error(nbdloop(rt, "attach", str(image)), "--readonly")
+    finally:
+        image.chmod(0o644)
+
+
+def test_a_server_that_cannot_start_is_reported_in_one_line(state, image, cleanup):
+    """A second writable server on one image is refused by serve (the image
+    is locked): attach reports serve's own reason and keeps nothing."""
+    start(state, image, "/dev/nbd0")
+    with pytest.raises(A.AttachError) as e:
+        start(state, image, "/dev/nbd1")
+    message = str(e.value)
+    assert message.startswith(f"the server for {os.path.realpath(image)} did not start: ")
+    assert "\n" not in message and "in use" in message, message
+    assert leftovers(state) == ["nbd0.json", "nbd0.log", "nbd0.pid", "nbd0.sock"]
+
+
+def test_server_error_picks_the_reason_from_the_log(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("nbdloop: serving /x.img (64M, direct, alignment 512) on unix:/s\n"
+                   "nbdkit: python.0: error: /p/plugin.py: config_complete: error: Traceback\n"
+                   '  File "/p/uring.py", line 53, in set_io_flusher\n'
+                   "PermissionError: [Errno 1] prctl(PR_SET_IO_FLUSHER): Operation not permitted\n"
+                   "\n"
+                   "nbdloop: server exited with status 1\n")
+    assert A.server_error(log) == ("PermissionError: [Errno 1] prctl(PR_SET_IO_FLUSHER): "
+                                   "Operation not permitted")
+    log.write_text("nbdloop: /x.img: in use by another server (locked)\n")
+    assert A.server_error(log) == "/x.img: in use by another server (locked)"
+    assert A.server_error(tmp_path / "missing.log") == "no log"
