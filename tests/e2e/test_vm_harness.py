@@ -8,7 +8,6 @@ afterwards, checked by host tools that never went through the guest.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import socket
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdloop import vm
+from nbdloop import vm, vmcheck
 from nbdloop.nbdclient import nbd_client_args
 
 pytestmark = [
@@ -197,10 +196,13 @@ def test_hung_guest_is_killed_at_the_timeout(assets: vm.VmAssets, greeter: Path)
     assert "last 30 console lines" in result.message
 
 
+# One reference run against qemu-nbd: if the nbdloop kernel tests
+# (test_kernel.py: ext4 and xfs, both modes, -C 2) fail while this passes,
+# the fault is in nbdloop, not in the harness.
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("fstype", "block_size", "connections"),
-    [("ext4", 4096, 1), ("xfs", 512, 2)],
+    [("ext4", 4096, 1)],
 )
 def test_kernel_check_against_qemu_nbd(
     assets: vm.VmAssets, image: Path, tmp_path: Path,
@@ -226,34 +228,5 @@ def test_kernel_check_against_qemu_nbd(
     # Now the host, on its own: the filesystem is clean and holds the files.
     expected = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     assert check.expected_sha256 == expected
-    if fstype == "ext4":
-        _host_check_ext4(image, expected)
-    else:
-        _host_check_xfs(image, tmp_path / "mnt", expected)
-
-
-def _host_check_ext4(image: Path, expected: dict[str, str]) -> None:
-    fsck = subprocess.run([_need("e2fsck", "e2fsprogs"), "-fn", str(image)],
-                          capture_output=True, text=True)
-    assert fsck.returncode == 0, f"e2fsck -fn {image}: {fsck.stdout}{fsck.stderr}"
-    debugfs = _need("debugfs", "e2fsprogs")
-    for name, digest in expected.items():
-        cat = subprocess.run([debugfs, "-R", f"cat /{name}", str(image)], capture_output=True)
-        assert cat.returncode == 0, cat.stderr.decode(errors="replace")
-        assert hashlib.sha256(cat.stdout).hexdigest() == digest, f"{name} differs on the host"
-
-
-def _host_check_xfs(image: Path, mnt: Path, expected: dict[str, str]) -> None:
-    repair = subprocess.run([_need("xfs_repair", "xfsprogs"), "-n", "-f", str(image)],
-                            capture_output=True, text=True)
-    assert repair.returncode == 0, f"xfs_repair -n {image}: {repair.stdout}{repair.stderr}"
-    if os.geteuid() != 0:
-        pytest.skip("reading the xfs files back needs root for a loop mount")
-    mnt.mkdir()
-    subprocess.run(["mount", "-o", "loop,ro", str(image), str(mnt)], check=True)
-    try:
-        for name, digest in expected.items():
-            data = (mnt / name).read_bytes()
-            assert hashlib.sha256(data).hexdigest() == digest, f"{name} differs on the host"
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+    checks = vmcheck.host_checks(str(image), fstype, expected)
+    assert checks and all(c.ok for c in checks), checks
