@@ -17,6 +17,8 @@ Which combinations run (each boot costs 10-20 s of TCG):
   the server; xfs in buffered mode adds nothing the ext4 case does not test.
 - a server that hangs: the guest is killed at the timeout and the failure
   names the step and shows the console's last lines.
+- the sysfs mark (``/sys/block/nbdN/pid``) that attach and list read as
+  "connected", as the real kernel sets and clears it.
 """
 from __future__ import annotations
 
@@ -170,3 +172,30 @@ def test_vm_check_command_reports_a_timeout_with_exit_status_1(assets, tmp_path)
     assert "host:  fsck                 skipped: the guest failed" in p.stdout
     assert p.stdout.rstrip().splitlines()[-1] != "vm-check: PASS"
     assert "vm-check: FAIL" in p.stdout
+
+
+def test_kernel_marks_a_connected_device_the_way_attach_reads_it(assets, tmp_path, serve):
+    """attach and list take /sys/block/nbdN/pid as "connected": check that
+    the real kernel creates it on connect and removes it on disconnect."""
+    server = serve(create(tmp_path / "disk.img", "64M"), "direct")
+    argv = nbd_client_args(vm.GUEST_NBD_DEVICE, host=vm.GUEST_SERVER_HOST,
+                           port=vm.GUEST_SERVER_PORT, block_size=512)
+    script = f"""
+fail() {{ echo "$*" > "$NBDLOOP_REASON"; exit 1; }}
+[ -e /sys/block/nbd0 ] && [ -e /sys/block/nbd1 ] || fail "no nbd0 and nbd1 in sysfs"
+[ -e /sys/block/nbd0/pid ] && fail "nbd0 has a pid file before nbd-client"
+{' '.join(argv)} || fail "nbd-client failed"
+[ -e /sys/block/nbd0/pid ] || fail "no /sys/block/nbd0/pid while connected"
+[ -e /sys/block/nbd1/pid ] && fail "nbd1 has a pid file but was never connected"
+nbd-client -d /dev/nbd0 || fail "nbd-client -d failed"
+tries=0
+while [ -e /sys/block/nbd0/pid ]; do
+    tries=$((tries + 1))
+    [ "$tries" -gt 50 ] && fail "/sys/block/nbd0/pid still there after nbd-client -d"
+    sleep 0.1
+done
+echo "pid file: present while connected, gone after disconnect"
+"""
+    result = vm.run_guest(server.socket_path, script, assets=assets, timeout=120)
+    assert result.ok, result.message
+    assert "pid file: present while connected, gone after disconnect" in result.console
