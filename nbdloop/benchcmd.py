@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from nbdloop import bench
-from nbdloop.cli import SIZE, UsageError
+from nbdloop.clibase import SIZE, UsageError
 from nbdloop.sizes import format_size
 
 QUICK = {"workloads": bench.QUICK_WORKLOADS, "rounds": 1, "runtime": 3.0,

@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from nbdloop import backing
-from nbdloop.sizes import format_size, parse_size
+from nbdloop.sizes import format_size
+from nbdloop.clibase import SIZE, SizeType, UsageError  # noqa: F401 (re-exported)
 from nbdloop.supervise import supervise
 
 PLUGIN = Path(__file__).resolve().parent / "plugin.py"
@@ -22,29 +23,6 @@ DEFAULT_THREADS = 16
 EMBEDDED_PYTHON_HOME = "/usr"   # Debian's libpython3.11, which nbdkit embeds
 
 
-class UsageError(click.ClickException):
-    """One line on stderr and exit status 2."""
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        click.echo(f"nbdloop: {self.format_message()}", err=True)
-
-
-# ---- parameter types ----------------------------------------------------------
-
-class SizeType(click.ParamType):
-    name = "size"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-SIZE = SizeType()
 
 
 def runtime_dir() -> Path:
@@ -133,7 +111,8 @@ def check_permissions(image: str, readonly: bool) -> None:
 def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
                 socket_path: str | None, port: int | None, bind: str, threads: int,
                 segment_size: int, export_name: str, pidfile: str | None,
-                verbose: bool = False, stats_file: str | None = None) -> list[str]:
+                verbose: bool = False, stats_file: str | None = None,
+                tls_psk: str | None = None, mlock: bool = False) -> list[str]:
     """The nbdkit command line that serves ``image`` with our plugin."""
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
@@ -149,6 +128,9 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
         argv += ["--pidfile", pidfile]
     if verbose:
         argv.append("--verbose")
+    if tls_psk:
+        # require: a client that does not do TLS with a key from the file is refused.
+        argv += ["--tls=require", f"--tls-psk={os.path.abspath(tls_psk)}"]
     argv += ["python", str(PLUGIN), f"file={os.path.abspath(image)}", f"mode={mode}",
              f"readonly={int(readonly)}", f"segment-size={segment_size}"]
     if fd is not None:
@@ -157,7 +139,25 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
         argv.append(f"export-name={export_name}")
     if stats_file:
         argv.append(f"stats-file={os.path.abspath(stats_file)}")
+    if mlock:
+        argv.append("mlock=1")
     return argv
+
+
+def check_psk_file(path: str) -> None:
+    """A PSK file as nbdkit (GnuTLS) reads it: ``username:hexkey`` lines."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UsageError(f"TLS PSK file {path}: {e.strerror}") from None
+    entries = [ln for ln in text.splitlines() if ln.strip()]
+    for ln in entries:
+        user, sep, key = ln.partition(":")
+        if not sep or not user or not key or len(key) % 2 or \
+                any(c not in "0123456789abcdefABCDEF" for c in key):
+            raise UsageError(f"TLS PSK file {path}: lines must be username:hexkey")
+    if not entries:
+        raise UsageError(f"TLS PSK file {path}: no keys in it")
 
 
 def plugin_env() -> dict[str, str]:
@@ -283,10 +283,17 @@ def validate_serve(image, mode, readonly, segment_size):
 @click.option("--verbose", "-v", is_flag=True, help="nbdkit debug messages.")
 @click.option("--stats-file", type=click.Path(dir_okay=False),
               help="Write the I/O engine's counters here (JSON) as connections close.")
+@click.option("--tls-psk", type=click.Path(dir_okay=False),
+              help="Require TLS with a pre-shared key from this file (username:hexkey "
+                   "lines, as psktool writes them).")
+@click.option("--mlock", is_flag=True,
+              help="Lock the server's memory (mlockall), so it never waits on a page-in.")
 def serve(image, mode, readonly, threads, segment_size, export_name, socket_path,
-          port, bind, pidfile, verbose, stats_file):
+          port, bind, pidfile, verbose, stats_file, tls_psk, mlock):
     """Serve IMAGE over NBD in the foreground until SIGINT or SIGTERM."""
     validate_serve(image, mode, readonly, segment_size)
+    if tls_psk:
+        check_psk_file(tls_psk)
     if socket_path and port:
         raise click.BadParameter("use --socket or --port, not both", param_hint="--socket")
     sock = None
@@ -307,8 +314,9 @@ def serve(image, mode, readonly, threads, segment_size, export_name, socket_path
                        socket_path=str(sock) if sock else None, port=port, bind=bind,
                        threads=threads, segment_size=segment_size,
                        export_name=export_name, pidfile=str(ready), verbose=verbose,
-                       stats_file=stats_file)
-    where = f"unix:{sock}" if sock else f"nbd://{bind}:{port}"
+                       stats_file=stats_file, tls_psk=tls_psk, mlock=mlock)
+    where = (f"unix:{sock}" if sock else f"nbd://{bind}:{port}") + (" with TLS" if tls_psk
+                                                                     else "")
     click.echo(f"nbdloop: serving {image} ({format_size(geometry.size)}, {mode}, "
                f"alignment {geometry.align}) on {where}", err=True)
     os.umask(0o077)  # the socket is 0600
@@ -457,6 +465,13 @@ def vm_check(image, mode, fstype, connections, block_size, timeout, seed, force)
     for line in report.lines():
         click.echo(line)
     sys.exit(0 if report.ok else 1)
+
+
+
+# ---- bench ---------------------------------------------------------------------------------
+from nbdloop.benchcmd import bench_command  # noqa: E402
+
+main.add_command(bench_command, name="bench")
 
 
 if __name__ == "__main__":

@@ -2,14 +2,11 @@
 qemu-io, nbdcopy, fio's nbd engine, and nbdfuse + the kernel's loop + ext4."""
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import random
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
