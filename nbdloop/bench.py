@@ -200,13 +200,17 @@ def summarize(job: dict) -> tuple[float, float, float, float, float]:
 
 # ---- subjects --------------------------------------------------------------------
 
-def nbdloop_subject(image: str, workdir: str, mode: str, **kw) -> Subject:
+def nbdloop_subject(image: str, workdir: str, mode: str, cpus: str | None = None,
+                    **kw) -> Subject:
+    name = f"nbdloop-{mode}" + (f"-cpu{cpus}" if cpus else "")
+    extra = ["--cpus", cpus] if cpus else []
+
     @contextlib.contextmanager
     def start() -> Iterator[Target]:
-        s = srv.nbdloop_server(image, workdir, name=f"nbdloop-{mode}", mode=mode, **kw)
+        s = srv.nbdloop_server(image, workdir, name=name, mode=mode, extra=extra, **kw)
         with s:
             yield Target(uri=s.uri, server_pid=s.server_pid)   # nbdkit, not the supervisor
-    return Subject(f"nbdloop-{mode}", "nbdloop", start, mode=mode)
+    return Subject(name, "nbdloop", start, mode=mode)
 
 
 def qemu_nbd_subject(image: str, workdir: str) -> Subject:
@@ -368,13 +372,16 @@ def have(tool: str) -> bool:
 PEERS = ("qemu-nbd", "nbdkit-file", "loop-dio", "raw")
 
 
-def make_subjects(image: str, workdir: str, modes: list[str], peers: list[str]
-                  ) -> tuple[list[Subject], dict[str, str]]:
-    """The subjects to measure, and the reason each skipped one was skipped."""
+def make_subjects(image: str, workdir: str, modes: list[str], peers: list[str],
+                  pin: str | None = None) -> tuple[list[Subject], dict[str, str]]:
+    """The subjects to measure, and the reason each skipped one was skipped.
+    ``pin`` adds nbdloop direct mode run with ``--cpus pin``."""
     subjects: list[Subject] = []
     skipped: dict[str, str] = {}
     for m in modes:
         subjects.append(nbdloop_subject(image, workdir, m))
+    if pin:
+        subjects.append(nbdloop_subject(image, workdir, "direct", cpus=pin))
     for p in peers:
         if p == "qemu-nbd":
             if have("qemu-nbd"):
@@ -439,7 +446,6 @@ def unit(w: Workload) -> str:
 
 def markdown(plan: Plan, footprints: list[Footprint], skipped: dict[str, str]) -> str:
     names = [s.name for s in plan.subjects]
-    direct = "nbdloop-direct" if "nbdloop-direct" in names else None
     lines = [f"Medians of {plan.rounds} interleaved round(s), {plan.runtime:g} s each; "
              f"image {plan.size >> 20} MiB.  Ratios are medians of per-round ratios "
              "(min-max in brackets).", ""]
@@ -451,12 +457,12 @@ def markdown(plan: Plan, footprints: list[Footprint], skipped: dict[str, str]) -
             m = medians(plan, n, w)
             cells.append(f"{m['metric']:.0f}" if m else "failed")
         lines.append(f"| {w.label} ({unit(w)}) | " + " | ".join(cells) + " |")
-    if direct:
-        others = [n for n in names if n != direct]
-        lines += ["", f"Ratios, {direct} / peer:", "",
+    for d in [n for n in names if n.startswith("nbdloop-direct")]:
+        others = [n for n in names if n != d]
+        lines += ["", f"Ratios, {d} / peer:", "",
                   "| workload | " + " | ".join(others) + " |",
                   "|---|" + "---|" * len(others)]
-        rat = {o: ratios(plan, direct, o) for o in others}
+        rat = {o: ratios(plan, d, o) for o in others}
         for w in plan.workloads:
             cells = []
             for o in others:
@@ -559,9 +565,9 @@ def write_reports(plan: Plan, footprints: list[Footprint], skipped: dict[str, st
     data["summary"] = {
         w.name: {s.name: medians(plan, s.name, w) for s in plan.subjects}
         for w in plan.workloads}
-    if any(s.name == "nbdloop-direct" for s in plan.subjects):
-        data["ratios"] = {s.name: ratios(plan, "nbdloop-direct", s.name)
-                          for s in plan.subjects if s.name != "nbdloop-direct"}
+    for d in [s.name for s in plan.subjects if s.name.startswith("nbdloop-direct")]:
+        key = "ratios" if d == "nbdloop-direct" else f"ratios:{d}"
+        data[key] = {s.name: ratios(plan, d, s.name) for s in plan.subjects if s.name != d}
     paths = [out / "results.json", out / "results.md"]
     paths[0].write_text(json.dumps(data, indent=2) + "\n")
     paths[1].write_text(markdown(plan, footprints, skipped))

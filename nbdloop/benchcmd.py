@@ -51,11 +51,14 @@ def default_image(size: int) -> Path:
               help="Where to write results.json, results.md and the charts "
                    "[default: bench-results/DATE].")
 @click.option("--quick", is_flag=True, help="A short run: under 3 minutes.")
+@click.option("--pin", metavar="CPUS", default=None,
+              help="Also measure nbdloop direct mode pinned to these CPUs "
+                   "(nbdloop serve --cpus).")
 @click.option("--footprint", "footprint_size", type=SIZE, default=None,
               help="Bytes to write then read for the page-cache footprint "
                    "[default 512M; --quick 256M; 0 to skip].")
 def bench_command(image, size, modes, peers, workloads, runtime, rounds, out_dir, quick,
-                  footprint_size):
+                  pin, footprint_size):
     """Measure nbdloop against qemu-nbd, nbdkit's file plugin, the kernel loop
     device (--direct-io=on) and the raw file, in interleaved rounds."""
     preset = QUICK if quick else FULL
@@ -96,7 +99,7 @@ def bench_command(image, size, modes, peers, workloads, runtime, rounds, out_dir
     out = Path(out_dir) if out_dir else Path("bench-results") / stamp
 
     with tempfile.TemporaryDirectory(prefix="nbdloop-bench-") as wd:
-        subjects, skipped = bench.make_subjects(image, wd, modes_l, peers_l)
+        subjects, skipped = bench.make_subjects(image, wd, modes_l, peers_l, pin=pin)
         for name, why in skipped.items():
             click.echo(f"skipping {name}: {why}", err=True)
         plan = bench.Plan(image=image, subjects=subjects, rounds=rounds, runtime=runtime,

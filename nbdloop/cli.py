@@ -144,6 +144,24 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
     return argv
 
 
+def parse_cpus(ctx, param, value):
+    """``0-1,3`` -> {0, 1, 3}, each one a CPU this process may use."""
+    if value is None:
+        return None
+    cpus: set[int] = set()
+    try:
+        for part in value.split(","):
+            lo, _, hi = part.strip().partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a CPU list (like 0, 0-1, 0,2)") from None
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not cpus <= allowed:
+        raise click.BadParameter(f"{value!r}: usable CPUs are "
+                                 f"{','.join(map(str, sorted(allowed)))}")
+    return cpus
+
+
 def check_psk_file(path: str) -> None:
     """A PSK file as nbdkit (GnuTLS) reads it: ``username:hexkey`` lines."""
     try:
@@ -288,8 +306,12 @@ def validate_serve(image, mode, readonly, segment_size):
                    "lines, as psktool writes them).")
 @click.option("--mlock", is_flag=True,
               help="Lock the server's memory (mlockall), so it never waits on a page-in.")
+@click.option("--cpus", callback=parse_cpus, metavar="LIST",
+              help="Run the server on these CPUs only (like taskset: 0, 0-1, 0,2). "
+                   "See README: on small VMs, one CPU away from the disk's interrupts "
+                   "helps throughput and hurts QD1 latency.")
 def serve(image, mode, readonly, threads, segment_size, export_name, socket_path,
-          port, bind, pidfile, verbose, stats_file, tls_psk, mlock):
+          port, bind, pidfile, verbose, stats_file, tls_psk, mlock, cpus):
     """Serve IMAGE over NBD in the foreground until SIGINT or SIGTERM."""
     validate_serve(image, mode, readonly, segment_size)
     if tls_psk:
@@ -320,6 +342,8 @@ def serve(image, mode, readonly, threads, segment_size, export_name, socket_path
     click.echo(f"nbdloop: serving {image} ({format_size(geometry.size)}, {mode}, "
                f"alignment {geometry.align}) on {where}", err=True)
     os.umask(0o077)  # the socket is 0600
+    if cpus:
+        os.sched_setaffinity(0, cpus)   # nbdkit and all its threads inherit it
     status = supervise(argv, env=plugin_env(), pass_fds=(fd,), ready_file=ready,
                        pidfile=Path(pidfile).absolute() if pidfile else None,
                        socket_path=sock)

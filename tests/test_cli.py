@@ -158,6 +158,8 @@ def test_serve_empty_image(tmp_path):
     (["--segment-size", "lots"], "not a size"),
     (["--mode", "fast"], "mode"),
     (["--threads", "0"], "threads"),
+    (["--cpus", "9999"], "usable CPUs"),
+    (["--cpus", "one"], "not a CPU list"),
     (["--socket", "/tmp/x.sock", "--port", "10809"], "not both"),
 ])
 def test_serve_bad_options(img, args, phrase):
@@ -334,3 +336,21 @@ def test_pidfile_appears_only_when_accepting(img, tmp_path):
         finally:
             p.send_signal(signal.SIGTERM)
             assert p.wait(30) == 0
+
+
+def test_cpus_pins_the_server(img, tmp_path):
+    """--cpus confines nbdkit and every worker thread it starts later."""
+    import nbd
+    cpu = max(os.sched_getaffinity(0))
+    pid, sock = tmp_path / "pid", tmp_path / "s.sock"
+    with background(serve_cmd(str(img), "--socket", str(sock), "--pidfile", str(pid),
+                              "--cpus", str(cpu)), pid):
+        sup = int(pid.read_text())
+        server = int(Path(f"/proc/{sup}/task/{sup}/children").read_text().split()[0])
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///?socket={sock}")
+        h.pread(4096, 0)
+        tids = os.listdir(f"/proc/{server}/task")
+        assert len(tids) > 2
+        assert all(os.sched_getaffinity(int(t)) == {cpu} for t in tids)
+        h.shutdown()
