@@ -26,6 +26,8 @@ def main() -> int:
     ap.add_argument("--image", default=None, help="reuse this image (default: made under /var/tmp)")
     ap.add_argument("--threads", type=int, default=None, help="nbdloop --threads")
     ap.add_argument("--workloads", default=",".join(bench.QUICK_WORKLOADS))
+    ap.add_argument("--pin", default=None, metavar="CPUS",
+                    help="also measure nbdloop direct pinned to these CPUs (serve --cpus)")
     args = ap.parse_args()
     size = parse_size(args.size)
     image = args.image or f"/var/tmp/nbdloop-bench-{args.size}.img"
@@ -36,21 +38,25 @@ def main() -> int:
                           workloads=[bench.WORKLOADS[w] for w in args.workloads.split(",")],
                           subjects=[bench.nbdloop_subject(image, wd, "direct", **kw),
                                     bench.qemu_nbd_subject(image, wd)])
+        if args.pin:
+            plan.subjects.insert(1, bench.nbdloop_subject(image, wd, "direct", cpus=args.pin,
+                                                          **kw))
         bench.run(plan)
-    print(f"\nnbdloop direct / qemu-nbd, median of {args.rounds} interleaved rounds "
-          f"({args.runtime:g}s each):")
-    print(f"{'workload':<20} {'nbdloop':>10} {'qemu-nbd':>10} {'ratio':>7}  min-max")
-    rat = bench.ratios(plan, "nbdloop-direct", "qemu-nbd")
-    for w in plan.workloads:
-        a = bench.medians(plan, "nbdloop-direct", w)
-        b = bench.medians(plan, "qemu-nbd", w)
-        unit = "MiB/s" if w.bs.upper().endswith("M") else "IOPS"
-        r = rat[w.name]
-        if a is None or b is None or r is None:
-            print(f"{w.label:<20} failed: see errors above")
-            continue
-        print(f"{w.label:<20} {a['metric']:>10.0f} {b['metric']:>10.0f} {r[0]:>7.2f}  "
-              f"{r[1]:.2f}-{r[2]:.2f}  ({unit})")
+    for ours in [s.name for s in plan.subjects if s.name.startswith("nbdloop")]:
+        print(f"\n{ours} / qemu-nbd, median of {args.rounds} interleaved rounds "
+              f"({args.runtime:g}s each):")
+        print(f"{'workload':<20} {'nbdloop':>10} {'qemu-nbd':>10} {'ratio':>7}  min-max")
+        rat = bench.ratios(plan, ours, "qemu-nbd")
+        for w in plan.workloads:
+            a = bench.medians(plan, ours, w)
+            b = bench.medians(plan, "qemu-nbd", w)
+            unit = "MiB/s" if w.bs.upper().endswith("M") else "IOPS"
+            r = rat[w.name]
+            if a is None or b is None or r is None:
+                print(f"{w.label:<20} failed: see errors above")
+                continue
+            print(f"{w.label:<20} {a['metric']:>10.0f} {b['metric']:>10.0f} {r[0]:>7.2f}  "
+                  f"{r[1]:.2f}-{r[2]:.2f}  ({unit})")
     errors = [r for r in plan.results if r.error]
     for r in errors:
         print(f"error: {r.subject} {r.workload} round {r.round}: {r.error}", file=sys.stderr)
