@@ -23,7 +23,6 @@ versions; then the version found becomes the new baseline.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import random
@@ -331,7 +330,6 @@ def test_crash_loop_loses_no_acknowledged_write(image, serve, mode):
 def test_verifier_catches_damage(image, serve, tmp_path):
     """The check above can fail: a short run, then the image is damaged in
     each way the check is meant to catch, and each damaged sector is named."""
-    import nbd
     model = Model(image.stat().st_size // SECTOR)
     rng = random.Random(5)
     tally = Tally()

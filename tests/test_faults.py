@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import require_root, require_tools, run
+
 from nbdloop.server import ServerProcess
 
 MiB = 1 << 20
@@ -258,15 +258,15 @@ def test_random_eio_under_load(faulty_store, serve, mode, tmp_path):
         bufs = {i: nbd.Buffer.from_bytearray(d) for i, d in datas.items()}
         order = list(sizes)
         rng.shuffle(order)
-        writes = [lambda cb, i=i: h.aio_pwrite(bufs[i], i * slot, completion=cb,
-                                               flags=nbd.CMD_FLAG_FUA if i % 3 == 0 else 0)
+        writes = [lambda cb, i=i, buf=bufs[i]: h.aio_pwrite(
+                      buf, i * slot, completion=cb, flags=nbd.CMD_FLAG_FUA if i % 3 == 0 else 0)
                   for i in order]
         # Reads of the first half, unaligned ones among them.
         roffs = [rng.randrange(0, half - 64 * KiB, rng.choice([512, 4096, 1]))
                  for _ in range(256)]
         rbufs = [nbd.Buffer(rng.choice([512, 4 * KiB, 64 * KiB])) for _ in roffs]
-        reads = [lambda cb, j=j: h.aio_pread(rbufs[j], roffs[j], completion=cb)
-                 for j in range(len(roffs))]
+        reads = [lambda cb, buf=buf, off=off: h.aio_pread(buf, off, completion=cb)
+                 for buf, off in zip(rbufs, roffs)]
         faults.touch()
         drop_cache(store.path)
         # Writes and reads interleaved, 32 in flight.

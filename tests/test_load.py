@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import require_tools, run
 
 MiB = 1 << 20
@@ -207,7 +206,7 @@ def test_connect_disconnect_cycles_leak_nothing(image, serve, mode, tmp_path):
     stats = json.loads(stats_file.read_text())
     print(f"\n{mode}: {CYCLES} cycles {ways}: threads {threads0}->{threads1}, "
           f"fds {fds0}->{fds1}, RSS {rss0 / MiB:.1f}->{rss1 / MiB:.1f} MiB "
-          f"(+{(rss1 - rss0) / MiB:.2f}); engine {stats}")
+          f"(+{(rss1 - rss0) / MiB:.2f}; {rss2 / MiB:.1f} after one more); engine {stats}")
     assert stats["pinned"] >= CYCLES + 11, "every connection's workers pinned a thread state"
     assert stats["unpinned"] == stats["pinned"], "and released it when they exited"
     assert stats["rings"] >= CYCLES + 11 and stats["rings_freed"] == stats["rings"]
@@ -241,7 +240,7 @@ def test_simultaneous_disconnects_keep_the_stats_file(image, serve, tmp_path):
             handles.append(h)
         barrier = threading.Barrier(len(handles))
 
-        def leave(h):
+        def leave(h, barrier=barrier):
             barrier.wait()
             h.shutdown()
         threads = [threading.Thread(target=leave, args=(h,)) for h in handles]
