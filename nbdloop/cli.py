@@ -8,6 +8,7 @@ import shutil
 import socket
 import stat
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -328,15 +329,34 @@ def serve(image, mode, readonly, threads, segment_size, export_name, socket_path
         fd, geometry = backing.open_image(image, mode=mode, readonly=readonly)
     except backing.ImageError as e:
         raise UsageError(str(e)) from None
-    # nbdkit inherits the opened, locked descriptor: no window in which a
-    # second server could take the image.
-    os.set_inheritable(fd, True)
     ready = runtime_dir() / f"{image_key(image)}.{os.getpid()}.ready"
-    argv = nbdkit_argv(image, fd=fd, mode=mode, readonly=readonly,
-                       socket_path=str(sock) if sock else None, port=port, bind=bind,
-                       threads=threads, segment_size=segment_size,
-                       export_name=export_name, pidfile=str(ready), verbose=verbose,
-                       stats_file=stats_file, tls_psk=tls_psk, mlock=mlock)
+    first_fd = [fd]
+
+    def spawn() -> tuple[list[str], tuple[int, ...]]:
+        # nbdkit inherits the opened, locked descriptor: no window in which a
+        # second server could take the image.  After a crash, open it again.
+        if first_fd:
+            f = first_fd.pop()
+        else:
+            # The dead nbdkit's rings are torn down by the kernel a moment
+            # later, and they hold the image (and so its lock) until then.
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    f, _ = backing.open_image(image, mode=mode, readonly=readonly)
+                    break
+                except backing.ImageError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        os.set_inheritable(f, True)
+        argv = nbdkit_argv(image, fd=f, mode=mode, readonly=readonly,
+                           socket_path=str(sock) if sock else None, port=port, bind=bind,
+                           threads=threads, segment_size=segment_size,
+                           export_name=export_name, pidfile=str(ready), verbose=verbose,
+                           stats_file=stats_file, tls_psk=tls_psk, mlock=mlock)
+        return argv, (f,)
+
     where = (f"unix:{sock}" if sock else f"nbd://{bind}:{port}") + (" with TLS" if tls_psk
                                                                      else "")
     click.echo(f"nbdloop: serving {image} ({format_size(geometry.size)}, {mode}, "
@@ -344,9 +364,13 @@ def serve(image, mode, readonly, threads, segment_size, export_name, socket_path
     os.umask(0o077)  # the socket is 0600
     if cpus:
         os.sched_setaffinity(0, cpus)   # nbdkit and all its threads inherit it
-    status = supervise(argv, env=plugin_env(), pass_fds=(fd,), ready_file=ready,
-                       pidfile=Path(pidfile).absolute() if pidfile else None,
-                       socket_path=sock)
+    try:
+        status = supervise(spawn, env=plugin_env(), ready_file=ready,
+                           pidfile=Path(pidfile).absolute() if pidfile else None,
+                           socket_path=sock)
+    except backing.ImageError as e:   # reopening after a crash failed
+        click.echo(f"nbdloop: cannot restart the server: {e}", err=True)
+        status = 1
     if status != 0:
         click.echo(f"nbdloop: server exited with status {status}", err=True)
     sys.exit(0 if status == 0 else 1)

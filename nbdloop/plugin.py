@@ -14,6 +14,7 @@ connection closes), ``io-flusher`` (PR_SET_IO_FLUSHER, default on) and
 import builtins
 import errno
 import sys
+import threading
 
 import nbdkit
 
@@ -155,7 +156,8 @@ def close(h):
     if path:
         # By now nbdkit has joined this connection's workers, so their rings
         # and thread states are already counted as freed.
-        tmp = f"{path}.{os.getpid()}.tmp"
+        # One temp file per call: connections close concurrently.
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         with builtins_open(tmp, "w") as f:
             json.dump(uring.stats(), f)
         os.replace(tmp, path)

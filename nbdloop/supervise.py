@@ -16,7 +16,9 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SYS_PIDFD_GETFD = 438
@@ -71,11 +73,25 @@ def stop(proc: subprocess.Popen) -> int:
         return proc.wait()
 
 
-def supervise(argv: list[str], *, env: dict[str, str], pass_fds: tuple[int, ...],
-              ready_file: Path, pidfile: Path | None, socket_path: Path | None,
-              ready_timeout: float = 120) -> int:
+#: nbdkit deaths that are crashes (not a kill by someone): restarted.
+CRASH_SIGNALS = {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL,
+                 signal.SIGFPE}
+MAX_STARTUP_CRASHES = 3    # in a row, before nbdkit ever got ready: give up
+
+
+def supervise(spawn: Callable[[], tuple[list[str], tuple[int, ...]]], *,
+              env: dict[str, str], ready_file: Path, pidfile: Path | None,
+              socket_path: Path | None, ready_timeout: float = 120,
+              log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)
+              ) -> int:
     """Start nbdkit, write ``pidfile`` (our pid) once it listens, and stop it on
-    SIGINT/SIGTERM.  Returns the exit status for ``nbdloop serve``."""
+    SIGINT/SIGTERM.  Returns the exit status for ``nbdloop serve``.
+
+    ``spawn()`` opens (and locks) the image and returns nbdkit's argv and the
+    descriptors it inherits.  If nbdkit crashes (nbdkit 1.32.5 aborts when a
+    client hangs up with replies pending: RHBZ#2173054), it is started again
+    on the same socket; its clients lose their connections, not the server.
+    A SIGKILL or an ordinary exit is not a crash and ends the supervisor."""
     stopping = False
 
     def on_signal(signum, frame):
@@ -84,33 +100,40 @@ def supervise(argv: list[str], *, env: dict[str, str], pass_fds: tuple[int, ...]
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM,
                                                    signal.SIGHUP)}
-    ready_file.unlink(missing_ok=True)
-    proc = subprocess.Popen(argv, env=env, pass_fds=pass_fds)
-    for fd in pass_fds:
-        os.close(fd)   # nbdkit holds the image (and its lock) now
+    startup_crashes = 0
+    proc = None
+    status = 1
     try:
-        deadline = time.monotonic() + ready_timeout
-        ready = False
-        while proc.poll() is None and not stopping:
-            if not ready and ready_file.exists() and ready_file.read_text().strip():
-                ready = True
-                if socket_path is not None:
-                    # nbdkit creates its socket 0755 whatever our umask; the
-                    # runtime directory (0700) covers the moment until now.
-                    os.chmod(socket_path, 0o600)
-                if pidfile is not None:
-                    tmp = pidfile.with_name(pidfile.name + ".tmp")
-                    tmp.write_text(f"{os.getpid()}\n")
-                    tmp.rename(pidfile)
-            if not ready and time.monotonic() > deadline:
-                stopping = True
+        first = True
+        while True:
+            ready_file.unlink(missing_ok=True)
+            if not first and socket_path is not None:
+                socket_path.unlink(missing_ok=True)   # the dead server's socket
+            argv, fds = spawn()
+            proc = subprocess.Popen(argv, env=env, pass_fds=fds)
+            for fd in fds:
+                os.close(fd)   # nbdkit holds the image (and its lock) now
+            ready = _wait(proc, ready_file, socket_path, pidfile, ready_timeout,
+                          lambda: stopping)
+            got_ready = ready_file.exists()
+            if stopping or not ready:
+                status = stop(proc)
+                if stopping and status == -signal.SIGABRT:
+                    # Closing connections with replies pending can trip the
+                    # same nbdkit assertion; every request had been answered.
+                    log("nbdloop: nbdkit aborted while shutting down (RHBZ#2173054)")
+                if stopping and status in (0, -signal.SIGTERM, -signal.SIGABRT):
+                    status = 0
                 break
-            time.sleep(0.05)
-        status = stop(proc) if stopping else proc.returncode
-        if stopping and status in (0, -signal.SIGTERM):
-            status = 0
+            status = proc.returncode
+            startup_crashes = 0 if got_ready else startup_crashes + 1
+            if -status not in CRASH_SIGNALS or startup_crashes >= MAX_STARTUP_CRASHES:
+                break
+            log(f"nbdloop: nbdkit crashed ({signal.Signals(-status).name}); "
+                "restarting it on the same image and socket")
+            first = False
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
         for path in (pidfile, ready_file, socket_path):
@@ -122,3 +145,26 @@ def supervise(argv: list[str], *, env: dict[str, str], pass_fds: tuple[int, ...]
         for s, h in old.items():
             signal.signal(s, h)
     return status
+
+
+def _wait(proc: subprocess.Popen, ready_file: Path, socket_path: Path | None,
+          pidfile: Path | None, ready_timeout: float, stopping: Callable[[], bool]) -> bool:
+    """Run until nbdkit exits or we are asked to stop; False if it never got
+    ready in time.  Publishes the socket's mode and our pidfile once ready."""
+    deadline = time.monotonic() + ready_timeout
+    ready = False
+    while proc.poll() is None and not stopping():
+        if not ready and ready_file.exists() and ready_file.read_text().strip():
+            ready = True
+            if socket_path is not None:
+                # nbdkit creates its socket 0755 whatever our umask; the
+                # runtime directory (0700) covers the moment until now.
+                os.chmod(socket_path, 0o600)
+            if pidfile is not None and not pidfile.exists():
+                tmp = pidfile.with_name(pidfile.name + ".tmp")
+                tmp.write_text(f"{os.getpid()}\n")
+                tmp.rename(pidfile)
+        if not ready and time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

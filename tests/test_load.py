@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import random
 import shutil
 import subprocess
@@ -222,8 +223,6 @@ def test_connect_disconnect_cycles_leak_nothing(image, serve, mode, tmp_path):
 # after the process only ("{path}.{pid}.tmp"): two connections closing at once
 # share it, and one of them fails in os.replace (FileNotFoundError, logged as
 # "close: error"), so the file can miss the last connection's counters.
-@pytest.mark.xfail(strict=True, reason="core bug: plugin.close() stats tmp file is per "
-                                       "process, not per call")
 def test_simultaneous_disconnects_keep_the_stats_file(image, serve, tmp_path):
     """Eight clients leave at the same moment, ten times over: every
     connection's close callback writes the stats file, and none may fail."""
@@ -271,35 +270,82 @@ NBDKIT_ABORTS_ON_HANGUP = (1, 32, 4) <= nbdkit_version() < (1, 33, 10) \
     if shutil.which("nbdkit") else False
 
 
-@pytest.mark.xfail(NBDKIT_ABORTS_ON_HANGUP, strict=True,
-                   reason="nbdkit 1.32.4-1.32.5 aborts when a client hangs up with "
-                          "replies pending (RHBZ#2173054, fixed in 1.33.10)")
-def test_client_hanging_up_busy_spares_other_clients(image, serve, mode):
+def test_client_hanging_up_busy_never_takes_the_server_down(image, serve, mode):
     """A client that drops its connection with 32 writes in flight, 300
-    times: the server must survive, and another client connected all along
-    must go on being served."""
+    times.  nbdkit 1.32.5 itself may abort on this (see above); the
+    supervisor then restarts it on the same image and socket, so the server
+    as a whole survives, new clients are served, and data written before is
+    intact.  (Clients connected at the moment of such an abort lose their
+    connection: that part only a newer nbdkit fixes.)"""
     import nbd
     s = serve(image, mode)
-    nbdkit_pid = s.server_pid
-    other = nbd.NBD()
-    other.connect_uri(s.uri)
-    other.pwrite(b"\x5a" * 4096, 0)
-    try:
-        for i in range(300):
+    first = nbd.NBD()
+    first.connect_uri(s.uri)
+    first.pwrite(b"\x5a" * 4096, 0)
+    first.flush()
+    first.shutdown()
+    def connect():
+        for attempt in range(200):        # a restart takes a moment
             h = nbd.NBD()
-            h.connect_uri(s.uri)
-            bufs = [nbd.Buffer.from_bytearray(os.urandom(65536)) for _ in range(32)]
+            try:
+                h.connect_uri(s.uri)
+                return h
+            except nbd.Error:
+                assert s.alive(), f"the supervisor died: {s.log_tail()}"
+                time.sleep(0.05)
+        raise AssertionError(f"no server to connect to: {s.log_tail()}")
+
+    for i in range(300):
+        h = connect()
+        bufs = [nbd.Buffer.from_bytearray(os.urandom(65536)) for _ in range(32)]
+        try:
             for k, b in enumerate(bufs):
                 h.aio_pwrite(b, 32 * MiB + k * 65536)
-            del h                             # hang up with the writes in flight
-            assert not gone(nbdkit_pid), f"the server died after {i + 1} hang-ups"
-        assert other.pread(4096, 0) == b"\x5a" * 4096
-        other.shutdown()
-    except BaseException:
-        if gone(nbdkit_pid):
-            s.proc.wait(60)                   # its supervisor follows it
-            print(f"\n{mode}: {s.log_tail(2)}")
-        raise
+        except nbd.Error:
+            pass                          # nbdkit aborted under an earlier hang-up
+        del h                             # hang up with the writes in flight
+    assert s.alive()
+    h = connect()
+    assert h.pread(4096, 0) == b"\x5a" * 4096
+    h.shutdown()
+    restarts = s.log.read_text().count("nbdkit crashed (SIGABRT); restarting")
+    print(f"\n{mode}: 300 busy hang-ups, nbdkit restarted {restarts} times "
+          f"(nbdkit {'.'.join(map(str, nbdkit_version()))})")
+    if not NBDKIT_ABORTS_ON_HANGUP:
+        assert restarts == 0
+
+
+def test_crashed_nbdkit_is_restarted_but_a_killed_one_is_not(image, serve):
+    """SIGABRT stands for nbdkit's assertion failures: the supervisor starts a
+    new nbdkit on the same socket and image.  SIGKILL is somebody's decision
+    (the crash tests rely on it): the supervisor exits, non-zero."""
+    import nbd
+    s = serve(image, "direct")
+    h = nbd.NBD()
+    h.connect_uri(s.uri)
+    h.pwrite(b"\x33" * 65536, 0)
+    h.flush()
+    old = s.server_pid
+    os.kill(old, signal.SIGABRT)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        new = s.server_pid
+        if new not in (old, s.pid) and Path(s.socket_path).exists():
+            try:
+                h2 = nbd.NBD()
+                h2.connect_uri(s.uri)
+                break
+            except nbd.Error:
+                pass
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"no restart: {s.log_tail()}")
+    assert h2.pread(65536, 0) == b"\x33" * 65536
+    h2.shutdown()
+    assert "nbdkit crashed (SIGABRT); restarting" in s.log.read_text()
+    os.kill(s.server_pid, signal.SIGKILL)
+    assert s.proc.wait(30) != 0
+    assert not Path(s.socket_path).exists()
 
 
 def gone(pid: int) -> bool:
