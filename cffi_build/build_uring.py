@@ -47,6 +47,7 @@ struct nbdl_stats {
   uint64_t pinned;
   uint64_t unpinned;
   uint64_t fixed_bufs;
+  uint64_t moves;
 };
 
 struct nbdl_image;
@@ -54,6 +55,8 @@ struct nbdl_image;
 struct nbdl_image *nbdl_image_new(int fd, int direct, uint32_t seg_size,
                                   uint32_t entries, int pin);
 void nbdl_image_free(struct nbdl_image *img);
+int nbdl_image_set_placement(struct nbdl_image *img, const int *busy, int nbusy,
+                             const int *idle, int nidle, uint32_t busy_at);
 int nbdl_rw(struct nbdl_image *img, int op, int fua, char *user,
             struct nbdl_seg *segs, uint32_t nsegs, uint64_t lock_off,
             uint64_t lock_len, int lock_mode);

@@ -14,6 +14,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,6 +53,12 @@ struct nbdl_image {
    * lock-free path: they only count themselves in fast_shared, as long as
    * no exclusive hold (a read-modify-write) exists or waits.  Otherwise
    * holds are entries in the `ranges` list under `lock`. */
+  /* Placement (nbdl_image_set_placement): with busy_at or more requests in
+   * progress a worker runs on `busy`, alone it runs on `idle`. */
+  int placement;
+  uint32_t busy_at;
+  cpu_set_t busy, idle;
+  uint32_t inflight;         /* atomic: nbdl_rw calls in progress */
   uint64_t fast_shared;      /* atomic */
   uint32_t exclusive;        /* atomic: exclusive holders and waiters */
   pthread_mutex_t lock;
@@ -91,6 +98,31 @@ nbdl_image_new (int fd, int direct, uint32_t seg_size, uint32_t entries,
   pthread_mutex_init (&img->lock, NULL);
   pthread_cond_init (&img->cond, NULL);
   return img;
+}
+
+int
+nbdl_image_set_placement (struct nbdl_image *img, const int *busy, int nbusy,
+                          const int *idle, int nidle, uint32_t busy_at)
+{
+  int i;
+
+  if (nbusy <= 0 || nidle <= 0 || busy_at < 2)
+    return -EINVAL;
+  CPU_ZERO (&img->busy);
+  CPU_ZERO (&img->idle);
+  for (i = 0; i < nbusy; i++) {
+    if (busy[i] < 0 || busy[i] >= CPU_SETSIZE)
+      return -EINVAL;
+    CPU_SET (busy[i], &img->busy);
+  }
+  for (i = 0; i < nidle; i++) {
+    if (idle[i] < 0 || idle[i] >= CPU_SETSIZE)
+      return -EINVAL;
+    CPU_SET (idle[i], &img->idle);
+  }
+  img->busy_at = busy_at;
+  img->placement = 1;
+  return 0;
 }
 
 void
@@ -209,9 +241,13 @@ struct nbdl_ring {
   char *bounce;    /* entries * seg_size bytes, 4096-aligned; NULL if buffered */
 };
 
+enum { PLACED_NOWHERE, PLACED_IDLE, PLACED_BUSY };
+
 struct nbdl_thread {
   PyThreadState *pinned; /* kept alive across nbdkit callbacks */
   struct nbdl_ring *ring;
+  int placed;            /* PLACED_*, for the image placed_img */
+  uint64_t placed_img;
 };
 
 static pthread_key_t thread_key;
@@ -407,6 +443,36 @@ nbdl_thread_release (void)
 {
   pthread_once (&thread_key_once, make_thread_key);
   drop_ring ();
+}
+
+/* Move the calling worker between the busy and idle CPU sets as the number
+ * of requests in progress (n, ours included) crosses the thresholds; in
+ * between it stays where it is, so a steady load makes no system calls. */
+static void
+place_thread (struct nbdl_image *img, uint32_t n)
+{
+  struct nbdl_thread *t = pthread_getspecific (thread_key);
+  int want;
+
+  if (t == NULL)
+    return;
+  if (t->placed_img != img->id) {
+    t->placed = PLACED_NOWHERE;
+    t->placed_img = img->id;
+  }
+  if (n >= img->busy_at)
+    want = PLACED_BUSY;
+  else if (n <= 1)
+    want = PLACED_IDLE;
+  else
+    return;
+  if (want == t->placed)
+    return;
+  if (sched_setaffinity (0, sizeof (cpu_set_t),
+                         want == PLACED_BUSY ? &img->busy : &img->idle) == 0) {
+    t->placed = want;
+    STAT_ADD (moves, 1);
+  }
 }
 
 /* ---- submission and completion ---------------------------------------- */
@@ -621,7 +687,7 @@ nbdl_rw (struct nbdl_image *img, int op, int fua, char *user,
 {
   struct nbdl_range held;
   struct nbdl_ring *r;
-  uint32_t done = 0, next_order = 0, i;
+  uint32_t done = 0, next_order = 0, i, n_now;
   int err = 0, bad = 0;
 
   for (i = 0; i < nsegs; i++) {
@@ -636,6 +702,9 @@ nbdl_rw (struct nbdl_image *img, int op, int fua, char *user,
   if (r == NULL)
     return err;
   STAT_ADD (requests, 1);
+  n_now = __atomic_add_fetch (&img->inflight, 1, __ATOMIC_RELAXED);
+  if (img->placement)
+    place_thread (img, n_now);
 
   if (lock_mode != NBDL_LOCK_NONE)
     range_lock (img, &held, lock_off, lock_len, lock_mode);
@@ -662,6 +731,7 @@ nbdl_rw (struct nbdl_image *img, int op, int fua, char *user,
     drop_ring ();
   if (lock_mode != NBDL_LOCK_NONE)
     range_unlock (img, &held);
+  __atomic_fetch_sub (&img->inflight, 1, __ATOMIC_RELAXED);
 
   bad = 0;
   for (i = 0; i < nsegs; i++)

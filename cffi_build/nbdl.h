@@ -62,6 +62,7 @@ struct nbdl_stats {
   uint64_t pinned;     /* Python thread states pinned */
   uint64_t unpinned;   /* ... and released at thread exit */
   uint64_t fixed_bufs; /* rings whose bounce buffers are registered */
+  uint64_t moves;      /* workers moved between the busy and idle CPUs */
 };
 
 struct nbdl_image;
@@ -74,6 +75,12 @@ struct nbdl_image;
 struct nbdl_image *nbdl_image_new (int fd, int direct, uint32_t seg_size,
                                    uint32_t entries, int pin);
 void nbdl_image_free (struct nbdl_image *img);
+
+/* Move each worker to the `busy` CPUs while busy_at or more requests are in
+ * progress, and to the `idle` CPUs when its request is the only one (see
+ * nbdloop/placement.py).  Returns 0 or -EINVAL. */
+int nbdl_image_set_placement (struct nbdl_image *img, const int *busy, int nbusy,
+                              const int *idle, int nidle, uint32_t busy_at);
 
 /* Run nsegs segments.  Returns the number of segments whose res is not
  * their full length (0: all done), or -errno if no ring could be set up.

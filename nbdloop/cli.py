@@ -113,7 +113,8 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
                 socket_path: str | None, port: int | None, bind: str, threads: int,
                 segment_size: int, export_name: str, pidfile: str | None,
                 verbose: bool = False, stats_file: str | None = None,
-                tls_psk: str | None = None, mlock: bool = False) -> list[str]:
+                tls_psk: str | None = None, mlock: bool = False,
+                placement: bool = True) -> list[str]:
     """The nbdkit command line that serves ``image`` with our plugin."""
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
@@ -142,6 +143,8 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
         argv.append(f"stats-file={os.path.abspath(stats_file)}")
     if mlock:
         argv.append("mlock=1")
+    if not placement:
+        argv.append("placement=0")
     return argv
 
 
@@ -307,12 +310,16 @@ def validate_serve(image, mode, readonly, segment_size):
                    "lines, as psktool writes them).")
 @click.option("--mlock", is_flag=True,
               help="Lock the server's memory (mlockall), so it never waits on a page-in.")
+@click.option("--placement", type=click.Choice(["auto", "off"]), default="auto",
+              show_default=True,
+              help="auto: under load run the workers on CPUs that do not take the disk's "
+                   "interrupts, and alone on the one that does (see README).")
 @click.option("--cpus", callback=parse_cpus, metavar="LIST",
               help="Run the server on these CPUs only (like taskset: 0, 0-1, 0,2). "
                    "See README: on small VMs, one CPU away from the disk's interrupts "
                    "helps throughput and hurts QD1 latency.")
 def serve(image, mode, readonly, threads, segment_size, export_name, socket_path,
-          port, bind, pidfile, verbose, stats_file, tls_psk, mlock, cpus):
+          port, bind, pidfile, verbose, stats_file, tls_psk, mlock, placement, cpus):
     """Serve IMAGE over NBD in the foreground until SIGINT or SIGTERM."""
     validate_serve(image, mode, readonly, segment_size)
     if tls_psk:
@@ -354,7 +361,8 @@ def serve(image, mode, readonly, threads, segment_size, export_name, socket_path
                            socket_path=str(sock) if sock else None, port=port, bind=bind,
                            threads=threads, segment_size=segment_size,
                            export_name=export_name, pidfile=str(ready), verbose=verbose,
-                           stats_file=stats_file, tls_psk=tls_psk, mlock=mlock)
+                           stats_file=stats_file, tls_psk=tls_psk, mlock=mlock,
+                           placement=placement == "auto" and not cpus)
         return argv, (f,)
 
     where = (f"unix:{sock}" if sock else f"nbd://{bind}:{port}") + (" with TLS" if tls_psk

@@ -9,7 +9,8 @@ of it, inherited from ``nbdloop serve``), ``mode`` (direct|buffered),
 ``readonly``, ``segment-size``, ``entries``, ``export-name``, ``pin``, and
 ``stats-file`` (the engine's counters are written there as JSON whenever a
 connection closes), ``io-flusher`` (PR_SET_IO_FLUSHER, default on) and
-``mlock`` (mlockall, default off).
+``mlock`` (mlockall, default off), ``placement`` (move workers between the
+CPUs that do and do not take the disk's interrupts, default on).
 """
 import builtins
 import errno
@@ -21,7 +22,7 @@ import nbdkit
 import json
 import os
 
-from nbdloop import uring
+from nbdloop import placement, uring
 from nbdloop.backing import DEFAULT_ENTRIES, DEFAULT_SEG_SIZE, Backing, ImageError, inspect_fd
 from nbdloop.sizes import parse_size
 
@@ -45,6 +46,7 @@ _config = {
     "stats-file": None,
     "io-flusher": True,
     "mlock": False,
+    "placement": True,
 }
 _backing = None
 
@@ -55,6 +57,10 @@ def _bool(value):
     if value.lower() in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{value!r} is not a boolean")
+
+
+def _cpus(cpus):
+    return ",".join(map(str, sorted(cpus)))
 
 
 def _raise_errno(e):
@@ -82,7 +88,7 @@ def thread_model():
 def config(key, value):
     if key not in _config:
         raise ValueError(f"unknown parameter {key!r}")
-    if key in ("readonly", "pin", "io-flusher", "mlock"):
+    if key in ("readonly", "pin", "io-flusher", "mlock", "placement"):
         _config[key] = _bool(value)
     elif key == "segment-size":
         _config[key] = parse_size(value)
@@ -127,6 +133,13 @@ def get_ready():
             _backing = Backing.open(_config["file"], **kw)
     except ImageError as e:
         raise RuntimeError(str(e)) from None
+    if _config["placement"]:
+        where = placement.plan(_config["file"])
+        if where is not None:
+            _backing.engine.set_placement(set(where.busy), set(where.idle))
+            print(f"nbdloop: workers run on CPU {_cpus(where.busy)} under load and on "
+                  f"CPU {_cpus(where.idle)} (the disk's interrupts) when alone",
+                  file=sys.stderr, flush=True)
 
 
 def cleanup():

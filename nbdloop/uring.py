@@ -83,6 +83,14 @@ class Engine:
         self.seg_size = seg_size
         self.entries = entries
 
+    def set_placement(self, busy: set[int], idle: set[int], busy_at: int = 4) -> None:
+        """Run workers on ``busy`` CPUs while ``busy_at`` or more requests are
+        in progress, and on ``idle`` CPUs when a request is alone."""
+        b, i = sorted(busy), sorted(idle)
+        check(lib.nbdl_image_set_placement(self._img, ffi.new("int[]", b), len(b),
+                                           ffi.new("int[]", i), len(i), busy_at),
+              "setting the CPU placement")
+
     def close(self) -> None:
         """Free the engine.  Safe to call twice.
 
