@@ -40,7 +40,8 @@ class Workload:
     @property
     def label(self) -> str:
         jobs = f" {self.numjobs}x" if self.numjobs > 1 else " "
-        return f"{self.bs} {self.rw}{jobs}QD{self.iodepth}"
+        where = f" in {self.region >> 20}M" if self.region else ""
+        return f"{self.bs} {self.rw}{jobs}QD{self.iodepth}{where}"
 
 
 WORKLOADS = {w.name: w for w in [
