@@ -89,3 +89,27 @@ def serve(tmp_path):
         if s.alive():
             status = s.stop()
             assert status == 0, f"server exited {status}: {s.log_tail()}"
+
+
+@pytest.fixture
+def fourk_fs(tmp_path):
+    """An ext4 filesystem on a loop device with 4096-byte logical sectors
+    (1 GiB, sparse): direct I/O there must be 4 KiB-aligned, and a 512-byte
+    O_DIRECT write fails with EINVAL."""
+    require_root()
+    require_tools("losetup", "mkfs.ext4")
+    raw = tmp_path / "fourk.raw"
+    raw.write_bytes(b"")
+    os.truncate(raw, 1 << 30)
+    dev = run(["losetup", "-f", "--show", "-b", "4096", str(raw)]).stdout.strip()
+    mnt = tmp_path / "fourk"
+    mnt.mkdir()
+    try:
+        run(["mkfs.ext4", "-q", "-b", "4096", dev])
+        run(["mount", dev, str(mnt)])
+        try:
+            yield mnt
+        finally:
+            run(["umount", str(mnt)])
+    finally:
+        run(["losetup", "-d", dev])

@@ -12,31 +12,9 @@ import threading
 
 import pytest
 
-from conftest import require_root, require_tools, run
+from conftest import require_tools, run
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def fourk_fs(tmp_path):
-    """An ext4 filesystem on a loop device with 4096-byte logical sectors."""
-    require_root()
-    require_tools("losetup", "mkfs.ext4")
-    backing = tmp_path / "fourk.raw"
-    backing.write_bytes(b"")
-    os.truncate(backing, 256 * MiB)
-    dev = run(["losetup", "-f", "--show", "-b", "4096", str(backing)]).stdout.strip()
-    mnt = tmp_path / "fourk"
-    mnt.mkdir()
-    try:
-        run(["mkfs.ext4", "-q", "-b", "4096", dev])
-        run(["mount", dev, str(mnt)])
-        try:
-            yield mnt
-        finally:
-            run(["umount", str(mnt)])
-    finally:
-        run(["losetup", "-d", dev])
 
 
 def test_the_test_bed_refuses_512_byte_direct_writes(fourk_fs):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require_root, require_tools, run
+from conftest import ROOT, require_tools, run
 from nbdloop import vm, vmcheck
 from nbdloop.nbdclient import nbd_client_args
 
@@ -44,29 +44,6 @@ MiB = 1 << 20
 def assets() -> vm.VmAssets:
     require_tools("qemu-system-x86_64", "socat", "nbdkit", "e2fsck", "debugfs", "xfs_repair")
     return vm.ensure_assets()
-
-
-@pytest.fixture
-def fourk_fs(tmp_path):
-    """An ext4 filesystem on a loop device with 4096-byte logical sectors:
-    direct I/O there must be 4 KiB-aligned."""
-    require_root()
-    require_tools("losetup", "mkfs.ext4")
-    raw = tmp_path / "fourk.raw"
-    raw.write_bytes(b"")
-    os.truncate(raw, 1024 * MiB)
-    dev = run(["losetup", "-f", "--show", "-b", "4096", str(raw)]).stdout.strip()
-    mnt = tmp_path / "fourk"
-    mnt.mkdir()
-    try:
-        run(["mkfs.ext4", "-q", "-b", "4096", dev])
-        run(["mount", dev, str(mnt)])
-        try:
-            yield mnt
-        finally:
-            run(["umount", str(mnt)])
-    finally:
-        run(["losetup", "-d", dev])
 
 
 def create(path: Path, size: str) -> Path:
