@@ -146,11 +146,14 @@ def drop_image_cache(path: str) -> None:
         os.close(fd)
 
 
-def fio_argv(w: Workload, t: Target, runtime: float, out: str, size: int) -> list[str]:
+def fio_argv(w: Workload, t: Target, runtime: float, out: str, size: int,
+             client_cpus: str | None = None) -> list[str]:
     argv = ["fio", f"--name={w.name}", f"--rw={w.rw}", f"--bs={w.bs}",
             f"--iodepth={w.iodepth}", f"--numjobs={w.numjobs}", "--group_reporting",
             f"--runtime={runtime}", "--time_based", "--randrepeat=0",
             "--output-format=json", f"--output={out}"]
+    if client_cpus:
+        argv.append(f"--cpus_allowed={client_cpus}")
     if w.rwmixread is not None:
         argv.append(f"--rwmixread={w.rwmixread}")
     if w.region is not None:
@@ -166,9 +169,10 @@ def fio_argv(w: Workload, t: Target, runtime: float, out: str, size: int) -> lis
     return argv
 
 
-def run_fio(w: Workload, t: Target, runtime: float, size: int) -> dict:
+def run_fio(w: Workload, t: Target, runtime: float, size: int,
+            client_cpus: str | None = None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        argv = fio_argv(w, t, runtime, out.name, size)
+        argv = fio_argv(w, t, runtime, out.name, size, client_cpus)
         p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            timeout=runtime + 120)
         if p.returncode != 0:
@@ -261,6 +265,16 @@ class Plan:
     rounds: int
     runtime: float
     size: int
+    # An unrecorded run of the same workload before each measured one, so that
+    # no subject is measured cold (fresh threads, rings, caches) and none pays
+    # for what the previous subject left behind (measured: the first 1-3 s
+    # after another server's 1M writes ran up to 40 % slower).
+    warmup: float = 1.0
+    # fio's CPUs ("1", "0-3"), or None to leave the client to the scheduler.
+    # On a small machine where the client shares CPUs with the server, where
+    # the scheduler puts it moves the results more than anything the servers
+    # do (docs/BENCHMARKS.md, "Where the client runs").
+    client_cpus: str | None = None
     results: list[RunResult] = field(default_factory=list)
 
 
@@ -271,15 +285,19 @@ def _fmt_eta(seconds: float) -> str:
 
 def run(plan: Plan, progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr,
                                                                        flush=True)) -> None:
-    """Measure every subject on every workload, interleaved by round."""
+    """Measure every subject on every workload, interleaved by round: A B C
+    in even rounds and C B A in odd ones, so that no subject always runs
+    right after another's workload."""
     total = plan.rounds * len(plan.subjects) * len(plan.workloads)
     done = 0
     t0 = time.monotonic()
     for rnd in range(plan.rounds):
+        order = plan.subjects if rnd % 2 == 0 else plan.subjects[::-1]
         for w in plan.workloads:
-            for subj in plan.subjects:
+            for subj in order:
                 elapsed = time.monotonic() - t0
-                eta = elapsed / done * (total - done) if done else plan.runtime * total
+                eta = (elapsed / done * (total - done) if done
+                       else (plan.runtime + plan.warmup) * total)
                 progress(f"[{done + 1}/{total}] round {rnd + 1}/{plan.rounds} {w.label:>22} "
                          f"on {subj.name:<16} (ETA {_fmt_eta(eta)})")
                 plan.results.append(measure(plan, subj, w, rnd))
@@ -290,8 +308,10 @@ def measure(plan: Plan, subj: Subject, w: Workload, rnd: int) -> RunResult:
     drop_image_cache(plan.image)
     try:
         with subj.start() as target:
+            if plan.warmup > 0:
+                run_fio(w, target, plan.warmup, plan.size, plan.client_cpus)
             cpu0 = _cpu_seconds(target.server_pid) if target.server_pid else None
-            job = run_fio(w, target, plan.runtime, plan.size)["jobs"][0]
+            job = run_fio(w, target, plan.runtime, plan.size, plan.client_cpus)["jobs"][0]
             cpu1 = _cpu_seconds(target.server_pid) if target.server_pid else None
             cache = page_cache_bytes(plan.image)
     except Exception as e:  # a failed run is recorded, not fatal
@@ -359,6 +379,8 @@ def prepare_image(path: str, size: int) -> None:
 def results_json(plan: Plan) -> dict:
     return {"image": plan.image, "size": plan.size, "rounds": plan.rounds,
             "runtime": plan.runtime,
+            "warmup": plan.warmup,
+            "client_cpus": plan.client_cpus,
             "subjects": [s.name for s in plan.subjects],
             "workloads": [asdict(w) for w in plan.workloads],
             "runs": [asdict(r) for r in plan.results]}
@@ -447,7 +469,9 @@ def unit(w: Workload) -> str:
 
 def markdown(plan: Plan, footprints: list[Footprint], skipped: dict[str, str]) -> str:
     names = [s.name for s in plan.subjects]
-    lines = [f"Medians of {plan.rounds} interleaved round(s), {plan.runtime:g} s each; "
+    lines = [f"Medians of {plan.rounds} interleaved round(s) (subject order reversed every "
+             f"other round), {plan.runtime:g} s each after an unrecorded {plan.warmup:g} s "
+             f"warm-up; fio on CPUs {plan.client_cpus or 'chosen by the scheduler'}; "
              f"image {plan.size >> 20} MiB.  Ratios are medians of per-round ratios "
              "(min-max in brackets).", ""]
     lines.append("| workload | " + " | ".join(names) + " |")

@@ -28,6 +28,8 @@ def main() -> int:
     ap.add_argument("--workloads", default=",".join(bench.QUICK_WORKLOADS))
     ap.add_argument("--pin", default=None, metavar="CPUS",
                     help="also measure nbdloop direct pinned to these CPUs (serve --cpus)")
+    ap.add_argument("--client-cpus", default=None, metavar="CPUS",
+                    help="run fio on these CPUs for every subject (fio --cpus_allowed)")
     args = ap.parse_args()
     size = parse_size(args.size)
     image = args.image or f"/var/tmp/nbdloop-bench-{args.size}.img"
@@ -37,7 +39,8 @@ def main() -> int:
         plan = bench.Plan(image=image, rounds=args.rounds, runtime=args.runtime, size=size,
                           workloads=[bench.WORKLOADS[w] for w in args.workloads.split(",")],
                           subjects=[bench.nbdloop_subject(image, wd, "direct", **kw),
-                                    bench.qemu_nbd_subject(image, wd)])
+                                    bench.qemu_nbd_subject(image, wd)],
+                          client_cpus=args.client_cpus)
         if args.pin:
             plan.subjects.insert(1, bench.nbdloop_subject(image, wd, "direct", cpus=args.pin,
                                                           **kw))

@@ -22,7 +22,7 @@ def test_bench_quick_writes_results(tmp_path):
     p = subprocess.run(
         [sys.executable, "-m", "nbdloop.cli", "bench", "--quick", "--size", "256M",
          "--runtime", "1", "--workloads", "randread-4k-qd32,write-1m-qd8",
-         "--footprint", "64M", "--out", str(out)],
+         "--footprint", "64M", "--client-cpus", "0", "--out", str(out)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     # Progress with an ETA went to stderr while it ran.
@@ -30,6 +30,7 @@ def test_bench_quick_writes_results(tmp_path):
     data = json.loads((out / "results.json").read_text())
     subjects = set(data["subjects"])
     assert {"nbdloop-direct", "nbdloop-buffered", "qemu-nbd", "raw"} <= subjects
+    assert data["client_cpus"] == "0" and data["warmup"] > 0
     runs = data["runs"]
     assert len(runs) == len(subjects) * 2
     assert all(not r["error"] for r in runs), [r["error"] for r in runs if r["error"]]
@@ -45,3 +46,34 @@ def test_bench_quick_writes_results(tmp_path):
     assert "| 4k randread QD32" in md and "nbdloop-direct / peer" in md
     for png in ("throughput.png", "footprint.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rounds_alternate_the_subject_order(tmp_path):
+    """A B C, then C B A: no subject always runs right after another's
+    workload.  The subjects here fail at once, which the plan records."""
+    from nbdloop import bench
+
+    def failing(name):
+        def start():
+            raise RuntimeError(f"{name} not started")
+        return bench.Subject(name, "peer", start)
+
+    plan = bench.Plan(image=str(tmp_path / "none.img"), rounds=3, runtime=1, size=MiB,
+                      subjects=[failing(n) for n in "ABC"],
+                      workloads=[bench.WORKLOADS["randread-4k-qd1"]])
+    (tmp_path / "none.img").write_bytes(b"\0" * MiB)
+    bench.run(plan, progress=lambda s: None)
+    assert "".join(r.subject for r in plan.results) == "ABCCBAABC"
+    assert all(r.error.endswith("not started") for r in plan.results)
+
+
+@pytest.mark.parametrize("cpus", ["999", "x", ""])
+def test_bench_rejects_cpus_it_does_not_have(tmp_path, cpus):
+    p = subprocess.run(
+        [sys.executable, "-m", "nbdloop.cli", "bench", "--client-cpus", cpus,
+         "--image", str(tmp_path / "missing.img"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--client-cpus" in lines[0], p.stderr
+    assert not (tmp_path / "out").exists()
