@@ -49,16 +49,16 @@ struct nbdl_image {
   uint32_t seg_size;
   uint32_t entries;
   char *zeros; /* buffered mode's source for NBDL_OP_WRITE_ZEROES */
-  /* The range lock.  Shared holds (every aligned write) normally take a
-   * lock-free path: they only count themselves in fast_shared, as long as
-   * no exclusive hold (a read-modify-write) exists or waits.  Otherwise
-   * holds are entries in the `ranges` list under `lock`. */
   /* Placement (nbdl_image_set_placement): with busy_at or more requests in
    * progress a worker runs on `busy`, alone it runs on `idle`. */
   int placement;
   uint32_t busy_at;
   cpu_set_t busy, idle;
   uint32_t inflight;         /* atomic: nbdl_rw calls in progress */
+  /* The range lock.  Shared holds (every aligned write) normally take a
+   * lock-free path: they only count themselves in fast_shared, as long as
+   * no exclusive hold (a read-modify-write) exists or waits.  Otherwise
+   * holds are entries in the `ranges` list under `lock`. */
   uint64_t fast_shared;      /* atomic */
   uint32_t exclusive;        /* atomic: exclusive holders and waiters */
   pthread_mutex_t lock;

@@ -15,7 +15,7 @@ import click
 
 from nbdloop import backing
 from nbdloop.sizes import format_size
-from nbdloop.clibase import SIZE, SizeType, UsageError  # noqa: F401 (re-exported)
+from nbdloop.clibase import SIZE, SizeType, UsageError, parse_cpus  # noqa: F401 (re-exported)
 from nbdloop.supervise import supervise
 
 PLUGIN = Path(__file__).resolve().parent / "plugin.py"
@@ -146,24 +146,6 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
     if not placement:
         argv.append("placement=0")
     return argv
-
-
-def parse_cpus(ctx, param, value):
-    """``0-1,3`` -> {0, 1, 3}, each one a CPU this process may use."""
-    if value is None:
-        return None
-    cpus: set[int] = set()
-    try:
-        for part in value.split(","):
-            lo, _, hi = part.strip().partition("-")
-            cpus.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a CPU list (like 0, 0-1, 0,2)") from None
-    allowed = os.sched_getaffinity(0)
-    if not cpus or not cpus <= allowed:
-        raise click.BadParameter(f"{value!r}: usable CPUs are "
-                                 f"{','.join(map(str, sorted(allowed)))}")
-    return cpus
 
 
 def check_psk_file(path: str) -> None:

@@ -41,6 +41,11 @@ def parse_cpu_list(text: str) -> set[int]:
     return cpus
 
 
+def format_cpu_list(cpus) -> str:
+    """{0, 2, 1} -> ``"0,1,2"``."""
+    return ",".join(map(str, sorted(cpus)))
+
+
 def interrupt_counts(text: str) -> dict[int, list[int]]:
     """Per-CPU counts of each numbered IRQ in /proc/interrupts."""
     lines = text.splitlines()

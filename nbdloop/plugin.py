@@ -59,10 +59,6 @@ def _bool(value):
     raise ValueError(f"{value!r} is not a boolean")
 
 
-def _cpus(cpus):
-    return ",".join(map(str, sorted(cpus)))
-
-
 def _raise_errno(e):
     nbdkit.set_error(e.errno if isinstance(e, OSError) and e.errno else errno.EIO)
     raise e
@@ -137,9 +133,9 @@ def get_ready():
         where = placement.plan(_config["file"])
         if where is not None:
             _backing.engine.set_placement(set(where.busy), set(where.idle))
-            print(f"nbdloop: workers run on CPU {_cpus(where.busy)} under load and on "
-                  f"CPU {_cpus(where.idle)} (the disk's interrupts) when alone",
-                  file=sys.stderr, flush=True)
+            busy, idle = map(placement.format_cpu_list, (where.busy, where.idle))
+            print(f"nbdloop: workers run on CPU {busy} under load and on CPU {idle} "
+                  "(the disk's interrupts) when alone", file=sys.stderr, flush=True)
 
 
 def cleanup():
