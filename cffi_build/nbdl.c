@@ -55,6 +55,7 @@ struct nbdl_image {
   uint32_t busy_at;
   cpu_set_t busy, idle;
   uint32_t inflight;         /* atomic: nbdl_rw calls in progress */
+  int sched_batch;           /* new worker threads switch to SCHED_BATCH */
   /* The range lock.  Shared holds (every aligned write) normally take a
    * lock-free path: they only count themselves in fast_shared, as long as
    * no exclusive hold (a read-modify-write) exists or waits.  Otherwise
@@ -123,6 +124,12 @@ nbdl_image_set_placement (struct nbdl_image *img, const int *busy, int nbusy,
   img->busy_at = busy_at;
   img->placement = 1;
   return 0;
+}
+
+void
+nbdl_image_set_sched_batch (struct nbdl_image *img, int on)
+{
+  img->sched_batch = on != 0;
 }
 
 void
@@ -314,6 +321,12 @@ get_thread (struct nbdl_image *img)
     if (pthread_setspecific (thread_key, t) != 0) {
       free (t);
       return NULL;
+    }
+    if (img->sched_batch) {
+      /* Once per thread; a failure only leaves the thread as it was. */
+      struct sched_param sp = { .sched_priority = 0 };
+      if (sched_setscheduler (0, SCHED_BATCH, &sp) == 0)
+        STAT_ADD (batched, 1);
     }
   }
   if (img->pin && t->pinned == NULL) {

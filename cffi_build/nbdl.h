@@ -63,6 +63,7 @@ struct nbdl_stats {
   uint64_t unpinned;   /* ... and released at thread exit */
   uint64_t fixed_bufs; /* rings whose bounce buffers are registered */
   uint64_t moves;      /* workers moved between the busy and idle CPUs */
+  uint64_t batched;    /* workers switched to SCHED_BATCH */
 };
 
 struct nbdl_image;
@@ -81,6 +82,14 @@ void nbdl_image_free (struct nbdl_image *img);
  * nbdloop/placement.py).  Returns 0 or -EINVAL. */
 int nbdl_image_set_placement (struct nbdl_image *img, const int *busy, int nbusy,
                               const int *idle, int nidle, uint32_t busy_at);
+
+/* on != 0: each thread that calls into the engine for the first time
+ * switches itself to SCHED_BATCH (same nice value, no privilege needed), so
+ * that a worker woken up does not preempt the worker that is running one
+ * request to its submission: in nbdkit the worker that reads a request
+ * hands the socket to the next one, which would otherwise preempt it on
+ * its own CPU.  Measured in docs/BENCHMARKS.md ("Worker scheduling"). */
+void nbdl_image_set_sched_batch (struct nbdl_image *img, int on);
 
 /* Run nsegs segments.  Returns the number of segments whose res is not
  * their full length (0: all done), or -errno if no ring could be set up.

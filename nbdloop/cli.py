@@ -114,7 +114,7 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
                 segment_size: int, export_name: str, pidfile: str | None,
                 verbose: bool = False, stats_file: str | None = None,
                 tls_psk: str | None = None, mlock: bool = False,
-                placement: bool = True) -> list[str]:
+                placement: bool = True, sched: str = "batch") -> list[str]:
     """The nbdkit command line that serves ``image`` with our plugin."""
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
@@ -145,6 +145,8 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
         argv.append("mlock=1")
     if not placement:
         argv.append("placement=0")
+    if sched != "batch":
+        argv.append(f"sched={sched}")
     return argv
 
 
@@ -300,8 +302,12 @@ def validate_serve(image, mode, readonly, segment_size):
               help="Run the server on these CPUs only (like taskset: 0, 0-1, 0,2). "
                    "See README: on small VMs, one CPU away from the disk's interrupts "
                    "helps throughput and hurts QD1 latency.")
+@click.option("--sched", type=click.Choice(["batch", "normal"]), default="batch",
+              show_default=True,
+              help="batch: the workers run under SCHED_BATCH, so a worker woken up does not "
+                   "preempt one that is running a request (see README); normal: leave them.")
 def serve(image, mode, readonly, threads, segment_size, export_name, socket_path,
-          port, bind, pidfile, verbose, stats_file, tls_psk, mlock, placement, cpus):
+          port, bind, pidfile, verbose, stats_file, tls_psk, mlock, placement, cpus, sched):
     """Serve IMAGE over NBD in the foreground until SIGINT or SIGTERM."""
     validate_serve(image, mode, readonly, segment_size)
     if tls_psk:
@@ -344,7 +350,7 @@ def serve(image, mode, readonly, threads, segment_size, export_name, socket_path
                            threads=threads, segment_size=segment_size,
                            export_name=export_name, pidfile=str(ready), verbose=verbose,
                            stats_file=stats_file, tls_psk=tls_psk, mlock=mlock,
-                           placement=placement == "auto" and not cpus)
+                           placement=placement == "auto" and not cpus, sched=sched)
         return argv, (f,)
 
     where = (f"unix:{sock}" if sock else f"nbd://{bind}:{port}") + (" with TLS" if tls_psk

@@ -10,7 +10,8 @@ of it, inherited from ``nbdloop serve``), ``mode`` (direct|buffered),
 ``stats-file`` (the engine's counters are written there as JSON whenever a
 connection closes), ``io-flusher`` (PR_SET_IO_FLUSHER, default on) and
 ``mlock`` (mlockall, default off), ``placement`` (move workers between the
-CPUs that do and do not take the disk's interrupts, default on).
+CPUs that do and do not take the disk's interrupts, default on), ``sched``
+(batch: workers run under SCHED_BATCH, the default; normal: left as they are).
 """
 import builtins
 import errno
@@ -47,6 +48,7 @@ _config = {
     "io-flusher": True,
     "mlock": False,
     "placement": True,
+    "sched": "batch",
 }
 _backing = None
 
@@ -94,6 +96,10 @@ def config(key, value):
         if value not in ("direct", "buffered"):
             raise ValueError(f"mode must be direct or buffered, not {value!r}")
         _config[key] = value
+    elif key == "sched":
+        if value not in ("batch", "normal"):
+            raise ValueError(f"sched must be batch or normal, not {value!r}")
+        _config[key] = value
     else:
         _config[key] = value
 
@@ -129,6 +135,7 @@ def get_ready():
             _backing = Backing.open(_config["file"], **kw)
     except ImageError as e:
         raise RuntimeError(str(e)) from None
+    _backing.engine.set_sched_batch(_config["sched"] == "batch")
     if _config["placement"]:
         where = placement.plan(_config["file"])
         if where is not None:

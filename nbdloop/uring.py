@@ -91,6 +91,10 @@ class Engine:
                                            ffi.new("int[]", i), len(i), busy_at),
               "setting the CPU placement")
 
+    def set_sched_batch(self, on: bool) -> None:
+        """Threads that call in for the first time switch to SCHED_BATCH."""
+        lib.nbdl_image_set_sched_batch(self._img, int(on))
+
     def close(self) -> None:
         """Free the engine.  Safe to call twice.
 

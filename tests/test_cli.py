@@ -157,6 +157,7 @@ def test_serve_empty_image(tmp_path):
     (["--segment-size", "1000"], "segment-size"),
     (["--segment-size", "lots"], "not a size"),
     (["--mode", "fast"], "mode"),
+    (["--sched", "fifo"], "sched"),
     (["--threads", "0"], "threads"),
     (["--cpus", "9999"], "usable CPUs"),
     (["--cpus", "one"], "not a CPU list"),

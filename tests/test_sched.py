@@ -1,0 +1,61 @@
+"""Worker scheduling: by default each nbdkit worker switches itself to
+SCHED_BATCH on its first request; ``--sched normal`` leaves it alone."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import nbd
+
+
+def policies(pid: int) -> dict[int, int]:
+    return {int(t): os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+def wait_for(path, timeout=5.0):
+    for _ in range(int(timeout / 0.01)):
+        if path.exists():
+            return json.loads(path.read_text())
+        threading.Event().wait(0.01)
+    raise AssertionError(f"{path} was not written")
+
+
+def load(uri: str) -> nbd.NBD:
+    """Requests with 16 in flight, so that several workers take part."""
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    bufs = [nbd.Buffer(4096) for _ in range(16)]
+    for _ in range(20):
+        for i, b in enumerate(bufs):
+            h.aio_pread(b, i * 4096)
+        while h.aio_in_flight() > 0:
+            h.poll(1000)
+    return h
+
+
+def test_workers_switch_to_sched_batch(image, serve, tmp_path):
+    stats = tmp_path / "stats.json"
+    s = serve(image, "direct", extra=["--stats-file", str(stats)])
+    assert policies(s.server_pid)[s.server_pid] == os.SCHED_OTHER
+    h = load(s.uri)
+    pol = policies(s.server_pid)
+    batched = [t for t, p in pol.items() if p == os.SCHED_BATCH]
+    assert len(batched) >= 2, pol
+    assert s.server_pid not in batched          # nbdkit's main thread never calls in
+    assert set(pol.values()) <= {os.SCHED_OTHER, os.SCHED_BATCH}
+    # The switch keeps the nice value: SCHED_BATCH needs no privilege.
+    assert all(os.getpriority(os.PRIO_PROCESS, t) == os.getpriority(os.PRIO_PROCESS,
+                                                                     s.server_pid)
+               for t in batched)
+    h.shutdown()
+    assert wait_for(stats)["batched"] >= len(batched)
+
+
+def test_sched_normal_leaves_workers_alone(image, serve, tmp_path):
+    stats = tmp_path / "stats.json"
+    s = serve(image, "buffered", extra=["--sched", "normal", "--stats-file", str(stats)])
+    h = load(s.uri)
+    assert set(policies(s.server_pid).values()) == {os.SCHED_OTHER}
+    h.shutdown()
+    assert wait_for(stats)["batched"] == 0
