@@ -88,7 +88,7 @@ int nbdl_image_set_placement (struct nbdl_image *img, const int *busy, int nbusy
  * that a worker woken up does not preempt the worker that is running one
  * request to its submission: in nbdkit the worker that reads a request
  * hands the socket to the next one, which would otherwise preempt it on
- * its own CPU.  Measured in docs/BENCHMARKS.md ("Worker scheduling"). */
+ * its own CPU.  See README.md, "Scheduling", for the measurements. */
 void nbdl_image_set_sched_batch (struct nbdl_image *img, int on);
 
 /* Run nsegs segments.  Returns the number of segments whose res is not
