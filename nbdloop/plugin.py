@@ -51,6 +51,8 @@ _config = {
     "sched": "batch",
 }
 _backing = None
+# Keys whose value is one of a few words.
+_CHOICES = {"mode": ("direct", "buffered"), "sched": ("batch", "normal")}
 
 
 def _bool(value):
@@ -92,13 +94,9 @@ def config(key, value):
         _config[key] = parse_size(value)
     elif key in ("entries", "fd"):
         _config[key] = int(value)
-    elif key == "mode":
-        if value not in ("direct", "buffered"):
-            raise ValueError(f"mode must be direct or buffered, not {value!r}")
-        _config[key] = value
-    elif key == "sched":
-        if value not in ("batch", "normal"):
-            raise ValueError(f"sched must be batch or normal, not {value!r}")
+    elif key in _CHOICES:
+        if value not in _CHOICES[key]:
+            raise ValueError(f"{key} must be {' or '.join(_CHOICES[key])}, not {value!r}")
         _config[key] = value
     else:
         _config[key] = value
