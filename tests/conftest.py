@@ -6,10 +6,12 @@ install everything): there a missing prerequisite is a failure.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,16 @@ from nbdloop import server as srv  # noqa: E402
 
 MODES = ["direct", "buffered"]
 STRICT = os.environ.get("NBDLOOP_STRICT") == "1"
+
+
+def read_stats(path: Path, timeout: float = 5.0) -> dict:
+    """The engine counters that ``serve --stats-file`` writes when a
+    connection closes: wait for the file, then read it."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} was not written in {timeout}s"
+        time.sleep(0.01)
+    return json.loads(path.read_text())
 
 
 def require(condition: bool, what: str) -> None:

@@ -2,14 +2,13 @@
 the disk's interrupts; a lone request runs on the CPU that does."""
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import require
+from conftest import read_stats, require
 from nbdloop import placement
 
 PROC_INTERRUPTS = """\
@@ -140,11 +139,7 @@ def test_workers_move_with_the_load(image, serve, tmp_path):
     aff = affinities(s.server_pid)
     assert sum(1 for cpus in aff.values() if cpus == where.idle) >= 1
     h.shutdown()
-    for _ in range(500):                  # written when the server closes the connection
-        if stats.exists():
-            break
-        threading.Event().wait(0.01)
-    assert json.loads(stats.read_text())["moves"] >= 8
+    assert read_stats(stats)["moves"] >= 8
 
 
 def test_placement_off_leaves_threads_alone(image, serve):

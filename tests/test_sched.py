@@ -2,23 +2,15 @@
 SCHED_BATCH on its first request; ``--sched normal`` leaves it alone."""
 from __future__ import annotations
 
-import json
 import os
-import threading
 
 import nbd
+
+from conftest import read_stats
 
 
 def policies(pid: int) -> dict[int, int]:
     return {int(t): os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
-
-
-def wait_for(path, timeout=5.0):
-    for _ in range(int(timeout / 0.01)):
-        if path.exists():
-            return json.loads(path.read_text())
-        threading.Event().wait(0.01)
-    raise AssertionError(f"{path} was not written")
 
 
 def load(uri: str) -> nbd.NBD:
@@ -49,7 +41,7 @@ def test_workers_switch_to_sched_batch(image, serve, tmp_path):
                                                                      s.server_pid)
                for t in batched)
     h.shutdown()
-    assert wait_for(stats)["batched"] >= len(batched)
+    assert read_stats(stats)["batched"] >= len(batched)
 
 
 def test_sched_normal_leaves_workers_alone(image, serve, tmp_path):
@@ -58,4 +50,4 @@ def test_sched_normal_leaves_workers_alone(image, serve, tmp_path):
     h = load(s.uri)
     assert set(policies(s.server_pid).values()) == {os.SCHED_OTHER}
     h.shutdown()
-    assert wait_for(stats)["batched"] == 0
+    assert read_stats(stats)["batched"] == 0
