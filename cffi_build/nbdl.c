@@ -701,9 +701,11 @@ nbdl_rw (struct nbdl_image *img, int op, int fua, char *user,
   struct nbdl_range held;
   struct nbdl_ring *r;
   uint32_t done = 0, next_order = 0, i, n_now;
+  uint64_t total = 0;
   int err = 0, bad = 0;
 
   for (i = 0; i < nsegs; i++) {
+    total += segs[i].len;
     segs[i].res = NBDL_NOT_RUN;
     segs[i].order = UINT32_MAX;
     if (segs[i].len > img->seg_size ||
@@ -716,8 +718,12 @@ nbdl_rw (struct nbdl_image *img, int op, int fua, char *user,
     return err;
   STAT_ADD (requests, 1);
   n_now = __atomic_add_fetch (&img->inflight, 1, __ATOMIC_RELAXED);
-  if (img->placement)
-    place_thread (img, n_now);
+  if (img->placement) {
+    if (total <= NBDL_PLACE_MAX_LEN)
+      place_thread (img, n_now);
+    else
+      STAT_ADD (unplaced, 1);
+  }
 
   if (lock_mode != NBDL_LOCK_NONE)
     range_lock (img, &held, lock_off, lock_len, lock_mode);

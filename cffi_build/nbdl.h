@@ -64,6 +64,7 @@ struct nbdl_stats {
   uint64_t fixed_bufs; /* rings whose bounce buffers are registered */
   uint64_t moves;      /* workers moved between the busy and idle CPUs */
   uint64_t batched;    /* workers switched to SCHED_BATCH */
+  uint64_t unplaced;   /* requests too long to move their worker */
 };
 
 struct nbdl_image;
@@ -79,7 +80,11 @@ void nbdl_image_free (struct nbdl_image *img);
 
 /* Move each worker to the `busy` CPUs while busy_at or more requests are in
  * progress, and to the `idle` CPUs when its request is the only one (see
- * nbdloop/placement.py).  Returns 0 or -EINVAL. */
+ * nbdloop/placement.py).  A request longer than NBDL_PLACE_MAX_LEN leaves
+ * its worker where it is: its cost is the bytes it moves, not the wake-ups
+ * that placement saves, and a pool confined to one CPU copies them slower
+ * (README.md, "Placement").  Returns 0 or -EINVAL. */
+#define NBDL_PLACE_MAX_LEN (256 * 1024)
 int nbdl_image_set_placement (struct nbdl_image *img, const int *busy, int nbusy,
                               const int *idle, int nidle, uint32_t busy_at);
 

@@ -152,3 +152,37 @@ def test_placement_off_leaves_threads_alone(image, serve):
     everything = frozenset(os.sched_getaffinity(0))
     assert all(cpus == everything for cpus in affinities(s.server_pid).values())
     h.shutdown()
+
+
+def test_long_requests_leave_workers_where_they_are(image, serve, tmp_path):
+    """Requests over NBDL_PLACE_MAX_LEN never move a worker, at any depth;
+    short ones on the same server still do."""
+    where = placement.plan(str(image))
+    require(where is not None, "a block device whose interrupts go to some CPUs only "
+                               "(this project's VM has one)")
+    import nbd
+    from nbdloop.uring import lib
+    big = 1 << 20
+    assert big > lib.NBDL_PLACE_MAX_LEN
+    stats = tmp_path / "stats.json"
+    s = serve(image, "direct", extra=["--stats-file", str(stats)])
+    everything = frozenset(os.sched_getaffinity(s.server_pid))
+    h = nbd.NBD()
+    h.connect_uri(s.uri)
+    for i in range(16):
+        h.pwrite(os.urandom(big), i * big)
+    bufs = [nbd.Buffer(big) for _ in range(8)]
+    for _ in range(25):                        # 8 in flight: past busy_at
+        for i, b in enumerate(bufs):
+            h.aio_pread(b, i * 2 * big)
+        while h.aio_in_flight() > 0:
+            h.poll(1000)
+    for i in range(16):                        # and alone
+        h.pread(big, i * big)
+    assert all(cpus == everything for cpus in affinities(s.server_pid).values())
+    h.pread(4096, 0)                           # a short one alone: onto the idle CPUs
+    assert any(cpus == where.idle for cpus in affinities(s.server_pid).values())
+    h.shutdown()
+    st = read_stats(stats)
+    assert st["unplaced"] >= 16 + 25 * 8 + 16
+    assert st["moves"] == 1
