@@ -82,8 +82,7 @@ void nbdl_image_free (struct nbdl_image *img);
  * progress, and to the `idle` CPUs when its request is the only one (see
  * nbdloop/placement.py).  A request longer than NBDL_PLACE_MAX_LEN leaves
  * its worker where it is: its cost is the bytes it moves, not the wake-ups
- * that placement saves, and a pool confined to one CPU copies them slower
- * (README.md, "Placement").  Returns 0 or -EINVAL. */
+ * that placement saves (README.md, "Placement").  Returns 0 or -EINVAL. */
 #define NBDL_PLACE_MAX_LEN (256 * 1024)
 int nbdl_image_set_placement (struct nbdl_image *img, const int *busy, int nbusy,
                               const int *idle, int nidle, uint32_t busy_at);
