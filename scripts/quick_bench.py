@@ -14,21 +14,49 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import click  # noqa: E402
 from nbdloop import bench  # noqa: E402
+from nbdloop.clibase import parse_cpus  # noqa: E402
 from nbdloop.sizes import parse_size  # noqa: E402
+
+
+def cpu_list(value: str) -> str:
+    """argparse type: a CPU list this process may use, checked like the CLI's."""
+    try:
+        parse_cpus(None, None, value)
+    except click.BadParameter as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+    return value
+
+
+def size_arg(value: str) -> str:
+    try:
+        parse_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def workload_list(value: str) -> list[str]:
+    names = value.split(",")
+    unknown = [n for n in names if n not in bench.WORKLOADS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown workload {unknown[0]!r}; known: {', '.join(bench.WORKLOADS)}")
+    return names
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runtime", type=float, default=5)
-    ap.add_argument("--size", default="2G")
+    ap.add_argument("--size", type=size_arg, default="2G")
     ap.add_argument("--image", default=None, help="reuse this image (default: made under /var/tmp)")
     ap.add_argument("--threads", type=int, default=None, help="nbdloop --threads")
-    ap.add_argument("--workloads", default=",".join(bench.QUICK_WORKLOADS))
-    ap.add_argument("--pin", default=None, metavar="CPUS",
+    ap.add_argument("--workloads", type=workload_list, default=list(bench.QUICK_WORKLOADS))
+    ap.add_argument("--pin", type=cpu_list, default=None, metavar="CPUS",
                     help="also measure nbdloop direct pinned to these CPUs (serve --cpus)")
-    ap.add_argument("--client-cpus", default=None, metavar="CPUS",
+    ap.add_argument("--client-cpus", type=cpu_list, default=None, metavar="CPUS",
                     help="run fio on these CPUs for every subject (fio --cpus_allowed)")
     args = ap.parse_args()
     size = parse_size(args.size)
@@ -37,7 +65,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as wd:
         kw = {"threads": args.threads} if args.threads else {}
         plan = bench.Plan(image=image, rounds=args.rounds, runtime=args.runtime, size=size,
-                          workloads=[bench.WORKLOADS[w] for w in args.workloads.split(",")],
+                          workloads=[bench.WORKLOADS[w] for w in args.workloads],
                           subjects=[bench.nbdloop_subject(image, wd, "direct", **kw),
                                     bench.qemu_nbd_subject(image, wd)],
                           client_cpus=args.client_cpus)
