@@ -80,7 +80,8 @@ def open_image(path: str, *, mode: str = "direct", readonly: bool = False,
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file (make one with: nbdloop create {path} SIZE)") from None
+        raise ImageError(f"{path}: no such file "
+                         f"(make one with: nbdloop create {path} SIZE)") from None
     except OSError as e:
         raise ImageError(f"{path}: {e.strerror}") from None
     if stat.S_ISDIR(st.st_mode):

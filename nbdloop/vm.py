@@ -791,9 +791,11 @@ def kernel_check_script(
     copy_lines = "\n".join(copies)
     count_check = ""
     if expect_connections is not None:
-        count_check = f"""conns=$(netstat -tn | grep -c '{GUEST_SERVER_HOST}:{GUEST_SERVER_PORT} *ESTABLISHED')
+        server = f"{GUEST_SERVER_HOST}:{GUEST_SERVER_PORT}"
+        want = int(expect_connections)
+        count_check = f"""conns=$(netstat -tn | grep -c '{server} *ESTABLISHED')
 echo "$conns connection(s) to the server"
-[ "$conns" -eq {int(expect_connections)} ] || fail "$conns connections to the server, expected {int(expect_connections)}"
+[ "$conns" -eq {want} ] || fail "$conns connections to the server, expected {want}"
 """
     script = f"""#!/bin/sh
 # nbdloop kernel check: {fstype} on {device} over the kernel NBD client.

@@ -199,7 +199,8 @@ def test_list_shows_a_dead_server_as_stale_and_detach_cleans_it(rt, state, image
     assert p.returncode == 0, p.stderr
     header, row = p.stdout.splitlines()
     assert header.split() == ["DEVICE", "IMAGE", "MODE", "PID", "CONNS", "STATE"]
-    assert row.split() == ["/dev/nbd0", os.path.realpath(image), "direct", str(att.pid), "1", "disconnected"]
+    assert row.split() == ["/dev/nbd0", os.path.realpath(image), "direct", str(att.pid), "1",
+                           "disconnected"]
 
     os.kill(att.pid, signal.SIGKILL)
     wait_gone(att.pid)
@@ -246,7 +247,8 @@ def test_list_json_and_table(rt, state, tmp_path, cleanup):
     rows = json.loads(p.stdout)["attachments"]
     assert [r["device"] for r in rows] == ["/dev/nbd2", "/dev/nbd10"]   # by number
     assert rows[1] == {
-        "device": "/dev/nbd10", "image": os.path.realpath(images[0]), "mode": "buffered", "readonly": True,
+        "device": "/dev/nbd10", "image": os.path.realpath(images[0]), "mode": "buffered",
+        "readonly": True,
         "socket": a.socket, "pid": a.pid, "server_pid": a.server_pid, "connections": 1,
         "block_size": 4096, "log": a.log, "started": a.started, "state": "disconnected"}
     assert rows[0]["connections"] == 4 and rows[0]["pid"] == b.pid

@@ -55,14 +55,20 @@ def outcome(h, op: str, *args) -> str:
     if op == "pwrite":
         data, offset, *flags = args
         buf = nbd.Buffer.from_bytearray(data)
-        issue = lambda cb: h.aio_pwrite(buf, offset, completion=cb, flags=sum(flags))
+
+        def issue(cb):
+            return h.aio_pwrite(buf, offset, completion=cb, flags=sum(flags))
     elif op == "pread":
         count, offset = args
         buf = nbd.Buffer(count)
-        issue = lambda cb: h.aio_pread(buf, offset, completion=cb)
+
+        def issue(cb):
+            return h.aio_pread(buf, offset, completion=cb)
     elif op == "zero":
         count, offset, *flags = args
-        issue = lambda cb: h.aio_zero(count, offset, completion=cb, flags=sum(flags))
+
+        def issue(cb):
+            return h.aio_zero(count, offset, completion=cb, flags=sum(flags))
     else:
         raise ValueError(op)
     [err] = run_aio(h, [issue])
