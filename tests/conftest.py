@@ -35,6 +35,18 @@ def read_stats(path: Path, timeout: float = 5.0) -> dict:
     return json.loads(path.read_text())
 
 
+def preads_in_flight(h, size: int, depth: int, rounds: int, stride: int | None = None) -> None:
+    """``rounds`` times, ``depth`` reads of ``size`` bytes in flight at once on
+    the libnbd handle ``h``, the i-th at offset i * ``stride`` (default: size)."""
+    import nbd
+    bufs = [nbd.Buffer(size) for _ in range(depth)]
+    for _ in range(rounds):
+        for i, b in enumerate(bufs):
+            h.aio_pread(b, i * (stride or size))
+        while h.aio_in_flight() > 0:
+            h.poll(1000)
+
+
 def require(condition: bool, what: str) -> None:
     """Skip (or, under NBDLOOP_STRICT, fail) unless ``condition``."""
     if condition:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_stats, require
+from conftest import preads_in_flight, read_stats, require
 from nbdloop import placement
 
 PROC_INTERRUPTS = """\
@@ -171,12 +171,7 @@ def test_long_requests_leave_workers_where_they_are(image, serve, tmp_path):
     h.connect_uri(s.uri)
     for i in range(16):
         h.pwrite(os.urandom(big), i * big)
-    bufs = [nbd.Buffer(big) for _ in range(8)]
-    for _ in range(25):                        # 8 in flight: past busy_at
-        for i, b in enumerate(bufs):
-            h.aio_pread(b, i * 2 * big)
-        while h.aio_in_flight() > 0:
-            h.poll(1000)
+    preads_in_flight(h, big, depth=8, rounds=25, stride=2 * big)   # 8 in flight: past busy_at
     for i in range(16):                        # and alone
         h.pread(big, i * big)
     assert all(cpus == everything for cpus in affinities(s.server_pid).values())

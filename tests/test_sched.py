@@ -6,7 +6,7 @@ import os
 
 import nbd
 
-from conftest import read_stats
+from conftest import preads_in_flight, read_stats
 
 
 def policies(pid: int) -> dict[int, int]:
@@ -17,12 +17,7 @@ def load(uri: str) -> nbd.NBD:
     """Requests with 16 in flight, so that several workers take part."""
     h = nbd.NBD()
     h.connect_uri(uri)
-    bufs = [nbd.Buffer(4096) for _ in range(16)]
-    for _ in range(20):
-        for i, b in enumerate(bufs):
-            h.aio_pread(b, i * 4096)
-        while h.aio_in_flight() > 0:
-            h.poll(1000)
+    preads_in_flight(h, 4096, depth=16, rounds=20)
     return h
 
 
