@@ -93,12 +93,26 @@ class RunResult:
     gib: float
     cache_bytes: int | None
     error: str = ""
+    # Busy time of every CPU over the run (/proc/stat): client, server,
+    # interrupts and anything else running; the only CPU figure for subjects
+    # without a server process (loop-dio, raw).
+    machine_cpu_s: float | None = None
+    machine_cpu_s_per_gib: float | None = None
 
 
 def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds all CPUs have spent busy since boot: user, nice, system,
+    irq and softirq from /proc/stat (not idle, iowait or steal)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[1:8])
+    return (user + nice + system + irq + softirq) / CLK_TCK
 
 
 def page_cache_bytes(path: str) -> int:
@@ -310,17 +324,21 @@ def measure(plan: Plan, subj: Subject, w: Workload, rnd: int) -> RunResult:
         with subj.start() as target:
             if plan.warmup > 0:
                 run_fio(w, target, plan.warmup, plan.size, plan.client_cpus)
+            busy0 = _machine_busy_seconds()
             cpu0 = _cpu_seconds(target.server_pid) if target.server_pid else None
             job = run_fio(w, target, plan.runtime, plan.size, plan.client_cpus)["jobs"][0]
             cpu1 = _cpu_seconds(target.server_pid) if target.server_pid else None
+            busy1 = _machine_busy_seconds()
             cache = page_cache_bytes(plan.image)
     except Exception as e:  # a failed run is recorded, not fatal
         return RunResult(subj.name, w.name, rnd, 0, 0, 0, 0, None, None, 0, None,
                          error=str(e).splitlines()[0] if str(e) else type(e).__name__)
     iops, mib, lat, p99, gib = summarize(job)
     cpu = (cpu1 - cpu0) if cpu0 is not None and cpu1 is not None else None
+    busy = busy1 - busy0
     return RunResult(subj.name, w.name, rnd, iops, mib, lat, p99, cpu,
-                     (cpu / gib) if cpu is not None and gib else None, gib, cache)
+                     (cpu / gib) if cpu is not None and gib else None, gib, cache,
+                     machine_cpu_s=busy, machine_cpu_s_per_gib=busy / gib if gib else None)
 
 
 def metric(r: RunResult, w: Workload) -> float:
@@ -358,6 +376,7 @@ def medians(plan: Plan, subject: str, w: Workload) -> dict | None:
     return {"metric": statistics.median(vals), "min": min(vals), "max": max(vals),
             "iops": med("iops"), "mib_s": med("mib_s"), "lat_mean_us": med("lat_mean_us"),
             "lat_p99_us": med("lat_p99_us"), "cpu_s_per_gib": med("cpu_s_per_gib"),
+            "machine_cpu_s_per_gib": med("machine_cpu_s_per_gib"),
             "cache_bytes": med("cache_bytes")}
 
 
@@ -494,20 +513,24 @@ def markdown(plan: Plan, footprints: list[Footprint], skipped: dict[str, str]) -
                 r = rat[o][w.name]
                 cells.append(f"**{r[0]:.2f}** ({r[1]:.2f}-{r[2]:.2f})" if r else "-")
             lines.append(f"| {w.label} | " + " | ".join(cells) + " |")
-    lines += ["", "Latency (mean / p99, microseconds), server CPU seconds per GiB moved, "
+    lines += ["", "Latency (mean / p99, microseconds), CPU seconds per GiB moved (the "
+              "server's own, and the whole machine's: client, server and interrupts), "
               "and the image's page-cache footprint after the run:", "",
-              "| workload | subject | mean | p99 | CPU s/GiB | page cache |",
-              "|---|---|---|---|---|---|"]
+              "| workload | subject | mean | p99 | server CPU s/GiB | machine CPU s/GiB "
+              "| page cache |",
+              "|---|---|---|---|---|---|---|"]
     for w in plan.workloads:
         for n in names:
             m = medians(plan, n, w)
             if not m:
                 continue
             cpu = f"{m['cpu_s_per_gib']:.2f}" if m["cpu_s_per_gib"] is not None else "-"
+            mcpu = (f"{m['machine_cpu_s_per_gib']:.2f}"
+                    if m["machine_cpu_s_per_gib"] is not None else "-")
             cache = (f"{m['cache_bytes'] / (1 << 20):.0f} MiB"
                      if m["cache_bytes"] is not None else "-")
             lines.append(f"| {w.label} | {n} | {m['lat_mean_us']:.0f} | "
-                         f"{m['lat_p99_us']:.0f} | {cpu} | {cache} |")
+                         f"{m['lat_p99_us']:.0f} | {cpu} | {mcpu} | {cache} |")
     if footprints:
         lines += ["", "Page cache after writing then reading "
                   f"{footprints[0].bytes_moved >> 20} MiB:", "",

@@ -36,6 +36,13 @@ def test_bench_quick_writes_results(tmp_path):
     assert all(not r["error"] for r in runs), [r["error"] for r in runs if r["error"]]
     assert all(r["iops"] > 0 and r["mib_s"] > 0 for r in runs)
     assert all(r["server_cpu_s"] is not None for r in runs if r["subject"] != "raw")
+    # The whole machine's busy time includes the server's and cannot exceed
+    # every CPU busy for the whole run.  Loose bounds: /proc/stat is sampled
+    # at clock ticks, a process's time is not; a wrong unit would be 100x off.
+    assert all(r["machine_cpu_s"] > 0 and r["machine_cpu_s_per_gib"] > 0 for r in runs)
+    assert all(r["machine_cpu_s"] >= 0.5 * r["server_cpu_s"]
+               for r in runs if r["server_cpu_s"] is not None)
+    assert all(r["machine_cpu_s"] <= os.cpu_count() * (data["runtime"] + 10) for r in runs)
     # The page-cache footprint separates the modes: direct leaves the cache
     # alone, buffered keeps what it wrote and read.
     fp = {f["subject"]: f["percent"] for f in data["footprint"]}
@@ -44,6 +51,7 @@ def test_bench_quick_writes_results(tmp_path):
     assert "nbdloop-direct" not in data["ratios"] and "qemu-nbd" in data["ratios"]
     md = (out / "results.md").read_text()
     assert "| 4k randread QD32" in md and "nbdloop-direct / peer" in md
+    assert "| machine CPU s/GiB |" in md
     for png in ("throughput.png", "footprint.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
