@@ -7,14 +7,16 @@ on CPU 1), 4K random I/O through nbdloop direct mode:
 - with many requests in flight, the worker pool is fastest kept together on
   a CPU that does *not* take the disk's interrupts (59-62K IOPS at QD32
   against 30-34K when the scheduler spreads it; qemu-nbd: 55-58K);
-- with one request at a time, it is fastest on the CPU that *does* (the
-  completion wakes a thread on its own CPU: 9.9K IOPS at QD1 against 7.2K on
-  the other CPU).
+- with one request at a time, it is fastest left to the scheduler.  Kept on
+  the interrupt CPU it served the same as unpinned when the client was held
+  on one CPU (10.1K against 10.0K IOPS at QD1 with fio on CPU 1, 7.3K
+  against 7.6K on CPU 0), but with the client free, 8.1K against 10.0K:
+  the client then spent part of the run on the other CPU.
 
-So the engine moves a worker to the "busy" CPUs when several requests are in
-progress and to the "idle" (interrupt) CPUs when it is alone.  This module
-only finds the two sets; it does no I/O beyond reading sysfs and /proc, and
-it gives up (returns None) whenever the answer is not clear: no block device
+So the engine moves a worker onto the "busy" CPUs when several requests are
+in progress and gives it back every CPU the server may use ("idle") when it
+is alone.  This module only finds the sets; it does no I/O beyond reading
+sysfs and /proc, and it gives up (returns None) whenever the answer is not clear: no block device
 under the image, interrupts on every CPU (multi-queue NVMe), one CPU only.
 """
 from __future__ import annotations
@@ -26,8 +28,9 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Placement:
-    busy: frozenset[int]   # CPUs for the worker pool under load
-    idle: frozenset[int]   # CPUs for a lone request (where completions arrive)
+    busy: frozenset[int]   # CPUs for the worker pool under load: not the irq ones
+    idle: frozenset[int]   # CPUs for a lone request: every CPU the server may use
+    irq: frozenset[int]    # CPUs that take the disk's completion interrupts
 
 
 def parse_cpu_list(text: str) -> set[int]:
@@ -152,4 +155,4 @@ def plan(path: str, allowed: set[int] | None = None, **kw) -> Placement | None:
     busy = allowed - irq
     if not irq or not busy:
         return None
-    return Placement(busy=frozenset(busy), idle=frozenset(irq))
+    return Placement(busy=frozenset(busy), idle=frozenset(allowed), irq=frozenset(irq))

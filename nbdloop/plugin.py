@@ -9,8 +9,8 @@ of it, inherited from ``nbdloop serve``), ``mode`` (direct|buffered),
 ``readonly``, ``segment-size``, ``entries``, ``export-name``, ``pin``, and
 ``stats-file`` (the engine's counters are written there as JSON whenever a
 connection closes), ``io-flusher`` (PR_SET_IO_FLUSHER, default on) and
-``mlock`` (mlockall, default off), ``placement`` (move workers between the
-CPUs that do and do not take the disk's interrupts, default on), ``sched``
+``mlock`` (mlockall, default off), ``placement`` (under load, keep workers
+off the CPUs that take the disk's interrupts; default on), ``sched``
 (batch: workers run under SCHED_BATCH, the default; normal: left as they are).
 """
 import builtins
@@ -138,9 +138,11 @@ def get_ready():
         where = placement.plan(_config["file"])
         if where is not None:
             _backing.engine.set_placement(set(where.busy), set(where.idle))
-            busy, idle = map(placement.format_cpu_list, (where.busy, where.idle))
-            print(f"nbdloop: workers run on CPU {busy} under load and on CPU {idle} "
-                  "(the disk's interrupts) when alone", file=sys.stderr, flush=True)
+            busy, idle, irq = map(placement.format_cpu_list,
+                                  (where.busy, where.idle, where.irq))
+            print(f"nbdloop: workers run on CPU {busy} under load (CPU {irq} takes the "
+                  f"disk's interrupts) and anywhere on CPU {idle} when alone",
+                  file=sys.stderr, flush=True)
 
 
 def cleanup():
