@@ -16,8 +16,9 @@ on CPU 1), 4K random I/O through nbdloop direct mode:
 So the engine moves a worker onto the "busy" CPUs when several requests are
 in progress and gives it back every CPU the server may use ("idle") when it
 is alone.  This module only finds the sets; it does no I/O beyond reading
-sysfs and /proc, and it gives up (returns None) whenever the answer is not clear: no block device
-under the image, interrupts on every CPU (multi-queue NVMe), one CPU only.
+sysfs and /proc, and it gives up (returns None) whenever the answer is not
+clear: no block device under the image, interrupts on every CPU (multi-queue
+NVMe), one CPU only.
 """
 from __future__ import annotations
 
