@@ -35,4 +35,4 @@ bench: setup
 	$(VENV)/bin/python scripts/quick_bench.py
 
 clean:
-	rm -rf build *.egg-info nbdloop/_uring*.so nbdloop/_uring.c .pytest_cache
+	rm -rf build *.egg-info nbdloop/engine/_uring*.so nbdloop/engine/_uring.c .pytest_cache

@@ -36,7 +36,7 @@ CDEF = cdef_from_header((HERE / "nbdl.h").read_text())
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
-    "nbdloop._uring",
+    "nbdloop.engine._uring",
     '#include "nbdl.h"',
     sources=[str(HERE / "nbdl.c")],
     include_dirs=[str(HERE)],

@@ -1,6 +1,6 @@
 /* nbdloop's I/O engine: the C half of the binding to liburing.
  *
- * Python plans each request (nbdloop/plan.py) as a scatter list of segments;
+ * Python plans each request (nbdloop/engine/plan.py) as a scatter list of segments;
  * this code executes the list on the calling thread's own ring, with the GIL
  * released (cffi drops it around every call), and writes one result per
  * segment back into the list.  It decides nothing about alignment or
@@ -80,7 +80,7 @@ void nbdl_image_free (struct nbdl_image *img);
 
 /* Move each worker to the `busy` CPUs while busy_at or more requests are in
  * progress, and to the `idle` CPUs when its request is the only one (see
- * nbdloop/placement.py).  A request longer than NBDL_PLACE_MAX_LEN leaves
+ * nbdloop/engine/placement.py).  A request longer than NBDL_PLACE_MAX_LEN leaves
  * its worker where it is: its cost is the bytes it moves, not the wake-ups
  * that placement saves (README.md, "Placement").  Returns 0 or -EINVAL. */
 #define NBDL_PLACE_MAX_LEN (256 * 1024)

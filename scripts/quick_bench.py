@@ -15,8 +15,8 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import click  # noqa: E402
-from nbdloop import bench  # noqa: E402
-from nbdloop.clibase import parse_cpus  # noqa: E402
+from nbdloop.bench import run as bench  # noqa: E402
+from nbdloop.cli.common import parse_cpus  # noqa: E402
 from nbdloop.sizes import parse_size  # noqa: E402
 
 

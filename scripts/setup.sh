@@ -36,7 +36,7 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.
 fi
 stamp=.venv/.nbdloop-built
 if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py cffi_build -newer "$stamp" 2>/dev/null)" ] \
-        || ! ls nbdloop/_uring*.so >/dev/null 2>&1; then
+        || ! ls nbdloop/engine/_uring*.so >/dev/null 2>&1; then
     .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation \
         -e '.[test,bench]'
     touch "$stamp"

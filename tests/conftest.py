@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nbdloop import server as srv  # noqa: E402
+from nbdloop.serve import children as srv  # noqa: E402
 
 MODES = ["direct", "buffered"]
 STRICT = os.environ.get("NBDLOOP_STRICT") == "1"

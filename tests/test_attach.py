@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, require_tools, run
-from nbdloop import attach as A
+from nbdloop.kernel import attach as A
 
 MiB = 1 << 20
 

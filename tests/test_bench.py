@@ -59,7 +59,7 @@ def test_bench_quick_writes_results(tmp_path):
 def test_rounds_alternate_the_subject_order(tmp_path):
     """A B C, then C B A: no subject always runs right after another's
     workload.  The subjects here fail at once, which the plan records."""
-    from nbdloop import bench
+    from nbdloop.bench import run as bench
 
     def failing(name):
         def start():

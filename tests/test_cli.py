@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import ROOT, require_root, require_tools, run
-from nbdloop import cli
+from nbdloop.cli import main as cli
 from nbdloop.sizes import parse_size
 
 MiB = 1 << 20

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdloop.server import ServerError
+from nbdloop.serve.children import ServerError
 
 SECTOR = 512
 MiB = 1 << 20

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 from conftest import require_root, require_tools, run
 
-from nbdloop.server import ServerProcess
+from nbdloop.serve.children import ServerProcess
 
 MiB = 1 << 20
 KiB = 1 << 10

@@ -219,7 +219,7 @@ def test_connect_disconnect_cycles_leak_nothing(image, serve, mode, tmp_path):
     assert rss1 - rss0 < 16 * MiB
 
 
-# nbdloop/plugin.py close() writes the stats through a temporary file named
+# nbdloop/engine/plugin.py close() writes the stats through a temporary file named
 # after the process only ("{path}.{pid}.tmp"): two connections closing at once
 # share it, and one of them fails in os.replace (FileNotFoundError, logged as
 # "close: error"), so the file can miss the last connection's counters.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import preads_in_flight, read_stats, require
-from nbdloop import placement
+from nbdloop.engine import placement
 
 PROC_INTERRUPTS = """\
            CPU0       CPU1
@@ -165,7 +165,7 @@ def test_long_requests_leave_workers_where_they_are(image, serve, tmp_path):
     require(where is not None, "a block device whose interrupts go to some CPUs only "
                                "(this project's VM has one)")
     import nbd
-    from nbdloop.uring import lib
+    from nbdloop.engine.uring import lib
     big = 1 << 20
     assert big > lib.NBDL_PLACE_MAX_LEN
     stats = tmp_path / "stats.json"

@@ -1,4 +1,4 @@
-"""Property tests for the pure request logic (nbdloop/plan.py).
+"""Property tests for the pure request logic (nbdloop/engine/plan.py).
 
 The executor below is a model of what the C engine does with a segment list
 (read into a bounce slot and copy the window out; or pre-read, overlay the
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from nbdloop import plan
-from nbdloop.plan import NOT_RUN, Segment
+from nbdloop.engine import plan
+from nbdloop.engine.plan import NOT_RUN, Segment
 
 ALIGNS = st.sampled_from([1, 512, 4096])
 SEG_MULT = st.integers(min_value=1, max_value=8)

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import require_tools, run
-from nbdloop import cli
+from nbdloop.cli import main as cli
 
 MiB = 1 << 20
 PF_MEMALLOC_NOIO = 0x00080000

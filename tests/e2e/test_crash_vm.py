@@ -36,8 +36,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, require_root, require_tools, run
 
-from nbdloop import vm
-from nbdloop.nbdclient import nbd_client_args
+from nbdloop.vm import runner as vm
+from nbdloop.kernel.nbdclient import nbd_client_args
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 

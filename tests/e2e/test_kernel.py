@@ -32,8 +32,9 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, require_tools, run
-from nbdloop import vm, vmcheck
-from nbdloop.nbdclient import nbd_client_args
+from nbdloop.vm import runner as vm
+from nbdloop.vm import check as vmcheck
+from nbdloop.kernel.nbdclient import nbd_client_args
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 

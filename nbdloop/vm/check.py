@@ -19,10 +19,11 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from nbdloop import backing, vm
-from nbdloop import server as srv
-from nbdloop.attach import AttachError, default_block_size, server_error
-from nbdloop.nbdclient import nbd_client_args
+from nbdloop.engine import backing
+from nbdloop.vm import runner as vm
+from nbdloop.serve import children as srv
+from nbdloop.kernel.attach import AttachError, default_block_size, server_error
+from nbdloop.kernel.nbdclient import nbd_client_args
 
 FSTYPES = ("ext4", "xfs")
 #: The smallest image each filesystem check fits in: mkfs.xfs refuses less

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import click
 
-from nbdloop import backing
+from nbdloop.engine import backing
 from nbdloop.sizes import format_size
-from nbdloop.clibase import SIZE, SizeType, UsageError, parse_cpus  # noqa: F401 (re-exported)
-from nbdloop.supervise import supervise
+from nbdloop.cli.common import SIZE, SizeType, UsageError, parse_cpus  # noqa: F401 (re-exported)
+from nbdloop.serve.supervise import supervise
 
-PLUGIN = Path(__file__).resolve().parent / "plugin.py"
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+PLUGIN = Path(__file__).resolve().parent.parent / "engine" / "plugin.py"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_THREADS = 16
 EMBEDDED_PYTHON_HOME = "/usr"   # Debian's libpython3.11, which nbdkit embeds
 
@@ -376,8 +376,8 @@ def serve(image, mode, readonly, threads, segment_size, export_name, socket_path
 # (imported here so that this block stays self-contained)
 import json  # noqa: E402
 
-from nbdloop import attach as attach_mod  # noqa: E402
-from nbdloop import vmcheck  # noqa: E402
+from nbdloop.kernel import attach as attach_mod  # noqa: E402
+from nbdloop.vm import check as vmcheck  # noqa: E402
 
 
 def state_dir() -> Path:
@@ -513,7 +513,7 @@ def vm_check(image, mode, fstype, connections, block_size, timeout, seed, force)
 
 
 # ---- bench ---------------------------------------------------------------------------------
-from nbdloop.benchcmd import bench_command  # noqa: E402
+from nbdloop.cli.bench import bench_command  # noqa: E402
 
 main.add_command(bench_command, name="bench")
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import click
 
-from nbdloop import bench
-from nbdloop.clibase import SIZE, UsageError, parse_cpus
-from nbdloop.placement import format_cpu_list
+from nbdloop.bench import run as bench
+from nbdloop.cli.common import SIZE, UsageError, parse_cpus
+from nbdloop.engine.placement import format_cpu_list
 from nbdloop.sizes import format_size
 
 QUICK = {"workloads": bench.QUICK_WORKLOADS, "rounds": 1, "runtime": 3.0,

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from nbdloop.placement import format_cpu_list
+from nbdloop.engine.placement import format_cpu_list
 from nbdloop.sizes import parse_size
 
 

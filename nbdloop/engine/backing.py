@@ -14,8 +14,9 @@ import stat
 import struct
 from dataclasses import dataclass
 
-from nbdloop import plan, uring
-from nbdloop.plan import Segment
+from nbdloop.engine import plan
+from nbdloop.engine import uring
+from nbdloop.engine.plan import Segment
 
 DEFAULT_SEG_SIZE = 128 * 1024
 DEFAULT_ENTRIES = 8

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nbdloop import server as srv
+from nbdloop.serve import children as srv
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

@@ -36,8 +36,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from nbdloop import server as srv
-from nbdloop.nbdclient import nbd_client_args
+from nbdloop.serve import children as srv
+from nbdloop.kernel.nbdclient import nbd_client_args
 
 SYS_BLOCK = Path("/sys/block")
 DEV = Path("/dev")

@@ -1,4 +1,4 @@
-"""nbdkit plugin: ``nbdkit python nbdloop/plugin.py file=IMAGE [key=value...]``.
+"""nbdkit plugin: ``nbdkit python nbdloop/engine/plugin.py file=IMAGE [key=value...]``.
 
 Only callbacks live here, in lifecycle order.  Each connection gets a
 :class:`Handle`; the I/O callbacks delegate to it, and it delegates to the
@@ -23,8 +23,9 @@ import nbdkit
 import json
 import os
 
-from nbdloop import placement, uring
-from nbdloop.backing import DEFAULT_ENTRIES, DEFAULT_SEG_SIZE, Backing, ImageError, inspect_fd
+from nbdloop.engine import placement
+from nbdloop.engine import uring
+from nbdloop.engine.backing import DEFAULT_ENTRIES, DEFAULT_SEG_SIZE, Backing, ImageError, inspect_fd
 from nbdloop.sizes import parse_size
 
 API_VERSION = 2

@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from nbdloop._uring import ffi, lib
-from nbdloop.plan import NOT_RUN, Segment
+from nbdloop.engine._uring import ffi, lib
+from nbdloop.engine.plan import NOT_RUN, Segment
 
 OP_READ = lib.NBDL_OP_READ
 OP_WRITE = lib.NBDL_OP_WRITE
@@ -19,7 +19,7 @@ LOCK_SHARED = lib.NBDL_LOCK_SHARED
 LOCK_EXCLUSIVE = lib.NBDL_LOCK_EXCLUSIVE
 
 if lib.NBDL_NOT_RUN != NOT_RUN:  # the two halves must agree
-    raise ImportError("nbdloop._uring was built from a different nbdl.h")
+    raise ImportError("nbdloop.engine._uring was built from a different nbdl.h")
 
 _STAT_FIELDS = [name for name, _ in ffi.typeof("struct nbdl_stats").fields]
 

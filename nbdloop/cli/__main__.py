@@ -1,0 +1,3 @@
+from nbdloop.cli.main import main
+
+main()
