@@ -1,0 +1,75 @@
+"""Every path and environment variable nbdloop uses, in one place.
+
+Environment variables (all optional):
+
+- ``NBDLOOP_RUNTIME_DIR``: sockets, ready files and attachment records
+  [default: ``/run/nbdloop`` for root, else ``$XDG_RUNTIME_DIR/nbdloop``, else
+  ``/tmp/nbdloop-UID``].
+- ``NBDLOOP_CACHE``: what is kept between runs, because it is slow to make:
+  ``vm/`` (the VM's kernel and initramfs) and the benchmark's images
+  [default: ``~/.cache/nbdloop``].
+
+Standard library only: the engine, the VM code and the CLI may all use it.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+#: What nbdkit's embedded Python needs on its PYTHONPATH to import nbdloop.
+PACKAGE_ROOT = PACKAGE_DIR.parent
+#: The script nbdkit's python plugin loads.
+PLUGIN = PACKAGE_DIR / "engine" / "plugin.py"
+#: The guest's shell scripts.
+GUEST_SCRIPTS = PACKAGE_DIR / "vm" / "guest"
+#: Debian's libpython3.11, which nbdkit embeds.
+EMBEDDED_PYTHON_HOME = "/usr"
+
+#: Where system tools live; a user's PATH often lacks the sbin directories.
+SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+RUNTIME_DIR_ENV = "NBDLOOP_RUNTIME_DIR"
+CACHE_ENV = "NBDLOOP_CACHE"
+
+
+class PathError(Exception):
+    """A directory that cannot be used; one line."""
+
+
+def runtime_dir() -> Path:
+    """Where sockets and state live, created 0700 so that only its owner
+    can use it; PathError if it exists and others could."""
+    override = os.environ.get(RUNTIME_DIR_ENV)
+    if override:
+        base = Path(override)
+    elif os.geteuid() == 0:
+        base = Path("/run/nbdloop")
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        base = Path(os.environ["XDG_RUNTIME_DIR"]) / "nbdloop"
+    else:
+        base = Path(f"/tmp/nbdloop-{os.geteuid()}")
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = base.stat()
+    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o022:
+        raise PathError(f"runtime directory {base} is not private to this user")
+    return base
+
+
+def state_dir() -> Path:
+    """Where attachments are recorded: ``<runtime dir>/attached`` (private)."""
+    d = runtime_dir() / "attached"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
+
+
+def cache_dir() -> Path:
+    """``$NBDLOOP_CACHE``, or ``~/.cache/nbdloop`` (not created here)."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "nbdloop"
+
+
+def vm_cache_dir() -> Path:
+    """The VM's kernel and initramfs, kept between runs."""
+    return cache_dir() / "vm"
