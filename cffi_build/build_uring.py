@@ -2,8 +2,10 @@
 
 API mode (``set_source``) because liburing's ``io_uring_prep_*``,
 ``io_uring_get_sqe`` and ``io_uring_cqe_seen`` are ``static inline``: they
-only exist once compiled.  The C half lives in ``nbdl.c`` beside this file;
-``CDEF`` is ``nbdl.h`` itself, which declares exactly what Python calls.
+only exist once compiled.  The C half lives beside this file, one ``.c`` per
+unit (``SOURCES``); ``CDEF`` is ``nbdl.h`` itself, which declares exactly what
+Python calls.  What the units share and Python must not see is in
+``nbdl_int.h``, which neither the cdef nor ``set_source`` includes.
 """
 from __future__ import annotations
 
@@ -33,17 +35,20 @@ def cdef_from_header(text: str) -> str:
 # The declarations live in one place, nbdl.h; Python sees all of it.
 CDEF = cdef_from_header((HERE / "nbdl.h").read_text())
 
+# Sorted; the order does not matter to the build.
+SOURCES = ["rangelock.c", "ring.c", "sys.c", "threadstate.c"]
+
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "nbdloop.engine._uring",
     '#include "nbdl.h"',
-    sources=[str(HERE / "nbdl.c")],
+    sources=[str(HERE / name) for name in SOURCES],
     include_dirs=[str(HERE)],
     libraries=["uring"],
-    # Not the limited API: the thread-state helpers need PyThreadState_DeleteCurrent.
+    # Not the limited API: threadstate.c needs PyThreadState_DeleteCurrent.
     py_limited_api=False,
-    extra_compile_args=["-O2", "-Wall", "-Wno-unused-function", "-std=gnu11"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
 )
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
  * resubmission: that logic lives, and is tested, in the pure Python module.
  *
  * Every declaration here is mirrored in cffi_build/build_uring.py's CDEF.
+ * What the C units share beyond it is in nbdl_int.h, which Python never sees.
  */
 #ifndef NBDL_H
 #define NBDL_H

@@ -8,65 +8,20 @@
  * and store its result in the segment.  Nothing is left in flight when a
  * call returns, because the caller's buffer belongs to nbdkit.
  */
-#define _GNU_SOURCE
-#include <Python.h>
+#include "nbdl_int.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <sys/uio.h>
 #include <linux/fs.h>
-#include <linux/stat.h>
 
 #include <liburing.h>
 
-#include "nbdl.h"
-
-#define STAT_ADD(field, n) \
-  __atomic_fetch_add (&global_stats.field, (n), __ATOMIC_RELAXED)
-
-static struct nbdl_stats global_stats;
-
-/* ---- the image and its range lock ------------------------------------ */
-
-struct nbdl_range {
-  uint64_t start, end;
-  int mode;
-  int fast;            /* a shared hold taken on the lock-free path */
-  struct nbdl_range *prev, *next;
-};
-
-struct nbdl_image {
-  uint64_t id; /* rings remember which image they were built for */
-  int fd;
-  int direct;
-  int pin;
-  uint32_t seg_size;
-  uint32_t entries;
-  char *zeros; /* buffered mode's source for NBDL_OP_WRITE_ZEROES */
-  /* Placement (nbdl_image_set_placement): with busy_at or more requests in
-   * progress a worker runs on `busy`, alone it runs on `idle`. */
-  int placement;
-  uint32_t busy_at;
-  cpu_set_t busy, idle;
-  uint32_t inflight;         /* atomic: nbdl_rw calls in progress */
-  int sched_batch;           /* new worker threads switch to SCHED_BATCH */
-  /* The range lock.  Shared holds (every aligned write) normally take a
-   * lock-free path: they only count themselves in fast_shared, as long as
-   * no exclusive hold (a read-modify-write) exists or waits.  Otherwise
-   * holds are entries in the `ranges` list under `lock`. */
-  uint64_t fast_shared;      /* atomic */
-  uint32_t exclusive;        /* atomic: exclusive holders and waiters */
-  pthread_mutex_t lock;
-  pthread_cond_t cond;
-  struct nbdl_range *ranges; /* held ranges, a doubly linked list */
-  unsigned waiters;
-};
+/* ---- the image -------------------------------------------------------- */
 
 static uint64_t next_image_id = 1;
 
@@ -143,98 +98,7 @@ nbdl_image_free (struct nbdl_image *img)
   free (img);
 }
 
-static int
-ranges_conflict (const struct nbdl_range *a, const struct nbdl_range *b)
-{
-  if (a->start >= b->end || b->start >= a->end)
-    return 0;
-  return a->mode == NBDL_LOCK_EXCLUSIVE || b->mode == NBDL_LOCK_EXCLUSIVE;
-}
-
-static void
-range_lock (struct nbdl_image *img, struct nbdl_range *r, uint64_t off,
-            uint64_t len, int mode)
-{
-  const struct nbdl_range *q;
-  int waited = 0;
-
-  r->start = off;
-  r->end = off + len;
-  r->mode = mode;
-  r->fast = 0;
-  r->prev = NULL;
-  if (mode == NBDL_LOCK_SHARED &&
-      __atomic_load_n (&img->exclusive, __ATOMIC_SEQ_CST) == 0) {
-    /* Announce ourselves, then check again: an exclusive locker does the
-     * same in the other order, so one of us always sees the other. */
-    __atomic_fetch_add (&img->fast_shared, 1, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n (&img->exclusive, __ATOMIC_SEQ_CST) == 0) {
-      r->fast = 1;
-      return;
-    }
-    __atomic_fetch_sub (&img->fast_shared, 1, __ATOMIC_SEQ_CST);
-    pthread_mutex_lock (&img->lock);
-    pthread_cond_broadcast (&img->cond);
-    pthread_mutex_unlock (&img->lock);
-  }
-  if (mode == NBDL_LOCK_EXCLUSIVE)
-    __atomic_fetch_add (&img->exclusive, 1, __ATOMIC_SEQ_CST);
-  pthread_mutex_lock (&img->lock);
- again:
-  if (mode == NBDL_LOCK_EXCLUSIVE &&
-      __atomic_load_n (&img->fast_shared, __ATOMIC_SEQ_CST) > 0) {
-    /* Lock-free shared holders do not say where they are: wait them out. */
-    img->waiters++;
-    pthread_cond_wait (&img->cond, &img->lock);
-    img->waiters--;
-    waited = 1;
-    goto again;
-  }
-  for (q = img->ranges; q != NULL; q = q->next) {
-    if (ranges_conflict (q, r)) {
-      img->waiters++;
-      pthread_cond_wait (&img->cond, &img->lock);
-      img->waiters--;
-      waited = 1;
-      goto again;
-    }
-  }
-  r->next = img->ranges;
-  if (img->ranges)
-    img->ranges->prev = r;
-  img->ranges = r;
-  pthread_mutex_unlock (&img->lock);
-  if (waited)
-    STAT_ADD (lock_waits, 1);
-}
-
-static void
-range_unlock (struct nbdl_image *img, struct nbdl_range *r)
-{
-  if (r->fast) {
-    __atomic_fetch_sub (&img->fast_shared, 1, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n (&img->exclusive, __ATOMIC_SEQ_CST) != 0) {
-      pthread_mutex_lock (&img->lock);
-      pthread_cond_broadcast (&img->cond);
-      pthread_mutex_unlock (&img->lock);
-    }
-    return;
-  }
-  pthread_mutex_lock (&img->lock);
-  if (r->prev)
-    r->prev->next = r->next;
-  else
-    img->ranges = r->next;
-  if (r->next)
-    r->next->prev = r->prev;
-  if (r->mode == NBDL_LOCK_EXCLUSIVE)
-    __atomic_fetch_sub (&img->exclusive, 1, __ATOMIC_SEQ_CST);
-  if (img->waiters)
-    pthread_cond_broadcast (&img->cond);
-  pthread_mutex_unlock (&img->lock);
-}
-
-/* ---- per-thread state: the ring and the pinned Python thread state ---- */
+/* ---- rings ------------------------------------------------------------ */
 
 struct nbdl_ring {
   struct io_uring ring;
@@ -248,19 +112,7 @@ struct nbdl_ring {
   char *bounce;    /* entries * seg_size bytes, 4096-aligned; NULL if buffered */
 };
 
-enum { PLACED_NOWHERE, PLACED_IDLE, PLACED_BUSY };
-
-struct nbdl_thread {
-  PyThreadState *pinned; /* kept alive across nbdkit callbacks */
-  struct nbdl_ring *ring;
-  int placed;            /* PLACED_*, for the image placed_img */
-  uint64_t placed_img;
-};
-
-static pthread_key_t thread_key;
-static pthread_once_t thread_key_once = PTHREAD_ONCE_INIT;
-
-static void
+void
 ring_free (struct nbdl_ring *r)
 {
   if (r == NULL)
@@ -276,69 +128,6 @@ ring_free (struct nbdl_ring *r)
   free (r->bounce);
   free (r);
   STAT_ADD (rings_freed, 1);
-}
-
-/* pthread key destructor: runs when an nbdkit worker thread exits, which
- * happens when its connection closes. */
-static void
-thread_exit (void *p)
-{
-  struct nbdl_thread *t = p;
-
-  ring_free (t->ring);
-  if (t->pinned != NULL && Py_IsInitialized ()) {
-    /* Take the GIL with our own thread state, then delete it.  We keep our
-     * own pointer because Python's TSS slot may already be cleared. */
-    PyEval_RestoreThread (t->pinned);
-    PyThreadState_Clear (t->pinned);
-    PyThreadState_DeleteCurrent ();
-    STAT_ADD (unpinned, 1);
-  }
-  free (t);
-}
-
-static void
-make_thread_key (void)
-{
-  if (pthread_key_create (&thread_key, thread_exit) != 0) {
-    fprintf (stderr, "nbdloop: pthread_key_create failed\n");
-    abort ();
-  }
-}
-
-/* Called with the GIL released (cffi releases it around our calls). */
-static struct nbdl_thread *
-get_thread (struct nbdl_image *img)
-{
-  struct nbdl_thread *t;
-
-  pthread_once (&thread_key_once, make_thread_key);
-  t = pthread_getspecific (thread_key);
-  if (t == NULL) {
-    t = calloc (1, sizeof *t);
-    if (t == NULL)
-      return NULL;
-    if (pthread_setspecific (thread_key, t) != 0) {
-      free (t);
-      return NULL;
-    }
-    if (img->sched_batch) {
-      /* Once per thread; a failure only leaves the thread as it was. */
-      struct sched_param sp = { .sched_priority = 0 };
-      if (sched_setscheduler (0, SCHED_BATCH, &sp) == 0)
-        STAT_ADD (batched, 1);
-    }
-  }
-  if (img->pin && t->pinned == NULL) {
-    /* nbdkit wraps each callback in PyGILState_Ensure/Release, which
-     * creates and destroys this thread's PyThreadState every time.  One
-     * extra Ensure that is never released keeps it alive; we hand the GIL
-     * straight back so cffi can retake it on return. */
-    PyGILState_Ensure ();
-    t->pinned = PyEval_SaveThread ();
-    STAT_ADD (pinned, 1);
-  }
-  return t;
 }
 
 static struct nbdl_ring *
@@ -434,10 +223,10 @@ get_ring (struct nbdl_image *img, int *err)
 
 /* A ring whose state we can no longer trust is dropped; the next call on
  * this thread builds a fresh one. */
-static void
+void
 drop_ring (void)
 {
-  struct nbdl_thread *t = pthread_getspecific (thread_key);
+  struct nbdl_thread *t = current_thread ();
 
   if (t != NULL) {
     ring_free (t->ring);
@@ -445,18 +234,7 @@ drop_ring (void)
   }
 }
 
-int
-nbdl_pin_thread (struct nbdl_image *img)
-{
-  return get_thread (img) != NULL ? 0 : -ENOMEM;
-}
-
-void
-nbdl_thread_release (void)
-{
-  pthread_once (&thread_key_once, make_thread_key);
-  drop_ring ();
-}
+/* ---- placement of the calling thread ---------------------------------- */
 
 /* Move the calling worker between the busy and idle CPU sets as the number
  * of requests in progress (n, ours included) crosses the thresholds; in
@@ -464,7 +242,7 @@ nbdl_thread_release (void)
 static void
 place_thread (struct nbdl_image *img, uint32_t n)
 {
-  struct nbdl_thread *t = pthread_getspecific (thread_key);
+  struct nbdl_thread *t = current_thread ();
   int want;
 
   if (t == NULL)
@@ -861,62 +639,4 @@ nbdl_fadvise (struct nbdl_image *img, uint64_t off, uint32_t len, int advice)
   io_uring_prep_fadvise (sqe, r->fd, off, len, advice);
   finish_fd_op (r, sqe);
   return one_op (img, r);
-}
-
-/* ---- helpers ------------------------------------------------------------ */
-
-#include <sys/mman.h>
-#include <sys/prctl.h>
-#ifndef PR_SET_IO_FLUSHER
-#define PR_SET_IO_FLUSHER 57
-#define PR_GET_IO_FLUSHER 58
-#endif
-
-int
-nbdl_set_io_flusher (void)
-{
-  /* Memory reclaim in this thread (and the threads it creates later) must
-   * not wait on I/O to the device we serve: PF_MEMALLOC_NOIO and
-   * PF_LOCAL_THROTTLE, as the loop driver's and ublk's servers have. */
-  if (prctl (PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0)
-    return -errno;
-  return prctl (PR_GET_IO_FLUSHER, 0, 0, 0, 0);
-}
-
-int
-nbdl_mlockall (void)
-{
-  if (mlockall (MCL_CURRENT | MCL_FUTURE) != 0)
-    return -errno;
-  return 0;
-}
-
-int
-nbdl_dio_align (int fd, uint32_t *mem_align, uint32_t *off_align)
-{
-  struct statx st;
-
-  memset (&st, 0, sizeof st);
-  if (statx (fd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &st) != 0)
-    return -errno;
-  if (st.stx_mask & STATX_DIOALIGN) {
-    *mem_align = st.stx_dio_mem_align;
-    *off_align = st.stx_dio_offset_align;
-  }
-  else {
-    *mem_align = 0;
-    *off_align = 0;
-  }
-  return 0;
-}
-
-void
-nbdl_stats (struct nbdl_stats *out)
-{
-  uint64_t *dst = (uint64_t *) out;
-  uint64_t *src = (uint64_t *) &global_stats;
-  size_t i;
-
-  for (i = 0; i < sizeof *out / sizeof (uint64_t); i++)
-    dst[i] = __atomic_load_n (&src[i], __ATOMIC_RELAXED);
 }
