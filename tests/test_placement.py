@@ -60,7 +60,7 @@ def fake_machine(tmp_path: Path, counts: str, effective: dict[int, str]):
 
 def test_plan_from_interrupt_counts(tmp_path):
     img, sysfs, proc = fake_machine(tmp_path, PROC_INTERRUPTS, {35: "1", 36: "1"})
-    p = placement.plan(str(img), allowed={0, 1}, sysfs=sysfs, proc=proc)
+    p = placement.choose(str(img), allowed={0, 1}, sysfs=sysfs, proc=proc)
     assert p == placement.Placement(busy=frozenset({0}), idle=frozenset({0, 1}),
                                     irq=frozenset({1}))
 
@@ -68,16 +68,16 @@ def test_plan_from_interrupt_counts(tmp_path):
 def test_plan_gives_up_when_interrupts_are_everywhere(tmp_path):
     spread = PROC_INTERRUPTS.replace("120   11736938", "5000000    5000000")
     img, sysfs, proc = fake_machine(tmp_path, spread, {35: "0", 36: "0-1"})
-    assert placement.plan(str(img), allowed={0, 1}, sysfs=sysfs, proc=proc) is None
+    assert placement.choose(str(img), allowed={0, 1}, sysfs=sysfs, proc=proc) is None
     # One CPU: nowhere to move to.
     img, sysfs, proc = fake_machine(tmp_path / "b", PROC_INTERRUPTS, {35: "1", 36: "1"})
-    assert placement.plan(str(img), allowed={1}, sysfs=sysfs, proc=proc) is None
+    assert placement.choose(str(img), allowed={1}, sysfs=sysfs, proc=proc) is None
 
 
 def test_plan_uses_affinity_before_there_are_counts(tmp_path):
     young = PROC_INTERRUPTS.replace("120   11736938", "0          3")
     img, sysfs, proc = fake_machine(tmp_path, young, {35: "0", 36: "1"})
-    p = placement.plan(str(img), allowed={0, 1, 2}, sysfs=sysfs, proc=proc)
+    p = placement.choose(str(img), allowed={0, 1, 2}, sysfs=sysfs, proc=proc)
     assert p == placement.Placement(busy=frozenset({2}), idle=frozenset({0, 1, 2}),
                                     irq=frozenset({0, 1}))
 
@@ -85,7 +85,7 @@ def test_plan_uses_affinity_before_there_are_counts(tmp_path):
 def test_no_block_device_no_placement():
     if not Path("/dev/shm").is_dir():
         pytest.skip("no /dev/shm")
-    assert placement.plan("/dev/shm") is None
+    assert placement.choose("/dev/shm") is None
 
 
 def affinities(pid: int) -> dict[int, frozenset[int]]:
@@ -96,7 +96,7 @@ def affinities(pid: int) -> dict[int, frozenset[int]]:
 def test_workers_move_with_the_load(image, serve, tmp_path):
     """The real engine on this machine's disk: 32 requests in flight put the
     workers on the busy CPUs, one at a time gives them every CPU back."""
-    where = placement.plan(str(image))
+    where = placement.choose(str(image))
     require(where is not None, "a block device whose interrupts go to some CPUs only "
                                "(this project's VM has one)")
     import nbd
@@ -161,13 +161,13 @@ def test_placement_off_leaves_threads_alone(image, serve):
 def test_long_requests_leave_workers_where_they_are(image, serve, tmp_path):
     """Requests over NBDL_PLACE_MAX_LEN never move a worker, at any depth;
     short ones on the same server still do."""
-    where = placement.plan(str(image))
+    where = placement.choose(str(image))
     require(where is not None, "a block device whose interrupts go to some CPUs only "
                                "(this project's VM has one)")
     import nbd
-    from nbdloop.engine.uring import lib
+    from nbdloop.engine import uring
     big = 1 << 20
-    assert big > lib.NBDL_PLACE_MAX_LEN
+    assert big > uring.PLACE_MAX_LEN
     stats = tmp_path / "stats.json"
     s = serve(image, "direct", extra=["--stats-file", str(stats)])
     everything = frozenset(os.sched_getaffinity(s.server_pid))

@@ -1,9 +1,15 @@
 """The backing file: opening, checking and locking it, and serving every NBD
 command on it through the io_uring engine.
 
-This module drives the I/O: it asks :mod:`nbdloop.plan` for segments, runs
-them with :class:`nbdloop.uring.Engine`, and merges the completions.  It knows
-nothing about nbdkit, so it is used the same way by the plugin and the tests.
+This module drives the I/O: it asks :mod:`nbdloop.engine.plan` for segments,
+runs them with :class:`nbdloop.engine.uring.Engine`, and merges the
+completions.  It knows nothing about nbdkit, so it is used the same way by the
+plugin and the tests.
+
+Errors: a backing that cannot be served raises :class:`ImageError` (one line);
+a failed request raises OSError through :func:`nbdloop.engine.uring.check`,
+its message naming the request: ``pwrite at 4096+512 on disk.img: No space
+left on device``.
 """
 from __future__ import annotations
 
@@ -155,7 +161,10 @@ class Backing:
         self.direct = mode == "direct"
         # Planning granularity: buffered I/O needs no alignment at all.
         self.io_align = self.align if self.direct else 1
-        plan.check_geometry(self.io_align, seg_size)
+        try:
+            plan.validate_geometry(self.io_align, seg_size)
+        except ValueError as e:
+            raise ImageError(f"{path}: {e}") from None
         if self.direct and seg_size % 4096:
             raise ImageError(f"segment size {seg_size} is not a multiple of 4096")
         self.seg_size = seg_size
@@ -163,7 +172,7 @@ class Backing:
         # of an edge block never races another write to that block.
         self.write_lock = uring.LOCK_SHARED if self.direct else uring.LOCK_NONE
         self.engine = uring.Engine(fd, direct=self.direct, seg_size=seg_size,
-                                   entries=entries, pin=pin)
+                                   entries=entries, pin=pin, name=self.name)
         self._zero_range_ok = True
         self._punch_ok = True
 
@@ -179,7 +188,9 @@ class Backing:
 
     def close(self) -> None:
         """Close the engine and the file (dropping the lock).  Safe twice."""
-        self.engine.close()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
@@ -218,12 +229,10 @@ class Backing:
     def pread(self, buf, offset: int) -> None:
         count = len(buf)
         if count <= self.seg_size and not (offset | count) & (self.io_align - 1):
-            # Fast path: one aligned segment.
-            res = self.engine.rw1(uring.OP_READ, buf, offset, False, uring.LOCK_NONE)
-            if res == count:
+            # Fast path: one aligned segment.  A short read falls through to
+            # the general path, which resubmits the remainder.
+            if self.engine.rw1(uring.OP_READ, buf, offset, False, uring.LOCK_NONE) == count:
                 return
-            uring.check(res, self._what("pread", offset, count))
-            # A short read: the general path resubmits the remainder.
         segs = plan.plan_read(offset, count, self.io_align, self.seg_size)
         self._run("pread", uring.OP_READ, buf, segs, False, (0, 0, uring.LOCK_NONE),
                   offset, count)
@@ -231,10 +240,8 @@ class Backing:
     def pwrite(self, buf, offset: int, fua: bool = False) -> None:
         count = len(buf)
         if count <= self.seg_size and not (offset | count) & (self.io_align - 1):
-            res = self.engine.rw1(uring.OP_WRITE, buf, offset, fua, self.write_lock)
-            if res == count:
+            if self.engine.rw1(uring.OP_WRITE, buf, offset, fua, self.write_lock) == count:
                 return
-            uring.check(res, self._what("pwrite", offset, count))
         self._write(uring.OP_WRITE, buf, offset, count, fua)
 
     def _write(self, op: int, buf, offset: int, count: int, fua: bool) -> None:
@@ -253,7 +260,7 @@ class Backing:
         self._run(verb, op, buf, segs, fua, (start, length, mode), offset, count)
 
     def flush(self) -> None:
-        uring.check(self.engine.fsync(True), f"fdatasync on {self.name}")
+        self.engine.fsync(True)
 
     def trim(self, count: int, offset: int, fua: bool = False) -> None:
         """Punch a hole.  In direct mode only whole blocks are punched: trim is
@@ -261,12 +268,13 @@ class Backing:
         start, length = (plan.aligned_interior(offset, count, self.io_align)
                          if self.direct else (offset, count))
         if length and self._punch_ok:
-            ret = self.engine.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                        start, length, self.write_lock)
-            if ret == -errno.EOPNOTSUPP:
+            try:
+                self.engine.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start,
+                                      length, self.write_lock, self._what("trim", offset, count))
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
                 self._punch_ok = False   # advisory: nothing more to do
-            else:
-                uring.check(ret, self._what("trim", offset, count))
         if fua:
             self.flush()
 
@@ -295,39 +303,39 @@ class Backing:
                      req_off: int, req_count: int) -> None:
         what = self._what("zero", req_off, req_count)
         if may_trim and self._punch_ok:
-            ret = self.engine.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                                        off, length, self.write_lock)
-            if ret == 0:
+            try:
+                self.engine.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length,
+                                      self.write_lock, what)
                 return
-            if ret == -errno.EOPNOTSUPP:
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
                 self._punch_ok = False
-            else:
-                uring.check(ret, what)
         if self._zero_range_ok:
-            ret = self.engine.fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
-                                        off, length, self.write_lock)
-            if ret == 0:
+            try:
+                self.engine.fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off, length,
+                                      self.write_lock, what)
                 return
-            if ret == -errno.EOPNOTSUPP:
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP:
+                    raise
                 self._zero_range_ok = False
-            else:
-                uring.check(ret, what)
         if fast:
             uring.check(-errno.ENOTSUP, f"fast {what}")
         # Slow but complete: write zeroes over the whole range.
         segs = plan.plan_write(off, length, self.io_align, self.seg_size)
         self._run_write(uring.OP_WRITE_ZEROES, None, segs, req_off, req_count, False)
 
-    def cache(self, count: int, offset: int) -> None:
-        """Prefetch into the page cache (buffered mode; a no-op when direct,
-        whose reads never use the page cache)."""
+    def prefetch(self, count: int, offset: int) -> None:
+        """NBD_CMD_CACHE: read ahead into the page cache (buffered mode; a
+        no-op when direct, whose reads never use the page cache)."""
         if self.direct:
             return
         pos, end = offset, offset + count
         while pos < end:   # fadvise's length is 32 bits in the SQE
             n = min(end - pos, 1 << 30)
-            uring.check(self.engine.fadvise(pos, n, os.POSIX_FADV_WILLNEED),
-                        self._what("cache", offset, count))
+            self.engine.fadvise(pos, n, os.POSIX_FADV_WILLNEED,
+                                self._what("cache", offset, count))
             pos += n
 
     def extents(self, count: int, offset: int, req_one: bool = False
@@ -349,8 +357,7 @@ class Backing:
                 elif e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
                     return [(offset, count, 0)]  # no hole information
                 else:
-                    raise OSError(e.errno, f"{self._what('extents', offset, count)}: "
-                                           f"{e.strerror}") from None
+                    uring.check(-e.errno, self._what("extents", offset, count))
             if data > pos:
                 stop = min(data, end)
                 out.append((pos, stop - pos, hole_zero))
@@ -359,8 +366,7 @@ class Backing:
                 try:
                     hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
                 except OSError as e:
-                    raise OSError(e.errno, f"{self._what('extents', offset, count)}: "
-                                           f"{e.strerror}") from None
+                    uring.check(-e.errno, self._what("extents", offset, count))
                 stop = min(hole, end)
                 out.append((pos, stop - pos, 0))
                 pos = stop

@@ -1,24 +1,17 @@
 """Where the server's worker threads should run: find the CPUs that take the
 backing device's completion interrupts.
 
-Measured on this project's 2-vCPU VM (virtio-blk, one queue, its interrupt
-on CPU 1), 4K random I/O through nbdloop direct mode:
+With many requests in flight, the worker pool serves fastest kept together
+on CPUs that do *not* take the disk's interrupts; with one request at a time,
+it serves fastest left to the scheduler (docs/BENCHMARKS.md has the
+measurements).  So the engine moves a worker onto the "busy" CPUs when
+several requests are in progress and gives it back every CPU the server may
+use ("idle") when it is alone.
 
-- with many requests in flight, the worker pool is fastest kept together on
-  a CPU that does *not* take the disk's interrupts (59-62K IOPS at QD32
-  against 30-34K when the scheduler spreads it; qemu-nbd: 55-58K);
-- with one request at a time, it is fastest left to the scheduler.  Kept on
-  the interrupt CPU it served the same as unpinned when the client was held
-  on one CPU (10.1K against 10.0K IOPS at QD1 with fio on CPU 1, 7.3K
-  against 7.6K on CPU 0), but with the client free, 8.1K against 10.0K:
-  the client then spent part of the run on the other CPU.
-
-So the engine moves a worker onto the "busy" CPUs when several requests are
-in progress and gives it back every CPU the server may use ("idle") when it
-is alone.  This module only finds the sets; it does no I/O beyond reading
-sysfs and /proc, and it gives up (returns None) whenever the answer is not
-clear: no block device under the image, interrupts on every CPU (multi-queue
-NVMe), one CPU only.
+This module only finds the sets, and parses and prints the kernel's CPU-list
+syntax for everyone; it does no I/O beyond reading sysfs and /proc, and it
+gives up (returns None) whenever the answer is not clear: no block device
+under the image, interrupts on every CPU (multi-queue NVMe), one CPU only.
 """
 from __future__ import annotations
 
@@ -145,7 +138,7 @@ def irq_cpus(path: str, sysfs: Path = Path("/sys"), proc: Path = Path("/proc"),
     return cpus
 
 
-def plan(path: str, allowed: set[int] | None = None, **kw) -> Placement | None:
+def choose(path: str, allowed: set[int] | None = None, **kw) -> Placement | None:
     """The busy and idle CPU sets for serving ``path``, or None to leave the
     scheduler alone."""
     allowed = set(os.sched_getaffinity(0)) if allowed is None else set(allowed)

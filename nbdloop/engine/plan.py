@@ -2,7 +2,7 @@
 
 An NBD request becomes a bio_vec-like scatter list of segments, each at most
 ``seg_size`` bytes and aligned to the backing's direct-I/O alignment.  The C
-engine (``cffi_build/nbdl.c``) executes such a list and reports one result per
+engine (``cffi_build/ring.c``) executes such a list and reports one result per
 segment; :func:`merge` turns those results into one outcome for the request:
 done, an error, or the segments still to do.
 
@@ -39,7 +39,7 @@ class Segment:
         return self.file_off + self.length
 
 
-def check_geometry(align: int, seg_size: int) -> None:
+def validate_geometry(align: int, seg_size: int) -> None:
     """Raise ValueError unless ``align`` and ``seg_size`` can be planned with."""
     if align < 1 or align & (align - 1):
         raise ValueError(f"alignment {align} is not a power of two")
@@ -94,7 +94,7 @@ def plan_read(offset: int, length: int, align: int, seg_size: int) -> list[Segme
     An unaligned read covers whole aligned blocks and copies out only the
     request's window.
     """
-    check_geometry(align, seg_size)
+    validate_geometry(align, seg_size)
     if length <= 0:
         return []
     start, span = covering(offset, length, align)
@@ -108,7 +108,7 @@ def plan_write(offset: int, length: int, align: int, seg_size: int) -> list[Segm
     so the engine reads them before overlaying the request's bytes.  The
     aligned middle is cut into full-window segments.
     """
-    check_geometry(align, seg_size)
+    validate_geometry(align, seg_size)
     if length <= 0:
         return []
     end = offset + length
@@ -136,7 +136,7 @@ def plan_zero(offset: int, length: int, align: int, seg_size: int
               ) -> tuple[list[Segment], tuple[int, int]]:
     """Split a zero request into edge segments to zero by read-modify-write,
     and the aligned middle ``(offset, length)`` for fallocate (length may be 0)."""
-    check_geometry(align, seg_size)
+    validate_geometry(align, seg_size)
     if length <= 0:
         return [], (offset, 0)
     end = offset + length

@@ -15,17 +15,18 @@ off the CPUs that take the disk's interrupts; default on), ``sched``
 """
 import builtins
 import errno
+import functools
+import json
+import os
 import sys
 import threading
+import traceback
 
 import nbdkit
 
-import json
-import os
-
-from nbdloop.engine import placement
-from nbdloop.engine import uring
-from nbdloop.engine.backing import DEFAULT_ENTRIES, DEFAULT_SEG_SIZE, Backing, ImageError, inspect_fd
+from nbdloop.engine import placement, uring
+from nbdloop.engine.backing import (DEFAULT_ENTRIES, DEFAULT_SEG_SIZE, Backing, ImageError,
+                                    inspect_fd)
 from nbdloop.sizes import parse_size
 
 API_VERSION = 2
@@ -64,9 +65,35 @@ def _bool(value):
     raise ValueError(f"{value!r} is not a boolean")
 
 
-def _raise_errno(e):
-    nbdkit.set_error(e.errno if isinstance(e, OSError) and e.errno else errno.EIO)
-    raise e
+def _reports_errno(callback):
+    """The one place a request's OSError becomes the errno the client sees
+    (ENOSPC stays ENOSPC, not EIO).  The exception still propagates, so
+    that nbdkit fails the request and logs it."""
+    @functools.wraps(callback)
+    def wrapper(*args):
+        try:
+            return callback(*args)
+        except OSError as e:
+            nbdkit.set_error(e.errno or errno.EIO)
+            raise
+    return wrapper
+
+
+_format_exception = traceback.format_exception
+
+
+def _one_line_for_failed_requests(exc, value=None, tb=None, *args, **kw):
+    """nbdkit logs a callback's exception with traceback.format_exception.
+    A failed request (an OSError with an errno, from uring.check) is one line,
+    what, where and why: ``pwrite at 4096+512 on disk.img: No space left on
+    device``.  Anything else is a bug and keeps its traceback."""
+    err = exc if value is None else value
+    if isinstance(err, OSError) and err.errno and err.strerror:
+        return [err.strerror]
+    return _format_exception(exc, value, tb, *args, **kw)
+
+
+traceback.format_exception = _one_line_for_failed_requests
 
 
 class Handle:
@@ -136,7 +163,7 @@ def get_ready():
         raise RuntimeError(str(e)) from None
     _backing.engine.set_sched_batch(_config["sched"] == "batch")
     if _config["placement"]:
-        where = placement.plan(_config["file"])
+        where = placement.choose(_config["file"])
         if where is not None:
             _backing.engine.set_placement(set(where.busy), set(where.idle))
             busy, idle, irq = map(placement.format_cpu_list,
@@ -230,53 +257,39 @@ def can_extents(h):
     return True
 
 
+@_reports_errno
 def pread(h, buf, offset, flags):
-    try:
-        h.pread(buf, offset)
-    except OSError as e:
-        _raise_errno(e)
+    h.pread(buf, offset)
 
 
+@_reports_errno
 def pwrite(h, buf, offset, flags):
-    try:
-        h.pwrite(buf, offset, flags & nbdkit.FLAG_FUA != 0)
-    except OSError as e:
-        _raise_errno(e)
+    h.pwrite(buf, offset, flags & nbdkit.FLAG_FUA != 0)
 
 
+@_reports_errno
 def flush(h, flags):
-    try:
-        h.backing.flush()
-    except OSError as e:
-        _raise_errno(e)
+    h.backing.flush()
 
 
+@_reports_errno
 def trim(h, count, offset, flags):
-    try:
-        h.backing.trim(count, offset, fua=flags & nbdkit.FLAG_FUA != 0)
-    except OSError as e:
-        _raise_errno(e)
+    h.backing.trim(count, offset, fua=flags & nbdkit.FLAG_FUA != 0)
 
 
+@_reports_errno
 def zero(h, count, offset, flags):
-    try:
-        h.backing.zero(count, offset,
-                       may_trim=flags & nbdkit.FLAG_MAY_TRIM != 0,
-                       fast=flags & nbdkit.FLAG_FAST_ZERO != 0,
-                       fua=flags & nbdkit.FLAG_FUA != 0)
-    except OSError as e:
-        _raise_errno(e)
+    h.backing.zero(count, offset,
+                   may_trim=flags & nbdkit.FLAG_MAY_TRIM != 0,
+                   fast=flags & nbdkit.FLAG_FAST_ZERO != 0,
+                   fua=flags & nbdkit.FLAG_FUA != 0)
 
 
+@_reports_errno
 def cache(h, count, offset, flags):
-    try:
-        h.backing.cache(count, offset)
-    except OSError as e:
-        _raise_errno(e)
+    h.backing.prefetch(count, offset)
 
 
+@_reports_errno
 def extents(h, count, offset, flags):
-    try:
-        return h.backing.extents(count, offset, req_one=flags & nbdkit.FLAG_REQ_ONE != 0)
-    except OSError as e:
-        _raise_errno(e)
+    return h.backing.extents(count, offset, req_one=flags & nbdkit.FLAG_REQ_ONE != 0)

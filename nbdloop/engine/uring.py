@@ -1,6 +1,7 @@
 """nbdloop's binding to liburing: the only module that imports the compiled
-extension.  No cffi object leaves it; callers pass ints, buffers and
-:class:`nbdloop.plan.Segment` lists, and get ints and tuples back.
+extension.  No cffi object leaves it (see ``__all__``); callers pass ints,
+buffers and :class:`nbdloop.engine.plan.Segment` lists, and get ints and
+tuples back.  Every failure leaves it through :func:`check`.
 """
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from collections.abc import Sequence
 from nbdloop.engine._uring import ffi, lib
 from nbdloop.engine.plan import NOT_RUN, Segment
 
+__all__ = ["OP_READ", "OP_WRITE", "OP_WRITE_ZEROES", "LOCK_NONE", "LOCK_SHARED",
+           "LOCK_EXCLUSIVE", "PLACE_MAX_LEN", "check", "dio_alignment", "stats",
+           "set_io_flusher", "lock_memory", "release_thread", "Engine"]
+
 OP_READ = lib.NBDL_OP_READ
 OP_WRITE = lib.NBDL_OP_WRITE
 OP_WRITE_ZEROES = lib.NBDL_OP_WRITE_ZEROES
@@ -17,6 +22,11 @@ OP_WRITE_ZEROES = lib.NBDL_OP_WRITE_ZEROES
 LOCK_NONE = lib.NBDL_LOCK_NONE
 LOCK_SHARED = lib.NBDL_LOCK_SHARED
 LOCK_EXCLUSIVE = lib.NBDL_LOCK_EXCLUSIVE
+
+#: Requests longer than this never move their worker between CPUs.
+PLACE_MAX_LEN = lib.NBDL_PLACE_MAX_LEN
+
+_VERBS = {OP_READ: "pread", OP_WRITE: "pwrite", OP_WRITE_ZEROES: "write zeroes"}
 
 if lib.NBDL_NOT_RUN != NOT_RUN:  # the two halves must agree
     raise ImportError("nbdloop.engine._uring was built from a different nbdl.h")
@@ -73,12 +83,13 @@ class Engine:
     """
 
     def __init__(self, fd: int, *, direct: bool, seg_size: int, entries: int,
-                 pin: bool = False) -> None:
+                 pin: bool = False, name: str = "") -> None:
         img = lib.nbdl_image_new(fd, int(direct), seg_size, entries, int(pin))
         if img == ffi.NULL:
-            err = ffi.errno
-            raise OSError(err, f"setting up the I/O engine: {os.strerror(err)}")
-        self._img = img
+            check(-ffi.errno, "setting up the I/O engine")
+        # Freed by close(), or by the garbage collector if nobody closes it.
+        self._img = ffi.gc(img, lib.nbdl_image_free)
+        self.name = name
         self.direct = direct
         self.seg_size = seg_size
         self.entries = entries
@@ -104,7 +115,7 @@ class Engine:
         img, self._img = self._img, None
         if img is not None:
             lib.nbdl_thread_release()
-            lib.nbdl_image_free(img)
+            ffi.release(img)   # runs nbdl_image_free now, and never again
 
     def __enter__(self) -> Engine:
         return self
@@ -112,15 +123,23 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _what(self, op: int, offset: int, count: int) -> str:
+        return f"{_VERBS[op]} at {offset}+{count} on {self.name}"
+
     def rw1(self, op: int, buf, offset: int, fua: bool, lock: int) -> int:
         """One full-window segment of ``len(buf)`` bytes at ``offset``.
-        Returns bytes transferred or -errno (not raised: the caller merges)."""
-        return lib.nbdl_rw1(self._img, op, fua, ffi.from_buffer(buf), offset, len(buf), lock)
+        Returns the bytes transferred, which may be short; raises OSError."""
+        res = lib.nbdl_rw1(self._img, op, fua, ffi.from_buffer(buf), offset, len(buf), lock)
+        if res < 0:
+            check(res, self._what(op, offset, len(buf)))
+        return res
 
     def rw(self, op: int, buf, segs: Sequence[Segment], fua: bool,
            lock: tuple[int, int, int]) -> list[tuple[int, int]]:
-        """Run ``segs``; returns one ``(res, order)`` per segment.  ``buf`` may
-        be None for OP_WRITE_ZEROES.  ``lock`` is ``(offset, length, mode)``."""
+        """Run ``segs``; returns one ``(res, order)`` per segment, each the
+        bytes transferred or -errno, for :func:`nbdloop.engine.plan.merge`.
+        ``buf`` may be None for OP_WRITE_ZEROES.  ``lock`` is ``(offset,
+        length, mode)``.  Raises OSError only if no ring could be set up."""
         n = len(segs)
         arr = ffi.new("struct nbdl_seg[]", n)
         for c, s in zip(arr, segs):
@@ -139,11 +158,13 @@ class Engine:
         """Pin the calling thread's Python thread state (if ``pin``)."""
         check(lib.nbdl_pin_thread(self._img), "pinning the thread state")
 
-    def fsync(self, datasync: bool = True) -> int:
-        return lib.nbdl_fsync(self._img, int(datasync))
+    def fsync(self, datasync: bool = True) -> None:
+        check(lib.nbdl_fsync(self._img, int(datasync)),
+              f"{'fdatasync' if datasync else 'fsync'} on {self.name}")
 
-    def fallocate(self, mode: int, offset: int, length: int, lock: int) -> int:
-        return lib.nbdl_fallocate(self._img, mode, offset, length, lock)
+    def fallocate(self, mode: int, offset: int, length: int, lock: int, what: str) -> None:
+        """fallocate under the range lock; ``what`` names the request in the error."""
+        check(lib.nbdl_fallocate(self._img, mode, offset, length, lock), what)
 
-    def fadvise(self, offset: int, length: int, advice: int) -> int:
-        return lib.nbdl_fadvise(self._img, offset, length, advice)
+    def fadvise(self, offset: int, length: int, advice: int, what: str) -> None:
+        check(lib.nbdl_fadvise(self._img, offset, length, advice), what)
