@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -400,6 +401,11 @@ def test_enospc_reaches_the_client_and_the_server_recovers(full_fs, serve, mode)
     h.shutdown()
     log = s.log.read_text(errors="replace")
     assert "No space left on device" in log
+    # Each failed request is one line that names it, not a traceback.
+    assert "Traceback" not in log and "OSError" not in log, log
+    failed = [ln for ln in log.splitlines() if "No space left on device" in ln]
+    assert any(re.search(rf"pwrite at {32 * MiB}\+4096 on disk\.img: No space left on device$",
+                         ln) for ln in failed), failed
     assert s.stop() == 0, s.log_tail()
     # The image itself, read without the server.
     with open(img, "rb") as f:
