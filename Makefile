@@ -31,8 +31,10 @@ install: setup
 	ln -sf $(VENV)/bin/nbdloop /usr/local/bin/nbdloop
 	@echo "nbdloop is $$(command -v nbdloop)"
 
+# The quick preset: direct mode against qemu-nbd, 3 interleaved rounds.
+BENCH_ARGS ?= --quick --modes direct --peers qemu-nbd --rounds 3 --footprint 0
 bench: setup
-	$(VENV)/bin/python scripts/quick_bench.py
+	$(VENV)/bin/nbdloop bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info nbdloop/engine/_uring*.so nbdloop/engine/_uring.c .pytest_cache

@@ -58,7 +58,7 @@ def test_bench_quick_writes_results(tmp_path):
 
 def test_rounds_alternate_the_subject_order(tmp_path):
     """A B C, then C B A: no subject always runs right after another's
-    workload.  The subjects here fail at once, which the plan records."""
+    workload.  The subjects here fail at once, which the campaign records."""
     from nbdloop.bench import run as bench
 
     def failing(name):
@@ -66,13 +66,13 @@ def test_rounds_alternate_the_subject_order(tmp_path):
             raise RuntimeError(f"{name} not started")
         return bench.Subject(name, "peer", start)
 
-    plan = bench.Plan(image=str(tmp_path / "none.img"), rounds=3, runtime=1, size=MiB,
+    campaign = bench.Campaign(image=str(tmp_path / "none.img"), rounds=3, runtime=1, size=MiB,
                       subjects=[failing(n) for n in "ABC"],
                       workloads=[bench.WORKLOADS["randread-4k-qd1"]])
     (tmp_path / "none.img").write_bytes(b"\0" * MiB)
-    bench.run(plan, progress=lambda s: None)
-    assert "".join(r.subject for r in plan.results) == "ABCCBAABC"
-    assert all(r.error.endswith("not started") for r in plan.results)
+    bench.run(campaign, progress=lambda s: None)
+    assert "".join(r.subject for r in campaign.results) == "ABCCBAABC"
+    assert all(r.error.endswith("not started") for r in campaign.results)
 
 
 @pytest.mark.parametrize("cpus", ["999", "x", ""])

@@ -8,9 +8,7 @@ machine cancels.  Ratios are medians of per-round ratios.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
-import mmap
 import os
 import shutil
 import statistics
@@ -116,38 +114,13 @@ def _machine_busy_seconds() -> float:
 
 
 def page_cache_bytes(path: str) -> int:
-    """Bytes of ``path`` resident in the page cache, by mmap + mincore(2)."""
-    size = os.path.getsize(path)
-    if size == 0:
-        return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    page = mmap.PAGESIZE
-    resident = 0
-    chunk = 1 << 30
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for off in range(0, size, chunk):
-            n = min(chunk, size - off)
-            addr = libc.mmap(None, n, mmap.PROT_READ, mmap.MAP_SHARED, fd, off)
-            if addr in (None, ctypes.c_void_p(-1).value):
-                err = ctypes.get_errno()
-                raise OSError(err, f"mmap of {path}: {os.strerror(err)}")
-            try:
-                vec = ctypes.create_string_buffer((n + page - 1) // page)
-                if libc.mincore(addr, n, vec) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"mincore on {path}: {os.strerror(err)}")
-                resident += sum(b & 1 for b in vec.raw)
-            finally:
-                libc.munmap(addr, n)
-    finally:
-        os.close(fd)
-    return min(resident * page, size)
+    """Bytes of ``path`` resident in the page cache, by util-linux's fincore
+    (mincore(2) underneath)."""
+    p = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"fincore {path}: {p.stderr.strip() or f'exit {p.returncode}'}")
+    return int(p.stdout.strip())
 
 
 def drop_image_cache(path: str) -> None:
@@ -272,7 +245,7 @@ def raw_subject(image: str) -> Subject:
 # ---- the run ----------------------------------------------------------------------
 
 @dataclass
-class Plan:
+class Campaign:
     image: str
     subjects: list[Subject]
     workloads: list[Workload]
@@ -281,8 +254,8 @@ class Plan:
     size: int
     # An unrecorded run of the same workload before each measured one, so that
     # no subject is measured cold (fresh threads, rings, caches) and none pays
-    # for what the previous subject left behind (measured: the first 1-3 s
-    # after another server's 1M writes ran up to 40 % slower).
+    # for what the previous subject left behind (docs/BENCHMARKS.md, "What
+    # was tried", has what that cost).
     warmup: float = 1.0
     # fio's CPUs ("1", "0-3"), or None to leave the client to the scheduler.
     # On a small machine where the client shares CPUs with the server, where
@@ -297,39 +270,39 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def run(plan: Plan, progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr,
+def run(campaign: Campaign, progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr,
                                                                        flush=True)) -> None:
     """Measure every subject on every workload, interleaved by round: A B C
     in even rounds and C B A in odd ones, so that no subject always runs
     right after another's workload."""
-    total = plan.rounds * len(plan.subjects) * len(plan.workloads)
+    total = campaign.rounds * len(campaign.subjects) * len(campaign.workloads)
     done = 0
     t0 = time.monotonic()
-    for rnd in range(plan.rounds):
-        order = plan.subjects if rnd % 2 == 0 else plan.subjects[::-1]
-        for w in plan.workloads:
+    for rnd in range(campaign.rounds):
+        order = campaign.subjects if rnd % 2 == 0 else campaign.subjects[::-1]
+        for w in campaign.workloads:
             for subj in order:
                 elapsed = time.monotonic() - t0
                 eta = (elapsed / done * (total - done) if done
-                       else (plan.runtime + plan.warmup) * total)
-                progress(f"[{done + 1}/{total}] round {rnd + 1}/{plan.rounds} {w.label:>22} "
+                       else (campaign.runtime + campaign.warmup) * total)
+                progress(f"[{done + 1}/{total}] round {rnd + 1}/{campaign.rounds} {w.label:>22} "
                          f"on {subj.name:<16} (ETA {_fmt_eta(eta)})")
-                plan.results.append(measure(plan, subj, w, rnd))
+                campaign.results.append(measure(campaign, subj, w, rnd))
                 done += 1
 
 
-def measure(plan: Plan, subj: Subject, w: Workload, rnd: int) -> RunResult:
-    drop_image_cache(plan.image)
+def measure(campaign: Campaign, subj: Subject, w: Workload, rnd: int) -> RunResult:
+    drop_image_cache(campaign.image)
     try:
         with subj.start() as target:
-            if plan.warmup > 0:
-                run_fio(w, target, plan.warmup, plan.size, plan.client_cpus)
+            if campaign.warmup > 0:
+                run_fio(w, target, campaign.warmup, campaign.size, campaign.client_cpus)
             busy0 = _machine_busy_seconds()
             cpu0 = _cpu_seconds(target.server_pid) if target.server_pid else None
-            job = run_fio(w, target, plan.runtime, plan.size, plan.client_cpus)["jobs"][0]
+            job = run_fio(w, target, campaign.runtime, campaign.size, campaign.client_cpus)["jobs"][0]
             cpu1 = _cpu_seconds(target.server_pid) if target.server_pid else None
             busy1 = _machine_busy_seconds()
-            cache = page_cache_bytes(plan.image)
+            cache = page_cache_bytes(campaign.image)
     except Exception as e:  # a failed run is recorded, not fatal
         return RunResult(subj.name, w.name, rnd, 0, 0, 0, 0, None, None, 0, None,
                          error=str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -346,15 +319,15 @@ def metric(r: RunResult, w: Workload) -> float:
     return r.mib_s if w.bs.upper().endswith("M") else r.iops
 
 
-def ratios(plan: Plan, a: str, b: str) -> dict[str, tuple[float, float, float] | None]:
+def ratios(campaign: Campaign, a: str, b: str) -> dict[str, tuple[float, float, float] | None]:
     """Per workload: median, min and max over rounds of metric(a) / metric(b)."""
     out = {}
-    for w in plan.workloads:
+    for w in campaign.workloads:
         per_round = []
-        for rnd in range(plan.rounds):
-            ra = [r for r in plan.results if r.subject == a and r.workload == w.name
+        for rnd in range(campaign.rounds):
+            ra = [r for r in campaign.results if r.subject == a and r.workload == w.name
                   and r.round == rnd and not r.error]
-            rb = [r for r in plan.results if r.subject == b and r.workload == w.name
+            rb = [r for r in campaign.results if r.subject == b and r.workload == w.name
                   and r.round == rnd and not r.error]
             if ra and rb and metric(rb[0], w) > 0:
                 per_round.append(metric(ra[0], w) / metric(rb[0], w))
@@ -363,8 +336,8 @@ def ratios(plan: Plan, a: str, b: str) -> dict[str, tuple[float, float, float] |
     return out
 
 
-def medians(plan: Plan, subject: str, w: Workload) -> dict | None:
-    rs = [r for r in plan.results if r.subject == subject and r.workload == w.name
+def medians(campaign: Campaign, subject: str, w: Workload) -> dict | None:
+    rs = [r for r in campaign.results if r.subject == subject and r.workload == w.name
           and not r.error]
     if not rs:
         return None
@@ -395,14 +368,14 @@ def prepare_image(path: str, size: int) -> None:
         os.fsync(f.fileno())
 
 
-def results_json(plan: Plan) -> dict:
-    return {"image": plan.image, "size": plan.size, "rounds": plan.rounds,
-            "runtime": plan.runtime,
-            "warmup": plan.warmup,
-            "client_cpus": plan.client_cpus,
-            "subjects": [s.name for s in plan.subjects],
-            "workloads": [asdict(w) for w in plan.workloads],
-            "runs": [asdict(r) for r in plan.results]}
+def results_json(campaign: Campaign) -> dict:
+    return {"image": campaign.image, "size": campaign.size, "rounds": campaign.rounds,
+            "runtime": campaign.runtime,
+            "warmup": campaign.warmup,
+            "client_cpus": campaign.client_cpus,
+            "subjects": [s.name for s in campaign.subjects],
+            "workloads": [asdict(w) for w in campaign.workloads],
+            "runs": [asdict(r) for r in campaign.results]}
 
 
 def have(tool: str) -> bool:
@@ -481,143 +454,3 @@ def footprint(subj: Subject, image: str, nbytes: int, size: int) -> Footprint:
 
 
 # ---- reports ------------------------------------------------------------------------
-
-def unit(w: Workload) -> str:
-    return "MiB/s" if w.bs.upper().endswith("M") else "IOPS"
-
-
-def markdown(plan: Plan, footprints: list[Footprint], skipped: dict[str, str]) -> str:
-    names = [s.name for s in plan.subjects]
-    lines = [f"Medians of {plan.rounds} interleaved round(s) (subject order reversed every "
-             f"other round), {plan.runtime:g} s each after an unrecorded {plan.warmup:g} s "
-             f"warm-up; fio on CPUs {plan.client_cpus or 'chosen by the scheduler'}; "
-             f"image {plan.size >> 20} MiB.  Ratios are medians of per-round ratios "
-             "(min-max in brackets).", ""]
-    lines.append("| workload | " + " | ".join(names) + " |")
-    lines.append("|---|" + "---|" * len(names))
-    for w in plan.workloads:
-        cells = []
-        for n in names:
-            m = medians(plan, n, w)
-            cells.append(f"{m['metric']:.0f}" if m else "failed")
-        lines.append(f"| {w.label} ({unit(w)}) | " + " | ".join(cells) + " |")
-    for d in [n for n in names if n.startswith("nbdloop-direct")]:
-        others = [n for n in names if n != d]
-        lines += ["", f"Ratios, {d} / peer:", "",
-                  "| workload | " + " | ".join(others) + " |",
-                  "|---|" + "---|" * len(others)]
-        rat = {o: ratios(plan, d, o) for o in others}
-        for w in plan.workloads:
-            cells = []
-            for o in others:
-                r = rat[o][w.name]
-                cells.append(f"**{r[0]:.2f}** ({r[1]:.2f}-{r[2]:.2f})" if r else "-")
-            lines.append(f"| {w.label} | " + " | ".join(cells) + " |")
-    lines += ["", "Latency (mean / p99, microseconds), CPU seconds per GiB moved (the "
-              "server's own, and the whole machine's: client, server and interrupts), "
-              "and the image's page-cache footprint after the run:", "",
-              "| workload | subject | mean | p99 | server CPU s/GiB | machine CPU s/GiB "
-              "| page cache |",
-              "|---|---|---|---|---|---|---|"]
-    for w in plan.workloads:
-        for n in names:
-            m = medians(plan, n, w)
-            if not m:
-                continue
-            cpu = f"{m['cpu_s_per_gib']:.2f}" if m["cpu_s_per_gib"] is not None else "-"
-            mcpu = (f"{m['machine_cpu_s_per_gib']:.2f}"
-                    if m["machine_cpu_s_per_gib"] is not None else "-")
-            cache = (f"{m['cache_bytes'] / (1 << 20):.0f} MiB"
-                     if m["cache_bytes"] is not None else "-")
-            lines.append(f"| {w.label} | {n} | {m['lat_mean_us']:.0f} | "
-                         f"{m['lat_p99_us']:.0f} | {cpu} | {mcpu} | {cache} |")
-    if footprints:
-        lines += ["", "Page cache after writing then reading "
-                  f"{footprints[0].bytes_moved >> 20} MiB:", "",
-                  "| subject | page cache | of the bytes moved |", "|---|---|---|"]
-        for f in footprints:
-            lines.append(f"| {f.subject} | {f.cache_bytes / (1 << 20):.1f} MiB | "
-                         f"{f.percent:.1f}% |")
-    if skipped:
-        lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())]
-    errors = [r for r in plan.results if r.error]
-    if errors:
-        lines += ["", "Failed runs:"] + [f"- {r.subject} {r.workload} round {r.round + 1}: "
-                                         f"{r.error}" for r in errors]
-    return "\n".join(lines) + "\n"
-
-
-def charts(plan: Plan, footprints: list[Footprint], out: Path) -> list[Path]:
-    """throughput.png (one panel per workload) and footprint.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [s.name for s in plan.subjects]
-    paths = []
-    n = len(plan.workloads)
-    cols = min(n, 4)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, w in enumerate(plan.workloads):
-        ax = axes[i // cols][i % cols]
-        meds, lo, hi = [], [], []
-        for nme in names:
-            m = medians(plan, nme, w)
-            meds.append(m["metric"] if m else 0)
-            lo.append(m["metric"] - m["min"] if m else 0)
-            hi.append(m["max"] - m["metric"] if m else 0)
-        ax.bar(range(len(names)), meds, yerr=[lo, hi], capsize=3,
-               color=[colors[j % len(colors)] for j in range(len(names))])
-        ax.set_title(w.label, fontsize=10)
-        ax.set_ylabel(unit(w))
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
-    for j in range(n, rows * cols):
-        axes[j // cols][j % cols].axis("off")
-    fig.suptitle("Throughput, median of rounds (bars: min-max)")
-    fig.tight_layout()
-    p = out / "throughput.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    if footprints:
-        ax.bar([f.subject for f in footprints], [f.percent for f in footprints],
-               color=[colors[j % len(colors)] for j in range(len(footprints))])
-        ax.set_ylabel(f"% of {footprints[0].bytes_moved >> 20} MiB in page cache")
-        ax.set_title("Page cache after write + read")
-        for j, f in enumerate(footprints):
-            ax.text(j, f.percent, f"{f.percent:.1f}%", ha="center", va="bottom", fontsize=9)
-        ax.set_ylim(0, 110)
-    else:
-        ax.text(0.5, 0.5, "no footprint measured", ha="center")
-    ax.tick_params(axis="x", labelrotation=20)
-    fig.tight_layout()
-    p = out / "footprint.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
-    return paths
-
-
-def write_reports(plan: Plan, footprints: list[Footprint], skipped: dict[str, str],
-                  out: Path, meta: dict) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    data = results_json(plan)
-    data.update(meta)
-    data["skipped"] = skipped
-    data["footprint"] = [asdict(f) | {"percent": f.percent} for f in footprints]
-    data["summary"] = {
-        w.name: {s.name: medians(plan, s.name, w) for s in plan.subjects}
-        for w in plan.workloads}
-    for d in [s.name for s in plan.subjects if s.name.startswith("nbdloop-direct")]:
-        key = "ratios" if d == "nbdloop-direct" else f"ratios:{d}"
-        data[key] = {s.name: ratios(plan, d, s.name) for s in plan.subjects if s.name != d}
-    paths = [out / "results.json", out / "results.md"]
-    paths[0].write_text(json.dumps(data, indent=2) + "\n")
-    paths[1].write_text(markdown(plan, footprints, skipped))
-    paths += charts(plan, footprints, out)
-    return paths

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from nbdloop import paths
+from nbdloop.bench import report
 from nbdloop.bench import run as bench
 from nbdloop.cli.common import SIZE, UsageError, parse_cpus
 from nbdloop.engine.placement import format_cpu_list
@@ -28,8 +30,7 @@ def _csv(value: str | None) -> list[str] | None:
 
 
 def default_image(size: int) -> Path:
-    cache = Path(os.environ.get("NBDLOOP_CACHE", Path.home() / ".cache" / "nbdloop"))
-    return cache / f"bench-{format_size(size)}.img"
+    return paths.cache_dir() / f"bench-{format_size(size)}.img"
 
 
 @click.command()
@@ -106,12 +107,12 @@ def bench_command(image, size, modes, peers, workloads, runtime, rounds, out_dir
         subjects, skipped = bench.make_subjects(image, wd, modes_l, peers_l, pin=pin)
         for name, why in skipped.items():
             click.echo(f"skipping {name}: {why}", err=True)
-        plan = bench.Plan(image=image, subjects=subjects, rounds=rounds, runtime=runtime,
+        campaign = bench.Campaign(image=image, subjects=subjects, rounds=rounds, runtime=runtime,
                           size=size, workloads=[bench.WORKLOADS[w] for w in wl_names],
                           client_cpus=format_cpu_list(client_cpus) if client_cpus else None)
-        click.echo(f"{len(subjects)} subjects x {len(plan.workloads)} workloads x {rounds} "
+        click.echo(f"{len(subjects)} subjects x {len(campaign.workloads)} workloads x {rounds} "
                    f"round(s) of {runtime:g} s", err=True)
-        bench.run(plan)
+        bench.run(campaign)
         footprints = []
         if fp_bytes:
             for s in subjects:
@@ -128,9 +129,9 @@ def bench_command(image, size, modes, peers, workloads, runtime, rounds, out_dir
             "cpus": os.cpu_count(),
             "fio": subprocess.run(["fio", "--version"], capture_output=True,
                                   text=True).stdout.strip()}
-    paths = bench.write_reports(plan, footprints, skipped, out, meta)
+    written = report.write_reports(campaign, footprints, skipped, out, meta)
     click.echo((out / "results.md").read_text())
-    click.echo("wrote " + ", ".join(str(p) for p in paths), err=True)
-    failed = [r for r in plan.results if r.error]
+    click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
+    failed = [r for r in campaign.results if r.error]
     if failed:
         raise click.ClickException(f"{len(failed)} run(s) failed; see {out / 'results.md'}")
