@@ -1,12 +1,14 @@
-"""What every nbdloop command shares: the one-line error, the size type and
-the CPU-list option."""
+"""What every nbdloop command shares: the one-line error, the parameter
+types and the options that several commands take."""
 from __future__ import annotations
 
 import os
 
 import click
 
-from nbdloop.engine.placement import format_cpu_list
+from nbdloop.engine.backing import MODES
+from nbdloop.engine.placement import format_cpu_list, parse_cpu_list
+from nbdloop.kernel.nbdclient import BLOCK_SIZES
 from nbdloop.sizes import parse_size
 
 
@@ -39,14 +41,34 @@ def parse_cpus(ctx, param, value):
     """Click callback: ``0-1,3`` -> {0, 1, 3}, each one a CPU this process may use."""
     if value is None:
         return None
-    cpus: set[int] = set()
     try:
-        for part in value.split(","):
-            lo, _, hi = part.strip().partition("-")
-            cpus.update(range(int(lo), int(hi or lo) + 1))
+        cpus = parse_cpu_list(value)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a CPU list (like 0, 0-1, 0,2)") from None
     allowed = os.sched_getaffinity(0)
     if not cpus or not cpus <= allowed:
         raise click.BadParameter(f"{value!r}: usable CPUs are {format_cpu_list(allowed)}")
     return cpus
+
+
+def _block_size(ctx, param, value):
+    if value is not None and value not in BLOCK_SIZES:
+        raise click.BadParameter(f"{value} is not one of {', '.join(map(str, BLOCK_SIZES))}")
+    return value
+
+
+# ---- options that several commands take ------------------------------------------
+
+def mode_option(help: str = "direct: O_DIRECT, no page cache; buffered: through the page "
+                            "cache like the classic loop device."):
+    return click.option("--mode", type=click.Choice(MODES), default="direct",
+                        show_default=True, help=help)
+
+
+def block_size_option(help: str):
+    return click.option("--block-size", "-b", type=int, callback=_block_size, help=help)
+
+
+def connections_option(help: str):
+    return click.option("--connections", "-C", type=click.IntRange(1, 16), default=1,
+                        show_default=True, help=help)

@@ -36,13 +36,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from nbdloop.kernel.nbdclient import BLOCK_SIZES, nbd_client_args
+from nbdloop.paths import SBIN_PATH
 from nbdloop.serve import children as srv
-from nbdloop.kernel.nbdclient import nbd_client_args
 
 SYS_BLOCK = Path("/sys/block")
 DEV = Path("/dev")
-#: Where nbd-client lives; a user's PATH often lacks the sbin directories.
-SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Seconds the server gets to accept connections (it loads Python and the
 #: extension, and opens the image).
 SERVER_START_TIMEOUT = 60.0
@@ -52,7 +51,6 @@ NBD_CLIENT_TIMEOUT = 60.0
 #: Seconds a server gets to stop after SIGTERM before it is killed: the
 #: supervisor's grace second plus its drain time for in-flight requests.
 SERVER_STOP_TIMEOUT = 65.0
-BLOCK_SIZES = (512, 1024, 2048, 4096)
 
 _DEVICE = re.compile(r"/dev/(nbd\d+)")
 

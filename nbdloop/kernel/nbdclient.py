@@ -8,6 +8,8 @@ from __future__ import annotations
 
 #: How long the kernel waits on a request before it gives up on the connection.
 DEFAULT_TIMEOUT = 60
+#: The logical block sizes nbd-client's ``-block-size`` takes.
+BLOCK_SIZES = (512, 1024, 2048, 4096)
 
 
 def nbd_client_args(
@@ -30,8 +32,9 @@ def nbd_client_args(
     """
     if (unix_path is None) == (host is None):
         raise ValueError("give exactly one of unix_path or host")
-    if block_size not in (512, 1024, 2048, 4096):
-        raise ValueError(f"block size {block_size} is not one of 512, 1024, 2048, 4096")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block size {block_size} is not one of "
+                         f"{', '.join(map(str, BLOCK_SIZES))}")
     if connections < 1:
         raise ValueError(f"connections must be at least 1, not {connections}")
     if unix_path is not None:

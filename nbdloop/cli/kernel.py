@@ -1,0 +1,87 @@
+"""``nbdloop attach``, ``detach`` and ``list``: images on kernel NBD devices,
+like losetup.  The logic is in :mod:`nbdloop.kernel.attach`."""
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from nbdloop import paths
+from nbdloop.cli.common import (UsageError, block_size_option, connections_option,
+                                mode_option)
+from nbdloop.engine import backing
+from nbdloop.kernel import attach as attach_mod
+from nbdloop.serve.cmdline import image_key, require_permissions
+
+
+def image_geometry(image: str, mode: str, readonly: bool) -> backing.Geometry:
+    """Validate IMAGE the way serve will, without locking it."""
+    require_permissions(image, readonly)
+    fd, geometry = backing.open_image(image, mode=mode, readonly=readonly, lock=False)
+    os.close(fd)
+    return geometry
+
+
+@click.command()
+@click.argument("image", type=click.Path())
+@mode_option("direct: O_DIRECT, no page cache; buffered: through the page cache.")
+@click.option("--device", metavar="/dev/nbdN",
+              help="The NBD device to use [default: the first free one].")
+@connections_option("Connections from the kernel client (nbd-client -C).")
+@block_size_option("Logical block size of the device: 512, 1024, 2048 or 4096 "
+                   "[default: the image's direct-I/O alignment].")
+@click.option("--readonly", "-r", is_flag=True, help="Attach read-only.")
+def attach(image, mode, device, connections, block_size, readonly):
+    """Serve IMAGE in the background and attach it to a kernel NBD device
+    (like losetup -f --show); prints the device."""
+    geometry = image_geometry(image, mode, readonly)
+    try:
+        if block_size is None:
+            block_size = attach_mod.default_block_size(geometry.align)
+    except attach_mod.AttachError as e:
+        raise UsageError(f"{image}: {e}") from None
+    if device is not None:
+        try:
+            attach_mod.check_device_name(device)
+        except attach_mod.AttachError as e:
+            raise click.BadParameter(str(e), param_hint="--device") from None
+    nbd_client = attach_mod.find_nbd_client()
+    problem = attach_mod.nbd_support_problem(nbd_client=nbd_client)
+    if problem:
+        raise UsageError(problem)
+    att = attach_mod.attach(paths.state_dir(), image, nbd_client=nbd_client, device=device,
+                            mode=mode, readonly=readonly, connections=connections,
+                            block_size=block_size)
+    click.echo(att.device)
+
+
+@click.command()
+@click.argument("target", metavar="DEVICE|IMAGE")
+def detach(target):
+    """Disconnect an attached device and stop its server."""
+    att, state = attach_mod.detach(paths.state_dir(), target,
+                                   nbd_client=attach_mod.find_nbd_client())
+    if state == "stale":
+        # serve's ready file, which a killed server could not remove.
+        (paths.runtime_dir() / f"{image_key(att.image)}.{att.pid}.ready").unlink(missing_ok=True)
+        click.echo(f"nbdloop: {att.device}: removed a stale attachment of {att.image} "
+                   "(its server had died)", err=True)
+
+
+@click.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_(as_json):
+    """List attached images, like losetup -l."""
+    rows = [attach_mod.describe(a) for a in attach_mod.load(paths.state_dir())]
+    if as_json:
+        click.echo(json.dumps({"attachments": rows}, indent=2))
+        return
+    if not rows:
+        return
+    table = [("DEVICE", "IMAGE", "MODE", "PID", "CONNS", "STATE")]
+    table += [(r["device"], r["image"], r["mode"] + (",ro" if r["readonly"] else ""),
+               str(r["pid"]), str(r["connections"]), r["state"]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        click.echo(" ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " " + row[-1])

@@ -1,0 +1,135 @@
+"""``nbdloop serve``: serve an image with nbdkit and our plugin, under the
+supervisor, in the foreground."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from nbdloop import paths
+from nbdloop.cli.common import SIZE, mode_option, parse_cpus
+from nbdloop.engine import backing
+from nbdloop.serve.cmdline import (default_socket, image_key, nbdkit_argv, plugin_env,
+                                   require_free_port, require_free_socket,
+                                   require_permissions, require_psk_file)
+from nbdloop.serve.supervise import supervise
+from nbdloop.sizes import format_size
+
+DEFAULT_THREADS = 16
+
+
+def serve_options(f):
+    for opt in reversed([
+        mode_option(),
+        click.option("--readonly", "-r", is_flag=True, help="Serve read-only."),
+        click.option("--threads", type=click.IntRange(1, 256), default=DEFAULT_THREADS,
+                     show_default=True, help="nbdkit worker threads per connection."),
+        click.option("--segment-size", type=SIZE, default=backing.DEFAULT_SEG_SIZE,
+                     show_default="128K", help="Largest I/O segment (multiple of 4K)."),
+        click.option("--export-name", default="", help="Export name to offer (default: any)."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def validate_serve_options(image, mode, readonly, segment_size):
+    if segment_size < 4096 or segment_size % 4096 or segment_size > 16 << 20:
+        raise click.BadParameter("must be a multiple of 4K between 4K and 16M",
+                                 param_hint="--segment-size")
+    require_permissions(image, readonly)
+
+
+@click.command()
+@click.argument("image", type=click.Path())
+@serve_options
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False),
+              help="Unix socket to listen on [default: under the runtime dir].")
+@click.option("--port", type=click.IntRange(1, 65535), help="Listen on TCP instead.")
+@click.option("--bind", default="127.0.0.1", show_default=True,
+              help="Address for --port.")
+@click.option("--pidfile", type=click.Path(dir_okay=False),
+              help="Write the server pid here once it accepts connections.")
+@click.option("--verbose", "-v", is_flag=True, help="nbdkit debug messages.")
+@click.option("--stats-file", type=click.Path(dir_okay=False),
+              help="Write the I/O engine's counters here (JSON) as connections close.")
+@click.option("--tls-psk", type=click.Path(dir_okay=False),
+              help="Require TLS with a pre-shared key from this file (username:hexkey "
+                   "lines, as psktool writes them).")
+@click.option("--mlock", is_flag=True,
+              help="Lock the server's memory (mlockall), so it never waits on a page-in.")
+@click.option("--placement", type=click.Choice(["auto", "off"]), default="auto",
+              show_default=True,
+              help="auto: under load run the workers on CPUs that do not take the disk's "
+                   "interrupts, and give a lone request every CPU; off: leave them to the "
+                   "scheduler (README, Placement).")
+@click.option("--cpus", callback=parse_cpus, metavar="LIST",
+              help="Run the server on these CPUs only (like taskset: 0, 0-1, 0,2); turns "
+                   "placement off.  docs/BENCHMARKS.md measures when it pays.")
+@click.option("--sched", type=click.Choice(["batch", "normal"]), default="batch",
+              show_default=True,
+              help="batch: the workers run under SCHED_BATCH, so a worker woken up does not "
+                   "preempt one that is running a request (see README); normal: leave them.")
+def serve(image, mode, readonly, threads, segment_size, export_name, socket_path,
+          port, bind, pidfile, verbose, stats_file, tls_psk, mlock, placement, cpus, sched):
+    """Serve IMAGE over NBD in the foreground until SIGINT or SIGTERM."""
+    validate_serve_options(image, mode, readonly, segment_size)
+    if tls_psk:
+        require_psk_file(tls_psk)
+    if socket_path and port:
+        raise click.BadParameter("use --socket or --port, not both", param_hint="--socket")
+    sock = None
+    if port is None:
+        sock = Path(socket_path) if socket_path else default_socket(image)
+        require_free_socket(sock)
+    else:
+        require_free_port(bind, port)
+    fd, geometry = backing.open_image(image, mode=mode, readonly=readonly)
+    ready = paths.runtime_dir() / f"{image_key(image)}.{os.getpid()}.ready"
+    first_fd = [fd]
+
+    def spawn() -> tuple[list[str], tuple[int, ...]]:
+        # nbdkit inherits the opened, locked descriptor: no window in which a
+        # second server could take the image.  After a crash, open it again.
+        if first_fd:
+            f = first_fd.pop()
+        else:
+            # The dead nbdkit's rings are torn down by the kernel a moment
+            # later, and they hold the image (and so its lock) until then.
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    f, _ = backing.open_image(image, mode=mode, readonly=readonly)
+                    break
+                except backing.ImageError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        os.set_inheritable(f, True)
+        argv = nbdkit_argv(image, fd=f, mode=mode, readonly=readonly,
+                           socket_path=str(sock) if sock else None, port=port, bind=bind,
+                           threads=threads, segment_size=segment_size,
+                           export_name=export_name, pidfile=str(ready), verbose=verbose,
+                           stats_file=stats_file, tls_psk=tls_psk, mlock=mlock,
+                           placement=placement == "auto" and not cpus, sched=sched)
+        return argv, (f,)
+
+    where = (f"unix:{sock}" if sock else f"nbd://{bind}:{port}") + (" with TLS" if tls_psk
+                                                                     else "")
+    click.echo(f"nbdloop: serving {image} ({format_size(geometry.size)}, {mode}, "
+               f"alignment {geometry.align}) on {where}", err=True)
+    os.umask(0o077)  # the socket is 0600
+    if cpus:
+        os.sched_setaffinity(0, cpus)   # nbdkit and all its threads inherit it
+    try:
+        status = supervise(spawn, env=plugin_env(), ready_file=ready,
+                           pidfile=Path(pidfile).absolute() if pidfile else None,
+                           socket_path=sock)
+    except backing.ImageError as e:   # reopening after a crash failed
+        click.echo(f"nbdloop: cannot restart the server: {e}", err=True)
+        status = 1
+    if status != 0:
+        click.echo(f"nbdloop: server exited with status {status}", err=True)
+    sys.exit(0 if status == 0 else 1)

@@ -1,0 +1,155 @@
+"""nbdkit's command line for serving an image with nbdloop's plugin, and
+the checks ``nbdloop serve`` makes before it starts nbdkit.
+
+Every check raises :class:`ServeError` with one line; the CLI shows it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import stat
+from pathlib import Path
+
+from nbdloop import paths
+
+
+class ServeError(Exception):
+    """Bad input for a server: one line, nothing was started."""
+
+
+def image_key(image: str) -> str:
+    """A short, stable name for an image: its basename and a hash of its path."""
+    real = os.path.realpath(image)
+    digest = hashlib.sha256(real.encode()).hexdigest()[:8]
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(real).name)
+    return f"{stem}-{digest}"
+
+
+def default_socket(image: str) -> Path:
+    return paths.runtime_dir() / f"{image_key(image)}.sock"
+
+
+def require_free_socket(path: Path) -> None:
+    """Refuse a socket path that a live server owns; clear a stale one."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise ServeError(f"socket directory {path.parent} does not exist") from None
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ServeError(f"{path} exists and is not a socket")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+    except ConnectionRefusedError:
+        path.unlink()  # a dead server's leftover
+        return
+    except OSError as e:
+        raise ServeError(f"socket {path}: {e.strerror}") from None
+    finally:
+        s.close()
+    raise ServeError(f"socket {path} is already in use by a running server")
+
+
+def require_free_port(bind: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((bind, port))
+    except OSError as e:
+        raise ServeError(f"cannot listen on {bind}:{port}: {e.strerror}") from None
+    finally:
+        s.close()
+
+
+def require_permissions(image: str, readonly: bool) -> None:
+    """Root ignores permission bits, but a file that nobody may write is a
+    read-only image, and one nobody may read is not ours to serve."""
+    try:
+        st = os.stat(image)
+    except OSError:
+        return  # open_image reports it
+    if not stat.S_ISREG(st.st_mode):
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    if not mode & 0o444:
+        raise ServeError(f"{image}: is not readable (mode {mode:04o})")
+    if not readonly and not mode & 0o222:
+        raise ServeError(f"{image}: is read-only (mode {mode:04o}); "
+                         "use --readonly to serve it read-only")
+
+
+def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
+                socket_path: str | None, port: int | None, bind: str, threads: int,
+                segment_size: int, export_name: str, pidfile: str | None,
+                verbose: bool = False, stats_file: str | None = None,
+                tls_psk: str | None = None, mlock: bool = False,
+                placement: bool = True, sched: str = "batch") -> list[str]:
+    """The nbdkit command line that serves ``image`` with our plugin."""
+    nbdkit = shutil.which("nbdkit")
+    if nbdkit is None:
+        raise ServeError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
+    argv = [nbdkit, "--foreground", "--exit-with-parent", "--threads", str(threads)]
+    if socket_path is not None:
+        argv += ["--unix", socket_path]
+    else:
+        argv += ["--port", str(port), "--ipaddr", bind]
+    if readonly:
+        argv.append("--readonly")
+    if pidfile:
+        argv += ["--pidfile", pidfile]
+    if verbose:
+        argv.append("--verbose")
+    if tls_psk:
+        # require: a client that does not do TLS with a key from the file is refused.
+        argv += ["--tls=require", f"--tls-psk={os.path.abspath(tls_psk)}"]
+    argv += ["python", str(paths.PLUGIN), f"file={os.path.abspath(image)}", f"mode={mode}",
+             f"readonly={int(readonly)}", f"segment-size={segment_size}"]
+    if fd is not None:
+        argv.append(f"fd={fd}")
+    if export_name:
+        argv.append(f"export-name={export_name}")
+    if stats_file:
+        argv.append(f"stats-file={os.path.abspath(stats_file)}")
+    if mlock:
+        argv.append("mlock=1")
+    if not placement:
+        argv.append("placement=0")
+    if sched != "batch":
+        argv.append(f"sched={sched}")
+    return argv
+
+
+def require_psk_file(path: str) -> None:
+    """A PSK file as nbdkit (GnuTLS) reads it: ``username:hexkey`` lines."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ServeError(f"TLS PSK file {path}: {e.strerror}") from None
+    entries = [ln for ln in text.splitlines() if ln.strip()]
+    for ln in entries:
+        user, sep, key = ln.partition(":")
+        if not sep or not user or not key or len(key) % 2 or \
+                any(c not in "0123456789abcdefABCDEF" for c in key):
+            raise ServeError(f"TLS PSK file {path}: lines must be username:hexkey")
+    if not entries:
+        raise ServeError(f"TLS PSK file {path}: no keys in it")
+
+
+def plugin_env() -> dict[str, str]:
+    """nbdkit embeds Debian's python3: point it at this package.
+
+    The embedded interpreter finds its standard library from the first
+    ``python3`` on PATH unless told otherwise; with another Python first on
+    PATH (pyenv, a venv) it would load a foreign stdlib and miss Debian's
+    dist-packages (where _cffi_backend lives).  PYTHONHOME pins it to /usr.
+    """
+    env = dict(os.environ)
+    env.setdefault("PYTHONHOME", paths.EMBEDDED_PYTHON_HOME)
+    search = [str(paths.PACKAGE_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(":") if p]
+    env["PYTHONPATH"] = ":".join(search)
+    return env
