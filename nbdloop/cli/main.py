@@ -19,7 +19,7 @@ from nbdloop.cli.serve import serve
 from nbdloop.cli.vm import vm_check
 from nbdloop.engine.backing import ImageError
 from nbdloop.kernel.attach import AttachError
-from nbdloop.vm.check import VmCheckError
+from nbdloop.kernel.vmcheck import VmCheckError
 from nbdloop.paths import PathError
 from nbdloop.serve.cmdline import ServeError
 

@@ -7,7 +7,7 @@ import sys
 import click
 
 from nbdloop.cli.common import block_size_option, connections_option, mode_option
-from nbdloop.vm import check as vmcheck
+from nbdloop.kernel import vmcheck
 from nbdloop.serve.cmdline import require_permissions
 
 

@@ -1,0 +1,68 @@
+"""Run the real Linux kernel NBD client in a throwaway VM.
+
+The host kernel has no NBD client, so tests that need one boot Debian's stock
+kernel under qemu (TCG) with a small busybox initramfs. The pieces:
+
+* :mod:`nbdloop.vm.assets`: :func:`ensure_assets` builds, once, a kernel and a
+  base initramfs and caches them, keyed on what they are made from.
+* :mod:`nbdloop.vm.initramfs`: what goes into that initramfs (busybox, the
+  needed modules in load order, ``nbd-client``, ``mkfs.ext4``, ``e2fsck``,
+  ``mkfs.xfs``, ``xfs_repair`` and their shared libraries) and the cpio writer.
+* :mod:`nbdloop.vm.runner`: :func:`run_guest` boots that kernel, runs one shell
+  script in the guest and returns the script's verdict and the whole console;
+  :func:`shell_assignments` and :func:`argv_lines` write a script's
+  parameters as payload files (data the script sources or reads, never code).
+* :mod:`nbdloop.vm.kernel_check`: :func:`kernel_check_script`, the standard
+  script: connect, mkfs, mount, write files, verify, fsck, remount, verify
+  again, disconnect.
+* ``nbdloop/vm/guest/``: the guest's shell scripts (``init.sh``,
+  ``kernel-check.sh``), real files read at run time.
+
+This package imports only the standard library and :mod:`nbdloop.paths`; never
+nbdkit, nbdloop.engine or its compiled extension, so it also runs where those
+are not built yet. (The ``nbdloop vm-check`` orchestration, which validates
+images with the engine, is :mod:`nbdloop.kernel.vmcheck`.)
+
+The names below are the public API, so that ``from nbdloop import vm`` then
+``vm.run_guest(...)`` works without knowing which module holds what.
+"""
+from nbdloop.vm.assets import VmAssets, ensure_assets
+from nbdloop.vm.kernel_check import (
+    DEFAULT_FILE_SIZES,
+    KernelCheck,
+    kernel_check_script,
+    make_files,
+)
+from nbdloop.vm.runner import (
+    GUEST_NBD_DEVICE,
+    GUEST_PAYLOAD_DIR,
+    GUEST_SERVER_HOST,
+    GUEST_SERVER_PORT,
+    STEP_MARKER,
+    VERDICT_MARKER,
+    GuestResult,
+    argv_lines,
+    run_guest,
+    shell_assignments,
+)
+from nbdloop.vm.tools import VmError
+
+__all__ = [
+    "DEFAULT_FILE_SIZES",
+    "GUEST_NBD_DEVICE",
+    "GUEST_PAYLOAD_DIR",
+    "GUEST_SERVER_HOST",
+    "GUEST_SERVER_PORT",
+    "STEP_MARKER",
+    "VERDICT_MARKER",
+    "GuestResult",
+    "KernelCheck",
+    "VmAssets",
+    "VmError",
+    "argv_lines",
+    "ensure_assets",
+    "kernel_check_script",
+    "make_files",
+    "run_guest",
+    "shell_assignments",
+]

@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, require_root, require_tools, run
 
-from nbdloop.vm import runner as vm
+from nbdloop import vm
 from nbdloop.kernel.nbdclient import nbd_client_args
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
@@ -54,86 +54,16 @@ def assets() -> vm.VmAssets:
     return vm.ensure_assets()
 
 
-def guest_script(nbd_args: list[str], kills: int) -> str:
-    fs_blocks = (IMAGE_SIZE - MiB) // 4096
-    mark_block = IMAGE_SIZE // 4096 - 1
-    connect = " ".join(nbd_args)
-    return f"""#!/bin/sh
-STEP=start
-step() {{ STEP=$1; echo "{vm.STEP_MARKER} $1"; }}
-fail() {{
-    echo "NBDLOOP-STEP-FAILED: $STEP: $*"
-    echo "step $STEP: $*" > "$NBDLOOP_REASON"
-    exit 1
-}}
-must() {{ "$@" || fail "$* (exit $?)"; }}
-phase=0
-n=0
-mark() {{
-    printf 'NBDLOOP-CRASH phase %d files %d\\n' $phase $n |
-        dd of=/dev/nbd0 bs=4096 seek={mark_block} conv=sync,fsync 2>/dev/null
-}}
-connect() {{
-    tries=0
-    until {connect} >/tmp/nbd-client.log 2>&1; do
-        tries=$((tries + 1))
-        [ $tries -gt 120 ] && fail "nbd-client: $(tail -n 1 /tmp/nbd-client.log)"
-        sleep 0.5
-    done
-    echo "connected after $tries retries"
-}}
-check_synced() {{
-    [ -s /tmp/synced.sha256 ] || return 0
-    sha256sum -c -s /tmp/synced.sha256 || {{
-        sha256sum -c /tmp/synced.sha256 | grep -v ': OK$' | head -n 5
-        fail "synced files lost or damaged after kill $phase"
-    }}
-}}
-: > /tmp/synced.sha256
-
-step connect
-connect
-step mkfs
-must mkfs.ext4 -F -q -b 4096 /dev/nbd0 {fs_blocks}
-must mount -t ext4 /dev/nbd0 /mnt
-must mark
-
-while [ $phase -lt {kills} ]; do
-    step write-$phase
-    # Write and fsync files until the server goes away.
-    while :; do
-        n=$((n + 1))
-        f=/mnt/p$phase-f$n
-        dd if=/dev/urandom of=$f bs=4096 count=$((RANDOM % 48 + 1)) conv=fsync \\
-            2>/dev/null || break
-        echo "$(sha256sum $f | cut -d' ' -f1)  $f" >> /tmp/synced.sha256
-        mark || break
-    done
-    phase=$((phase + 1))
-    echo "kill $phase: $(wc -l < /tmp/synced.sha256) files synced so far; stopped at file $n"
-
-    step recover-$phase
-    umount /mnt 2>/dev/null || umount -l /mnt || fail "umount"
-    must nbd-client -d /dev/nbd0
-    connect
-    must mount -t ext4 /dev/nbd0 /mnt
-    must umount /mnt
-    step fsck-$phase
-    must e2fsck -fn /dev/nbd0
-    step verify-$phase
-    must mount -t ext4 /dev/nbd0 /mnt
-    check_synced
-    n=0
-    must mark
-done
-
-step final
-must umount /mnt
-must e2fsck -fn /dev/nbd0
-sed 's/^/SYNCED /' /tmp/synced.sha256
-must nbd-client -d /dev/nbd0
-step done
-"""
+def guest_script(nbd_args: list[str], kills: int) -> tuple[str, dict[str, bytes]]:
+    """The guest script (guest/crash.sh) and its payload: its parameters, as data."""
+    params = {
+        "FS_BLOCKS": str((IMAGE_SIZE - MiB) // 4096),
+        "MARK_BLOCK": str(IMAGE_SIZE // 4096 - 1),
+        "KILLS": str(kills),
+    }
+    payload = {"params": vm.shell_assignments(params),
+               "nbd-client.argv": vm.argv_lines(nbd_args)}
+    return (Path(__file__).resolve().parent / "guest" / "crash.sh").read_text(), payload
 
 
 def read_mark(image: Path) -> tuple[int, int] | None:
@@ -152,10 +82,10 @@ def test_fsynced_files_survive_server_kills(assets, tmp_path, serve, mode):
     server = serve(image, mode)
     argv = nbd_client_args(vm.GUEST_NBD_DEVICE, host=vm.GUEST_SERVER_HOST,
                            port=vm.GUEST_SERVER_PORT, block_size=512, timeout=10)
-    script = guest_script(argv, KILLS)
+    script, payload = guest_script(argv, KILLS)
     result: list[vm.GuestResult] = []
     guest = threading.Thread(target=lambda: result.append(
-        vm.run_guest(server.socket_path, script, assets=assets, timeout=600)))
+        vm.run_guest(server.socket_path, script, payload=payload, assets=assets, timeout=600)))
     guest.start()
     rng = random.Random()
     kills = []

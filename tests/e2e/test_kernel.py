@@ -32,13 +32,15 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, require_tools, run
-from nbdloop.vm import runner as vm
-from nbdloop.vm import check as vmcheck
+from nbdloop import vm
+from nbdloop.kernel import vmcheck
 from nbdloop.kernel.nbdclient import nbd_client_args
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 MiB = 1 << 20
+#: Guest scripts of these tests.
+GUEST = Path(__file__).resolve().parent / "guest"
 
 
 @pytest.fixture(scope="module")
@@ -158,22 +160,9 @@ def test_kernel_marks_a_connected_device_the_way_attach_reads_it(assets, tmp_pat
     server = serve(create(tmp_path / "disk.img", "64M"), "direct")
     argv = nbd_client_args(vm.GUEST_NBD_DEVICE, host=vm.GUEST_SERVER_HOST,
                            port=vm.GUEST_SERVER_PORT, block_size=512)
-    script = f"""
-fail() {{ echo "$*" > "$NBDLOOP_REASON"; exit 1; }}
-[ -e /sys/block/nbd0 ] && [ -e /sys/block/nbd1 ] || fail "no nbd0 and nbd1 in sysfs"
-[ -e /sys/block/nbd0/pid ] && fail "nbd0 has a pid file before nbd-client"
-{' '.join(argv)} || fail "nbd-client failed"
-[ -e /sys/block/nbd0/pid ] || fail "no /sys/block/nbd0/pid while connected"
-[ -e /sys/block/nbd1/pid ] && fail "nbd1 has a pid file but was never connected"
-nbd-client -d /dev/nbd0 || fail "nbd-client -d failed"
-tries=0
-while [ -e /sys/block/nbd0/pid ]; do
-    tries=$((tries + 1))
-    [ "$tries" -gt 50 ] && fail "/sys/block/nbd0/pid still there after nbd-client -d"
-    sleep 0.1
-done
-echo "pid file: present while connected, gone after disconnect"
-"""
-    result = vm.run_guest(server.socket_path, script, assets=assets, timeout=120)
+    script = (GUEST / "sysfs-pid.sh").read_text()
+    payload = {"nbd-client.argv": vm.argv_lines(argv)}
+    result = vm.run_guest(server.socket_path, script, payload=payload, assets=assets,
+                          timeout=120)
     assert result.ok, result.message
     assert "pid file: present while connected, gone after disconnect" in result.console

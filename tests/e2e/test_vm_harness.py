@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from nbdloop.vm import runner as vm
-from nbdloop.vm import check as vmcheck
+from nbdloop import vm
+from nbdloop.kernel import vmcheck
 from nbdloop.kernel.nbdclient import nbd_client_args
 
 pytestmark = [

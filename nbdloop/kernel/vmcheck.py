@@ -4,7 +4,9 @@ nbd-client arguments ``nbdloop attach`` uses), make a filesystem, write,
 fsck, remount and verify in the guest, then check the image again on the
 host with tools that never went through the guest.
 
-Shared by ``nbdloop vm-check`` and ``tests/e2e/test_kernel.py``.
+Shared by ``nbdloop vm-check`` and ``tests/e2e/test_kernel.py``.  It lives
+here, not in nbdloop.vm, because it validates the image with the engine
+(nbdloop.engine.backing), which nbdloop.vm must not import.
 """
 from __future__ import annotations
 
@@ -19,18 +21,18 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from nbdloop import vm
 from nbdloop.engine import backing
-from nbdloop.vm import runner as vm
-from nbdloop.serve import children as srv
 from nbdloop.kernel.attach import AttachError, default_block_size, server_error
-from nbdloop.kernel.nbdclient import nbd_client_args
+from nbdloop.kernel.nbdclient import BLOCK_SIZES, nbd_client_args
+from nbdloop.paths import SBIN_PATH
+from nbdloop.serve import children as srv
 
 FSTYPES = ("ext4", "xfs")
 #: The smallest image each filesystem check fits in: mkfs.xfs refuses less
 #: than 300 MB; ext4 needs room for its journal and the ~7 MiB of files.
 MIN_SIZE = {"ext4": 32 << 20, "xfs": 300 << 20}
 DEFAULT_TIMEOUT = 300
-_TOOLS = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class VmCheckError(Exception):
@@ -142,8 +144,9 @@ def prepare(image: str, *, mode: str, fstype: str, connections: int,
             block_size = default_block_size(geometry.align)
         except AttachError as e:
             raise VmCheckError(str(e)) from None
-    elif block_size not in (512, 1024, 2048, 4096):
-        raise VmCheckError(f"block size {block_size} is not one of 512, 1024, 2048, 4096")
+    elif block_size not in BLOCK_SIZES:
+        raise VmCheckError(f"block size {block_size} is not one of "
+                           f"{', '.join(map(str, BLOCK_SIZES))}")
     if geometry.size < MIN_SIZE[fstype]:
         raise VmCheckError(f"{image}: {geometry.size >> 20} MiB is too small for {fstype} "
                            f"(at least {MIN_SIZE[fstype] >> 20} MiB)")
@@ -171,7 +174,7 @@ def run_vm_check(image: str, *, mode: str = "direct", fstype: str = "ext4",
                           ("nbdkit", "nbdkit"),
                           ("e2fsck" if fstype == "ext4" else "xfs_repair",
                            "e2fsprogs" if fstype == "ext4" else "xfsprogs")]:
-        if shutil.which(tool, path=_TOOLS) is None:
+        if shutil.which(tool, path=SBIN_PATH) is None:
             raise VmCheckError(f"{tool} is not installed (apt-get install {package})")
     try:
         assets = assets or vm.ensure_assets()
@@ -226,7 +229,7 @@ def host_checks(image: str, fstype: str, expected: Mapping[str, str]) -> list[Ch
     # which fails (EINVAL) where the image sits on 4 KiB sectors; a read-only
     # loop device in front of it has 512-byte sectors and buffered I/O.
     p = subprocess.run(["losetup", "--read-only", "--find", "--show", image],
-                       capture_output=True, text=True, env={**os.environ, "PATH": _TOOLS})
+                       capture_output=True, text=True, env={**os.environ, "PATH": SBIN_PATH})
     if p.returncode != 0:
         return [Check("losetup --read-only", False, p.stderr.strip())]
     loop = p.stdout.strip()
@@ -239,7 +242,7 @@ def host_checks(image: str, fstype: str, expected: Mapping[str, str]) -> list[Ch
 
 def fsck(argv: list[str], name: str) -> Check:
     p = subprocess.run(argv, capture_output=True, text=True,
-                       env={**os.environ, "PATH": _TOOLS})
+                       env={**os.environ, "PATH": SBIN_PATH})
     if p.returncode == 0:
         return Check(name, True, "clean")
     out = (p.stdout + p.stderr).strip().splitlines()
@@ -248,7 +251,7 @@ def fsck(argv: list[str], name: str) -> Check:
 
 def ext4_checksums(image: str, expected: Mapping[str, str]) -> Check:
     """Read every file out of the image with debugfs (no mount, no kernel)."""
-    debugfs = shutil.which("debugfs", path=_TOOLS)
+    debugfs = shutil.which("debugfs", path=SBIN_PATH)
     if debugfs is None:
         return Check("debugfs checksums", None, "debugfs is not installed")
     bad = []
