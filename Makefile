@@ -32,7 +32,7 @@ install: setup
 	@echo "nbdloop is $$(command -v nbdloop)"
 
 # The quick preset: direct mode against qemu-nbd, 3 interleaved rounds.
-BENCH_ARGS ?= --quick --modes direct --peers qemu-nbd --rounds 3 --footprint 0
+BENCH_ARGS ?= --quick --modes direct --peers qemu-nbd --rounds 3 --runtime 5 --footprint 0
 bench: setup
 	$(VENV)/bin/nbdloop bench $(BENCH_ARGS)
 

@@ -299,7 +299,8 @@ def measure(campaign: Campaign, subj: Subject, w: Workload, rnd: int) -> RunResu
                 run_fio(w, target, campaign.warmup, campaign.size, campaign.client_cpus)
             busy0 = _machine_busy_seconds()
             cpu0 = _cpu_seconds(target.server_pid) if target.server_pid else None
-            job = run_fio(w, target, campaign.runtime, campaign.size, campaign.client_cpus)["jobs"][0]
+            job = run_fio(w, target, campaign.runtime, campaign.size,
+                          campaign.client_cpus)["jobs"][0]
             cpu1 = _cpu_seconds(target.server_pid) if target.server_pid else None
             busy1 = _machine_busy_seconds()
             cache = page_cache_bytes(campaign.image)
