@@ -550,65 +550,19 @@ nbdl_rw1 (struct nbdl_image *img, int op, int fua, char *user,
   return ret < 0 ? ret : s.res;
 }
 
-/* Run one SQE that needs no buffer. */
+/* The operations that need no buffer: one SQE each, on the calling
+ * thread's ring, under a range lock when lock_mode asks for one. */
+enum fd_op { FD_FSYNC, FD_FALLOCATE, FD_FADVISE };
+
 static int
-one_op (struct nbdl_image *img, struct nbdl_ring *r)
-{
-  int64_t res = NBDL_NOT_RUN;
-  uint32_t order, next = 0;
-  int ret;
-
-  (void) img;
-  STAT_ADD (requests, 1);
-  ret = submit_and_reap (r, 1, 1, &res, &order, &next);
-  if (r->broken)
-    drop_ring ();
-  if (ret < 0)
-    return ret;
-  return (int) res;
-}
-
-static struct io_uring_sqe *
-prep_fd_op (struct nbdl_ring *r)
-{
-  struct io_uring_sqe *sqe = next_sqe (r);
-
-  sqe->user_data = 0;
-  return sqe;
-}
-
-static void
-finish_fd_op (struct nbdl_ring *r, struct io_uring_sqe *sqe)
-{
-  if (r->fixed_file) {
-    sqe->fd = 0;
-    sqe->flags |= IOSQE_FIXED_FILE;
-  }
-}
-
-int
-nbdl_fsync (struct nbdl_image *img, int datasync)
-{
-  struct io_uring_sqe *sqe;
-  struct nbdl_ring *r;
-  int err = 0;
-
-  r = get_ring (img, &err);
-  if (r == NULL)
-    return err;
-  sqe = prep_fd_op (r);
-  io_uring_prep_fsync (sqe, r->fd, datasync ? IORING_FSYNC_DATASYNC : 0);
-  finish_fd_op (r, sqe);
-  return one_op (img, r);
-}
-
-int
-nbdl_fallocate (struct nbdl_image *img, int mode, uint64_t off, uint64_t len,
-                int lock_mode)
+run_fd_op (struct nbdl_image *img, enum fd_op op, int arg, uint64_t off,
+           uint64_t len, int lock_mode)
 {
   struct nbdl_range held;
   struct io_uring_sqe *sqe;
   struct nbdl_ring *r;
+  int64_t res = NBDL_NOT_RUN;
+  uint32_t order, next = 0;
   int err = 0, ret;
 
   r = get_ring (img, &err);
@@ -616,27 +570,47 @@ nbdl_fallocate (struct nbdl_image *img, int mode, uint64_t off, uint64_t len,
     return err;
   if (lock_mode != NBDL_LOCK_NONE)
     range_lock (img, &held, off, len, lock_mode);
-  sqe = prep_fd_op (r);
-  io_uring_prep_fallocate (sqe, r->fd, mode, off, len);
-  finish_fd_op (r, sqe);
-  ret = one_op (img, r);
+  sqe = next_sqe (r);
+  switch (op) {
+  case FD_FSYNC:
+    io_uring_prep_fsync (sqe, r->fd, arg ? IORING_FSYNC_DATASYNC : 0);
+    break;
+  case FD_FALLOCATE:
+    io_uring_prep_fallocate (sqe, r->fd, arg, off, len);
+    break;
+  case FD_FADVISE:
+    io_uring_prep_fadvise (sqe, r->fd, off, (uint32_t) len, arg);
+    break;
+  }
+  sqe->user_data = 0;
+  if (r->fixed_file) {
+    sqe->fd = 0;
+    sqe->flags |= IOSQE_FIXED_FILE;
+  }
+  STAT_ADD (requests, 1);
+  ret = submit_and_reap (r, 1, 1, &res, &order, &next);
+  if (r->broken)
+    drop_ring ();
   if (lock_mode != NBDL_LOCK_NONE)
     range_unlock (img, &held);
-  return ret;
+  return ret < 0 ? ret : (int) res;
+}
+
+int
+nbdl_fsync (struct nbdl_image *img, int datasync)
+{
+  return run_fd_op (img, FD_FSYNC, datasync, 0, 0, NBDL_LOCK_NONE);
+}
+
+int
+nbdl_fallocate (struct nbdl_image *img, int mode, uint64_t off, uint64_t len,
+                int lock_mode)
+{
+  return run_fd_op (img, FD_FALLOCATE, mode, off, len, lock_mode);
 }
 
 int
 nbdl_fadvise (struct nbdl_image *img, uint64_t off, uint32_t len, int advice)
 {
-  struct io_uring_sqe *sqe;
-  struct nbdl_ring *r;
-  int err = 0;
-
-  r = get_ring (img, &err);
-  if (r == NULL)
-    return err;
-  sqe = prep_fd_op (r);
-  io_uring_prep_fadvise (sqe, r->fd, off, len, advice);
-  finish_fd_op (r, sqe);
-  return one_op (img, r);
+  return run_fd_op (img, FD_FADVISE, advice, off, len, NBDL_LOCK_NONE);
 }

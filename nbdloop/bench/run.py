@@ -205,22 +205,20 @@ def nbdloop_subject(image: str, workdir: str, mode: str, cpus: str | None = None
     return Subject(name, "nbdloop", start, mode=mode)
 
 
-def qemu_nbd_subject(image: str, workdir: str) -> Subject:
+def _peer_subject(name: str, server: Callable[[], srv.ServerProcess]) -> Subject:
     @contextlib.contextmanager
     def start() -> Iterator[Target]:
-        s = srv.qemu_nbd_server(image, workdir)
-        with s:
+        with server() as s:
             yield Target(uri=s.uri, server_pid=s.pid)
-    return Subject("qemu-nbd", "peer", start)
+    return Subject(name, "peer", start)
+
+
+def qemu_nbd_subject(image: str, workdir: str) -> Subject:
+    return _peer_subject("qemu-nbd", lambda: srv.qemu_nbd_server(image, workdir))
 
 
 def nbdkit_file_subject(image: str, workdir: str) -> Subject:
-    @contextlib.contextmanager
-    def start() -> Iterator[Target]:
-        s = srv.nbdkit_file_server(image, workdir)
-        with s:
-            yield Target(uri=s.uri, server_pid=s.pid)
-    return Subject("nbdkit-file", "peer", start)
+    return _peer_subject("nbdkit-file", lambda: srv.nbdkit_file_server(image, workdir))
 
 
 def loop_dio_subject(image: str) -> Subject:

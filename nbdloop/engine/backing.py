@@ -268,13 +268,9 @@ class Backing:
         start, length = (plan.aligned_interior(offset, count, self.io_align)
                          if self.direct else (offset, count))
         if length and self._punch_ok:
-            try:
-                self.engine.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, start,
-                                      length, self.write_lock, self._what("trim", offset, count))
-            except OSError as e:
-                if e.errno != errno.EOPNOTSUPP:
-                    raise
-                self._punch_ok = False   # advisory: nothing more to do
+            # Advisory: where holes cannot be punched there is nothing more to do.
+            self._punch_ok = self._fallocate(FALLOC_FL_PUNCH_HOLE, start, length,
+                                             self._what("trim", offset, count))
         if fua:
             self.flush()
 
@@ -303,28 +299,30 @@ class Backing:
                      req_off: int, req_count: int) -> None:
         what = self._what("zero", req_off, req_count)
         if may_trim and self._punch_ok:
-            try:
-                self.engine.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, length,
-                                      self.write_lock, what)
+            self._punch_ok = self._fallocate(FALLOC_FL_PUNCH_HOLE, off, length, what)
+            if self._punch_ok:
                 return
-            except OSError as e:
-                if e.errno != errno.EOPNOTSUPP:
-                    raise
-                self._punch_ok = False
         if self._zero_range_ok:
-            try:
-                self.engine.fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off, length,
-                                      self.write_lock, what)
+            self._zero_range_ok = self._fallocate(FALLOC_FL_ZERO_RANGE, off, length, what)
+            if self._zero_range_ok:
                 return
-            except OSError as e:
-                if e.errno != errno.EOPNOTSUPP:
-                    raise
-                self._zero_range_ok = False
         if fast:
             uring.check(-errno.ENOTSUP, f"fast {what}")
         # Slow but complete: write zeroes over the whole range.
         segs = plan.plan_write(off, length, self.io_align, self.seg_size)
         self._run_write(uring.OP_WRITE_ZEROES, None, segs, req_off, req_count, False)
+
+    def _fallocate(self, mode: int, off: int, length: int, what: str) -> bool:
+        """fallocate(mode | KEEP_SIZE) under the write lock; False if the
+        filesystem does not support ``mode`` (so the caller stops asking)."""
+        try:
+            self.engine.fallocate(mode | FALLOC_FL_KEEP_SIZE, off, length, self.write_lock,
+                                  what)
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            return False
+        return True
 
     def prefetch(self, count: int, offset: int) -> None:
         """NBD_CMD_CACHE: read ahead into the page cache (buffered mode; a
