@@ -66,6 +66,8 @@ struct nbdl_stats {
   uint64_t moves;      /* workers moved between the busy and idle CPUs */
   uint64_t batched;    /* workers switched to SCHED_BATCH */
   uint64_t unplaced;   /* requests too long to move their worker */
+  uint64_t threads;    /* threads that called into the engine */
+  uint64_t io_flushers; /* ... of which PR_GET_IO_FLUSHER said 1 */
 };
 
 struct nbdl_image;

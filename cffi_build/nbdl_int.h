@@ -16,8 +16,15 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
+#include <sys/prctl.h>
 
 #include "nbdl.h"
+
+/* Older headers lack them; the kernel has had them since 5.6. */
+#ifndef PR_SET_IO_FLUSHER
+#define PR_SET_IO_FLUSHER 57
+#define PR_GET_IO_FLUSHER 58
+#endif
 
 /* Hidden, as when all of this was static in one file: the extension still
  * exports only nbdl.h's functions, and no name here can clash with one in

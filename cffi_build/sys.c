@@ -6,14 +6,8 @@
 #include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <linux/stat.h>
-
-#ifndef PR_SET_IO_FLUSHER
-#define PR_SET_IO_FLUSHER 57
-#define PR_GET_IO_FLUSHER 58
-#endif
 
 struct nbdl_stats nbdl_global_stats;
 

@@ -58,6 +58,11 @@ get_thread (struct nbdl_image *img)
       free (t);
       return NULL;
     }
+    /* Read back what each worker inherited, so that it can be shown, not
+     * assumed: nbdkit creates its workers after get_ready() set the flag. */
+    STAT_ADD (threads, 1);
+    if (prctl (PR_GET_IO_FLUSHER, 0, 0, 0, 0) == 1)
+      STAT_ADD (io_flushers, 1);
     if (img->sched_batch) {
       /* Once per thread; a failure only leaves the thread as it was. */
       struct sched_param sp = { .sched_priority = 0 };

@@ -96,6 +96,25 @@ def test_io_flusher_on_every_worker(image, serve, mode):
         assert "PR_SET_IO_FLUSHER not permitted (no CAP_SYS_RESOURCE)" in s.log.read_text()
 
 
+def test_workers_report_their_io_flusher_flag(image, serve, mode, tmp_path):
+    """Each worker reads PR_GET_IO_FLUSHER back when it first calls in, and
+    the stats file counts them: all of them, or none without the capability."""
+    from conftest import read_stats
+    stats = tmp_path / "stats.json"
+    s = serve(image, mode, extra=["--stats-file", str(stats)])
+    import nbd
+    h = nbd.NBD()
+    h.connect_uri(s.uri)
+    for i in range(32):
+        h.aio_pread(nbd.Buffer(4096), i * 4096)
+    while h.aio_in_flight() > 0:
+        h.poll(1000)
+    h.shutdown()
+    st = read_stats(stats)
+    assert st["threads"] >= 1
+    assert st["io_flushers"] == (st["threads"] if has_cap_sys_resource() else 0), st
+
+
 def test_mlock_locks_the_server(image, serve):
     s = serve(image, "direct", extra=["--mlock"])
     status = Path(f"/proc/{s.server_pid}/status").read_text()
