@@ -5,15 +5,24 @@ The executor below is a model of what the C engine does with a segment list
 window and write), run against a bytearray "disk", with hypothesis choosing
 where transfers come up short or fail.  The merge loop must always finish
 with exactly the right bytes, or with the first error.
+
+The model is only worth what it says about the engine, so the last tests run
+it in lockstep with the real engine (nbdloop.engine.uring.Engine on a file
+holding the same bytes) on the same plans, without injected faults: every
+round must give the same result for every segment, the same completion
+orders within each wave (as sets: the real order within a wave varies), and
+the same bytes in the buffer and the file.
 """
 import errno
+import os
 import random
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from nbdloop.engine import plan
+from conftest import require
+from nbdloop.engine import plan, uring
 from nbdloop.engine.plan import NOT_RUN, Segment
 
 ALIGNS = st.sampled_from([1, 512, 4096])
@@ -21,8 +30,8 @@ SEG_MULT = st.integers(min_value=1, max_value=8)
 
 
 @st.composite
-def geometry(draw):
-    align = draw(ALIGNS)
+def geometry(draw, aligns=ALIGNS):
+    align = draw(aligns)
     seg_size = align * draw(SEG_MULT) if align > 1 else draw(st.integers(1, 9000))
     disk_blocks = draw(st.integers(1, 64))
     disk_size = disk_blocks * max(align, 512)
@@ -108,6 +117,13 @@ def test_geometry_is_checked():
 
 # ---- a model of the engine, with injected short transfers and errors -----------
 
+class NoFaults:
+    """Every submission transfers all it can (all of it, short of end of file)."""
+
+    def result(self, seg: Segment, max_ok: int) -> int:
+        return max_ok
+
+
 class Faults:
     """Decides each submission's result from a hypothesis-drawn script."""
 
@@ -124,20 +140,24 @@ class Faults:
 
 
 def execute(disk: bytearray, op: str, segs, user: bytearray, faults, entries: int):
-    """What nbdl_rw does, on a bytearray.  Returns (res, order) per segment."""
+    """What nbdl_rw does, on a bytearray.  ``op`` is "read", "write" or
+    "zero" (NBDL_OP_WRITE_ZEROES: zeroes where the window's data would go;
+    ``user`` is not used).  Returns (res, order) per segment."""
     results = [(NOT_RUN, 2**32 - 1)] * len(segs)
     order = 0
     for w0 in range(0, len(segs), entries):
         wave = list(range(w0, min(w0 + entries, len(segs))))
         bad = False
         slots = {}
-        if op == "write":
+        if op in ("write", "zero"):
             for i in wave:
                 s = segs[i]
                 slot = bytearray(s.length)
                 if s.preread:
                     slot[:] = disk[s.file_off:s.end]
-                slot[s.skip:s.skip + s.copy_len] = user[s.user_off:s.user_off + s.copy_len]
+                slot[s.skip:s.skip + s.copy_len] = (
+                    user[s.user_off:s.user_off + s.copy_len] if op == "write"
+                    else bytes(s.copy_len))
                 slots[i] = slot
         for i in wave:
             s = segs[i]
@@ -210,10 +230,6 @@ def test_end_of_file_is_an_error_not_zeros(g, data):
     assume(plan.align_down(cut, max(align, 1)) < offset + length)
     disk = bytearray(b"\xaa" * cut)
     user = bytearray(length)
-
-    class NoFaults:
-        def result(self, seg, max_ok):
-            return max_ok
     out = drive(disk, "read", plan.plan_read(offset, length, align, seg_size), user,
                 NoFaults(), align, 4)
     assert out is not None and out.error == -errno.EIO
@@ -248,3 +264,148 @@ def test_remainder_keeps_window_mapping():
     s = Segment(0, 8192, skip=1000, user_off=0, copy_len=6000)
     r = plan.remainder(s, 4096)
     assert r == Segment(4096, 4096, skip=0, user_off=3096, copy_len=2904)
+
+
+# ---- the model against the real engine --------------------------------------------
+
+def dio_alignment(directory) -> int | None:
+    """The direct-I/O offset alignment of files in ``directory`` (None: no O_DIRECT)."""
+    probe = directory / "dio-probe"
+    probe.write_bytes(bytes(4096))
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_DIRECT)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return None
+        raise
+    try:
+        return uring.dio_alignment(fd)[1] or None
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+@pytest.fixture(params=["sector512", "sector4k"])
+def engine_dir(request, tmp_path):
+    """(directory, the alignments to plan with there): tmp_path, where direct
+    I/O is 512-aligned, so 512 and 4096 both work, or the 4 KiB-sector
+    ``fourk_fs``.  Alignment 1 is buffered mode."""
+    if request.param == "sector512":
+        directory, want, aligns = tmp_path, 512, [1, 512, 4096]
+    else:
+        directory, want, aligns = request.getfixturevalue("fourk_fs"), 4096, [1, 4096]
+    got = dio_alignment(directory)
+    require(got == want, f"{want}-byte direct-I/O alignment on {directory} (it is {got})")
+    return directory, aligns
+
+
+def real_round(engine, op: str, buf, segs, direct: bool):
+    """One nbdl_rw of ``segs`` with the range lock the Backing would take."""
+    if op == "read":
+        return engine.rw(uring.OP_READ, buf, segs, False, (0, 0, uring.LOCK_NONE))
+    start, length = segs[0].file_off, segs[-1].end - segs[0].file_off
+    if not direct:
+        mode = uring.LOCK_NONE
+    elif any(s.preread for s in segs):
+        mode = uring.LOCK_EXCLUSIVE
+    else:
+        mode = uring.LOCK_SHARED
+    code = uring.OP_WRITE if op == "write" else uring.OP_WRITE_ZEROES
+    return engine.rw(code, buf if op == "write" else None, segs, False,
+                     (start, length, mode))
+
+
+def lockstep(disk: bytearray, engine, op: str, segs, user_model, user_real,
+             align: int, entries: int):
+    """``drive`` with the model and the real engine side by side: each round
+    must give the same results; returns the real merge's last outcome (None
+    when done)."""
+    for _ in range(10_000):
+        if not segs:
+            return None
+        model = execute(disk, op, segs, user_model, NoFaults(), entries)
+        real = real_round(engine, op, user_real, segs, align > 1)
+        assert [r for r, _ in real] == [r for r, _ in model], (segs, real, model)
+        for w0 in range(0, len(segs), entries):
+            wave = slice(w0, w0 + entries)
+            assert sorted(o for _, o in real[wave]) == sorted(o for _, o in model[wave]), \
+                (segs, real, model)
+        out_model = plan.merge(segs, model, align)
+        out = plan.merge(segs, real, align)
+        assert (out.error, out.resubmit) == (out_model.error, out_model.resubmit)
+        if out.error is not None:
+            return out
+        segs = list(out.resubmit)
+    raise AssertionError("merge loop did not terminate")
+
+
+def open_engine(path, align: int, seg_size: int, entries: int):
+    direct = align > 1
+    fd = os.open(path, os.O_RDWR | (os.O_DIRECT if direct else 0))
+    # Bounce slots must be 4 KiB multiples to stay aligned in memory; a
+    # bigger slot than the planned segment size is fine.
+    slot = plan.align_up(seg_size, 4096) if direct else seg_size
+    return fd, uring.Engine(fd, direct=direct, seg_size=slot, entries=entries)
+
+
+# The directory (and on sector4k the mounted filesystem) is shared by all
+# examples; each example writes its own image from scratch.
+ENGINE_SETTINGS = settings(max_examples=200, deadline=None,
+                           suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@ENGINE_SETTINGS
+@given(st.data(), st.integers(1, 4), st.sampled_from(["read", "write", "zero"]),
+       st.integers(0, 2**32 - 1))
+def test_model_matches_the_engine(engine_dir, data, entries, op, seed):
+    directory, aligns = engine_dir
+    align, seg_size, disk_size, offset, length = data.draw(geometry(st.sampled_from(aligns)))
+    rng = random.Random(seed)
+    disk = bytearray(rng.randbytes(disk_size))
+    before = bytes(disk)
+    path = directory / "model.img"
+    path.write_bytes(disk)
+    if op == "read":
+        segs = plan.plan_read(offset, length, align, seg_size)
+        user_model, user_real = bytearray(length), bytearray(length)
+    else:
+        segs = plan.plan_write(offset, length, align, seg_size)
+        user_model = bytearray(rng.randbytes(length))
+        user_real = bytes(user_model)
+    fd, engine = open_engine(path, align, seg_size, entries)
+    try:
+        out = lockstep(disk, engine, op, segs, user_model, user_real, align, entries)
+    finally:
+        engine.close()
+        os.close(fd)
+    assert out is None
+    if op == "read":
+        assert user_real == user_model == before[offset:offset + length]
+    else:
+        want = user_model if op == "write" else bytes(length)
+        assert disk == before[:offset] + want + before[offset + length:]
+        assert path.read_bytes() == disk
+
+
+@ENGINE_SETTINGS
+@given(st.data(), st.integers(1, 4))
+def test_model_matches_the_engine_at_end_of_file(engine_dir, data, entries):
+    """A read past the end of a truncated file (not even a whole block in
+    direct mode) comes up short in the same places in the model and the
+    engine, and ends in EIO in both."""
+    directory, aligns = engine_dir
+    align, seg_size, _, offset, length = data.draw(geometry(st.sampled_from(aligns)))
+    cut = data.draw(st.integers(0, offset + length - 1))
+    disk = bytearray(random.Random(cut).randbytes(cut))
+    path = directory / "model.img"
+    path.write_bytes(disk)
+    user_model, user_real = bytearray(length), bytearray(length)
+    fd, engine = open_engine(path, align, seg_size, entries)
+    try:
+        out = lockstep(disk, engine, "read", plan.plan_read(offset, length, align, seg_size),
+                       user_model, user_real, align, entries)
+    finally:
+        engine.close()
+        os.close(fd)
+    assert out is not None and out.error == -errno.EIO
+    assert user_real == user_model, "the same bytes arrived before the error"

@@ -193,6 +193,10 @@ class Backing:
             engine.close()
         fd, self.fd = self.fd, -1
         if fd >= 0:
+            # Unlock before closing: io_uring's workers may still hold a
+            # reference to the file for a moment after an fsync or fallocate,
+            # and the lock would go only with the last reference.
+            fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     def __enter__(self) -> Backing:

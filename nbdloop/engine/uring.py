@@ -129,7 +129,8 @@ class Engine:
     def rw1(self, op: int, buf, offset: int, fua: bool, lock: int) -> int:
         """One full-window segment of ``len(buf)`` bytes at ``offset``.
         Returns the bytes transferred, which may be short; raises OSError."""
-        res = lib.nbdl_rw1(self._img, op, fua, ffi.from_buffer(buf), offset, len(buf), lock)
+        user = ffi.from_buffer(buf, require_writable=op == OP_READ)
+        res = lib.nbdl_rw1(self._img, op, fua, user, offset, len(buf), lock)
         if res < 0:
             check(res, self._what(op, offset, len(buf)))
         return res
@@ -149,7 +150,8 @@ class Engine:
             c.skip = s.skip
             c.copy_len = s.copy_len
             c.flags = lib.NBDL_SEG_PREREAD if s.preread else 0
-        user = ffi.NULL if buf is None else ffi.from_buffer(buf)
+        # A read must not write into an immutable object (bytes).
+        user = ffi.NULL if buf is None else ffi.from_buffer(buf, require_writable=op == OP_READ)
         ret = lib.nbdl_rw(self._img, op, fua, user, arr, n, lock[0], lock[1], lock[2])
         check(ret, "io_uring setup")
         return [(c.res, c.order) for c in arr]
