@@ -15,8 +15,13 @@ kernel under qemu (TCG) with a small busybox initramfs. The pieces:
 * :mod:`nbdloop.vm.kernel_check`: :func:`kernel_check_script`, the standard
   script: connect, mkfs, mount, write files, verify, fsck, remount, verify
   again, disconnect.
+* :mod:`nbdloop.vm.product`: :func:`run_product` boots the same kernel on the
+  host's own root filesystem (read-only over 9p, a tmpfs overlay on top) and
+  runs one host shell script there: the whole product (nbdkit, the venv,
+  nbd-client, the kernel NBD client) on one kernel; the images go on a
+  virtio data disk. :func:`ensure_product_assets` caches its initramfs.
 * ``nbdloop/vm/guest/``: the guest's shell scripts (``init.sh``,
-  ``kernel-check.sh``), real files read at run time.
+  ``kernel-check.sh``, ``product-init.sh``), real files read at run time.
 
 This package imports only the standard library and :mod:`nbdloop.paths`; never
 nbdkit, nbdloop.engine or its compiled extension, so it also runs where those
@@ -32,6 +37,13 @@ from nbdloop.vm.kernel_check import (
     KernelCheck,
     kernel_check_script,
     make_files,
+)
+from nbdloop.vm.product import (
+    GUEST_DATA_DIR,
+    GUEST_REASON_FILE,
+    ProductAssets,
+    ensure_product_assets,
+    run_product,
 )
 from nbdloop.vm.runner import (
     GUEST_NBD_DEVICE,
@@ -49,20 +61,25 @@ from nbdloop.vm.tools import VmError
 
 __all__ = [
     "DEFAULT_FILE_SIZES",
+    "GUEST_DATA_DIR",
     "GUEST_NBD_DEVICE",
     "GUEST_PAYLOAD_DIR",
+    "GUEST_REASON_FILE",
     "GUEST_SERVER_HOST",
     "GUEST_SERVER_PORT",
     "STEP_MARKER",
     "VERDICT_MARKER",
     "GuestResult",
     "KernelCheck",
+    "ProductAssets",
     "VmAssets",
     "VmError",
     "argv_lines",
     "ensure_assets",
+    "ensure_product_assets",
     "kernel_check_script",
     "make_files",
     "run_guest",
+    "run_product",
     "shell_assignments",
 ]

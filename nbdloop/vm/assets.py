@@ -7,7 +7,10 @@ download`` of what ``linux-image-amd64`` names, unpacked with ``dpkg-deb
 :func:`nbdloop.paths.vm_cache_dir`, in a directory keyed on everything they
 are made from: the package versions, the module and tool lists, the guest's
 /init (``nbdloop/vm/guest/init.sh``, by the sha256 of its content) and the
-kernel command line.
+kernel command line. The kernel's .deb itself is kept too
+(:func:`kernel_deb`, under ``kernel-deb/``), so that the product VM's
+initramfs (:mod:`nbdloop.vm.product`), made from the same kernel package's
+modules, needs no second download.
 
 Standard library, :mod:`nbdloop.paths` and the other nbdloop.vm modules only.
 """
@@ -23,14 +26,23 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from nbdloop.paths import GUEST_SCRIPTS, vm_cache_dir
 from nbdloop.vm.initramfs import GUEST_TOOLS, HOST_PACKAGES, MODULE_ROOTS, build_initramfs
 from nbdloop.vm.tools import VmError, require_tool, run
 
-__all__ = ["INIT_SCRIPT", "KERNEL_CMDLINE", "VmAssets", "VmError", "ensure_assets"]
+__all__ = [
+    "INIT_SCRIPT",
+    "KERNEL_CMDLINE",
+    "VmAssets",
+    "VmError",
+    "cache_lock",
+    "ensure_assets",
+    "kernel_deb",
+    "unpack_kernel",
+]
 
 #: The guest's /init, built into the base initramfs.
 INIT_SCRIPT = GUEST_SCRIPTS / "init.sh"
@@ -133,6 +145,12 @@ def _load_entry(entry: Path) -> VmAssets | None:
     )
 
 
+def cache_lock(cache_dir: Path) -> AbstractContextManager[None]:
+    """Hold ``cache_dir``'s build lock (the one :func:`ensure_assets` takes) for a
+    ``with`` block: builds of cache entries, and :func:`kernel_deb`, run under it."""
+    return _locked(Path(cache_dir) / ".lock")
+
+
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     with open(path, "a") as f:
@@ -216,28 +234,13 @@ def _kernel_package(cache_dir: Path) -> tuple[str, str]:
 
 def _build_entry(out: Path, kernel_package: str, kernel_version: str, recipe: dict,
                  init: bytes) -> None:
-    """Download and unpack the kernel, then write vmlinuz and initrd.img into ``out``."""
-    apt_get = require_tool("apt-get", "apt")
-    dpkg_deb = require_tool("dpkg-deb", "dpkg")
+    """Unpack the kernel (:func:`unpack_kernel`), then write vmlinuz and initrd.img
+    into ``out``."""
     require_tool("ldd", "libc-bin")
     work = out / "work"
     work.mkdir()
-    cmd = [apt_get, "download", "-q"]
-    if os.geteuid() == 0:
-        # As root apt drops to the _apt user, which cannot write here.
-        cmd += ["-o", "APT::Sandbox::User=root"]
-    cmd.append(f"{kernel_package}={kernel_version}")
-    run(cmd, cwd=work)
-    debs = list(work.glob("*.deb"))
-    if len(debs) != 1:
-        raise VmError(f"apt-get download {kernel_package} left {len(debs)} .deb files in {work}")
-    root = work / "root"
-    run([dpkg_deb, "-x", str(debs[0]), str(root)])
     release = kernel_package.removeprefix("linux-image-")
-    vmlinuz = root / "boot" / f"vmlinuz-{release}"
-    moddir = root / "lib" / "modules" / release
-    if not vmlinuz.is_file() or not moddir.is_dir():
-        raise VmError(f"{debs[0].name} has no boot/vmlinuz-{release} or lib/modules/{release}")
+    vmlinuz, moddir = unpack_kernel(out.parent, kernel_package, kernel_version, work)
 
     initrd, modules = build_initramfs(moddir, init)
     (out / "initrd.img").write_bytes(initrd)
@@ -251,3 +254,59 @@ def _build_entry(out: Path, kernel_package: str, kernel_version: str, recipe: di
         "recipe": recipe,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def unpack_kernel(cache_dir: Path, kernel_package: str, kernel_version: str,
+                  work: Path) -> tuple[Path, Path]:
+    """Unpack the kernel package into ``work/root``; return its vmlinuz and its
+    ``lib/modules/<release>``.
+
+    The .deb comes from :func:`kernel_deb`, so every initramfs built from the
+    same kernel package (the client VM's, the product VM's) shares one
+    download. The caller holds ``cache_dir``'s lock.
+    """
+    dpkg_deb = require_tool("dpkg-deb", "dpkg")
+    deb = kernel_deb(cache_dir, kernel_package, kernel_version)
+    root = work / "root"
+    run([dpkg_deb, "-x", str(deb), str(root)])
+    release = kernel_package.removeprefix("linux-image-")
+    vmlinuz = root / "boot" / f"vmlinuz-{release}"
+    moddir = root / "lib" / "modules" / release
+    if not vmlinuz.is_file() or not moddir.is_dir():
+        raise VmError(f"{deb.name} has no boot/vmlinuz-{release} or lib/modules/{release}")
+    return vmlinuz, moddir
+
+
+def kernel_deb(cache_dir: Path, kernel_package: str, kernel_version: str) -> Path:
+    """The kernel package's .deb, downloaded once with ``apt-get download`` and
+    kept under ``cache_dir/kernel-deb/<package>_<version>/``; the .debs of
+    other kernel versions are removed when a new one arrives. The caller holds
+    ``cache_dir``'s lock."""
+    debs_dir = cache_dir / "kernel-deb"
+    keep = debs_dir / f"{kernel_package}_{kernel_version}"
+    found = list(keep.glob("*.deb")) if keep.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    apt_get = require_tool("apt-get", "apt")
+    debs_dir.mkdir(parents=True, exist_ok=True)
+    download = Path(tempfile.mkdtemp(prefix=".download-", dir=debs_dir))
+    try:
+        cmd = [apt_get, "download", "-q"]
+        if os.geteuid() == 0:
+            # As root apt drops to the _apt user, which cannot write here.
+            cmd += ["-o", "APT::Sandbox::User=root"]
+        cmd.append(f"{kernel_package}={kernel_version}")
+        run(cmd, cwd=download)
+        debs = list(download.glob("*.deb"))
+        if len(debs) != 1:
+            raise VmError(
+                f"apt-get download {kernel_package} left {len(debs)} .deb files in {download}"
+            )
+        download.chmod(0o755)
+        for old in debs_dir.iterdir():
+            if old != download:
+                shutil.rmtree(old, ignore_errors=True)
+        os.rename(download, keep)
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
+    return keep / debs[0].name

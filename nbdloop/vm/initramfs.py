@@ -4,6 +4,8 @@
   loads (:func:`module_load_order`, from each module's ELF ``.modinfo``:
   :func:`modinfo`), busybox, the guest tools and their shared libraries
   into a gzipped newc cpio archive (:class:`CpioWriter`).
+* :func:`build_product_initramfs` packs the much smaller initramfs of the
+  product VM (:mod:`nbdloop.vm.product`): its /init, its modules and busybox.
 * :class:`CpioWriter` also writes the small uncompressed archive that
   :func:`nbdloop.vm.runner.run_guest` appends per run.
 
@@ -28,6 +30,17 @@ from nbdloop.vm.tools import VmError, require_tool, run
 #: because ext4, jbd2 and libcrc32c want it only as a soft dependency
 #: (``softdep pre: crypto-crc32c``), which names an alias, not a module.
 MODULE_ROOTS = ("virtio_pci", "virtio_net", "nbd", "crc32c_generic", "ext4", "xfs")
+
+#: Modules the product VM (:mod:`nbdloop.vm.product`) loads, besides their
+#: dependencies: its disks (virtio_blk), the host's root over 9p (9pnet_virtio,
+#: the transport, is no dependency of 9p and so is named), overlayfs on top,
+#: nbd, and ext4 and xfs for the data disk and the NBD devices.
+PRODUCT_MODULE_ROOTS = ("virtio_pci", "virtio_blk", "nbd", "9pnet_virtio", "9p", "overlay",
+                        "crc32c_generic", "ext4", "xfs")
+#: Module parameters of the product VM, given to insmod after the module's path.
+PRODUCT_MODULE_PARAMS = {"nbd": ("nbds_max=16", "max_part=8")}
+#: Host packages whose files go into the product initramfs.
+PRODUCT_HOST_PACKAGES = ("busybox-static",)
 
 #: Tools the guest needs from the host, and the Debian package of each.
 GUEST_TOOLS = {
@@ -76,11 +89,7 @@ def build_initramfs(moddir: Path, init: bytes) -> tuple[bytes, list[str]]:
             archive.add_symlink(f"usr/sbin/{tool}", os.path.basename(real))
         shipped.update((tool, os.path.basename(real)))
         executables.append(real)
-    archive.add_file("bin/busybox", Path(_BUSYBOX).read_bytes(), 0o755)
-    applets = run([_BUSYBOX, "--list-full"]).split()
-    for applet in applets:
-        if os.path.basename(applet) not in shipped and applet != "bin/busybox":
-            archive.add_symlink(applet, "/bin/busybox")
+    add_busybox(archive, shipped)
     for lib in sorted({lib for exe in executables for lib in shared_libraries(exe)}):
         archive.add_file(lib.lstrip("/"), Path(lib).read_bytes(), 0o755)
 
@@ -88,6 +97,50 @@ def build_initramfs(moddir: Path, init: bytes) -> tuple[bytes, list[str]]:
     # Pad so that an uncompressed cpio appended by run_guest starts 4-aligned.
     initrd += b"\0" * (-len(initrd) % 4)
     return initrd, [m for m, _ in modules]
+
+
+def build_product_initramfs(moddir: Path, init: bytes) -> tuple[bytes, list[str]]:
+    """Return the gzipped initramfs of the product VM and the modules it loads, in order.
+
+    Only busybox (static), the modules of :data:`PRODUCT_MODULE_ROOTS` and
+    their dependencies (``/etc/nbdloop/modules``, one name a line, in load
+    order), the parameters of :data:`PRODUCT_MODULE_PARAMS`
+    (``/etc/nbdloop/modparams/<module>``, one a line) and ``init``, the
+    content of ``nbdloop/vm/guest/product-init.sh``; everything else the
+    guest runs comes from the host's root filesystem over 9p.
+    """
+    modules = module_load_order(moddir, PRODUCT_MODULE_ROOTS)
+    names = [m for m, _ in modules]
+    unknown = set(PRODUCT_MODULE_PARAMS) - set(names)
+    if unknown:
+        raise VmError(f"parameters for modules the product VM does not load: {sorted(unknown)}")
+    archive = CpioWriter()
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "dev", "proc", "sys", "ro", "rw",
+              "newroot", "nbdloop"):
+        archive.add_dir(d)
+    archive.add_char_device("dev/console", 5, 1, 0o600)
+    archive.add_char_device("dev/null", 1, 3, 0o666)
+    archive.add_file("init", init, 0o755)
+    archive.add_file("etc/nbdloop/modules", "".join(f"{m}\n" for m in names).encode())
+    for name, params in PRODUCT_MODULE_PARAMS.items():
+        archive.add_file(f"etc/nbdloop/modparams/{name}",
+                         "".join(f"{p}\n" for p in params).encode())
+    for name, path in modules:
+        archive.add_file(f"lib/modules/{name}.ko", path.read_bytes())
+    add_busybox(archive)
+    initrd = gzip.compress(archive.finish(), compresslevel=6, mtime=0)
+    initrd += b"\0" * (-len(initrd) % 4)
+    return initrd, names
+
+
+def add_busybox(archive: CpioWriter, shipped: set[str] | frozenset[str] = frozenset()) -> None:
+    """Add /bin/busybox and a symlink to it for each of its applets, except
+    the applets named in ``shipped`` (real tools of the same name)."""
+    archive.add_file("bin/busybox", Path(_BUSYBOX).read_bytes(), 0o755)
+    applets = run([_BUSYBOX, "--list-full"]).split()
+    for applet in applets:
+        if os.path.basename(applet) not in shipped and applet != "bin/busybox":
+            archive.add_symlink(applet, "/bin/busybox")
 
 
 def shared_libraries(executable: str) -> list[str]:

@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from nbdloop.vm.assets import KERNEL_CMDLINE, VmAssets, ensure_assets
@@ -195,7 +195,10 @@ def run_guest(
         return dataclasses.replace(result, socat_log=log)
 
 
-def _run_qemu(cmd: list[str], timeout: float) -> GuestResult:
+def _run_qemu(cmd: list[str], timeout: float,
+              echo: Callable[[bytes], None] | None = None) -> GuestResult:
+    """Run qemu until it exits or ``timeout`` passes, collecting the console
+    (and handing each piece to ``echo`` as it comes, for a person watching)."""
     start = time.monotonic()
     proc = subprocess.Popen(
         cmd,
@@ -210,6 +213,8 @@ def _run_qemu(cmd: list[str], timeout: float) -> GuestResult:
         assert proc.stdout is not None
         while chunk := proc.stdout.read1(65536):
             chunks.append(chunk)
+            if echo is not None:
+                echo(chunk)
 
     reader = threading.Thread(target=read_console, daemon=True)
     reader.start()
