@@ -133,7 +133,7 @@ void nbdl_stats (struct nbdl_stats *out);
  * creates afterwards; returns 1, or -errno. */
 int nbdl_set_io_flusher (void);
 
-/* mlockall(MCL_CURRENT | MCL_FUTURE); 0 or -errno. */
+/* mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT); 0 or -errno. */
 int nbdl_mlockall (void);
 
 /* Pin the calling thread's Python thread state now (if the image pins),

@@ -59,7 +59,8 @@ def validate_serve_options(image, mode, readonly, segment_size):
               help="Require TLS with a pre-shared key from this file (username:hexkey "
                    "lines, as psktool writes them).")
 @click.option("--mlock", is_flag=True,
-              help="Lock the server's memory (mlockall), so it never waits on a page-in.")
+              help="Lock the server's memory as it is touched (mlockall), so it never "
+                   "waits on a page-in.")
 @click.option("--placement", type=click.Choice(["auto", "off"]), default="auto",
               show_default=True,
               help="auto: under load run the workers on CPUs that do not take the disk's "

@@ -64,7 +64,8 @@ def set_io_flusher() -> None:
 
 
 def lock_memory() -> None:
-    """mlockall(MCL_CURRENT | MCL_FUTURE): the server never waits on a page-in."""
+    """mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT): a page the server
+    has touched never leaves memory, so it never waits on a page-in."""
     check(lib.nbdl_mlockall(), "mlockall")
 
 
