@@ -38,6 +38,6 @@ stamp=.venv/.nbdloop-built
 if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py cffi_build -newer "$stamp" 2>/dev/null)" ] \
         || ! ls nbdloop/engine/_uring*.so >/dev/null 2>&1; then
     .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation \
-        -e '.[test,bench]'
+        --config-settings editable_mode=compat -e '.[test,bench]'
     touch "$stamp"
 fi

@@ -2,33 +2,64 @@
 an error into one line on stderr and an exit status.
 
 One module per command family: image (create), serve, kernel (attach,
-detach, list), vm (vm-check), bench.  They hold options and wiring; the
-logic lives in the packages beside this one.
+detach, list), vm (vm-check, vm-run), bench.  They hold options and wiring;
+the logic lives in the packages beside this one.  A command's module is
+imported only when that command runs (click's lazy group), because every
+``nbdloop`` call pays for its imports, and under a VM that is seconds.
 """
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
-from nbdloop.cli.bench import bench_command
 from nbdloop.cli.common import UsageError
-from nbdloop.cli.image import create
-from nbdloop.cli.kernel import attach, detach, list_
-from nbdloop.cli.serve import serve
-from nbdloop.cli.vm import vm_check
-from nbdloop.engine.backing import ImageError
-from nbdloop.kernel.attach import AttachError
-from nbdloop.kernel.vmcheck import VmCheckError
-from nbdloop.paths import PathError
-from nbdloop.serve.cmdline import ServeError
 
-#: Bad input found by the layers below: one line, exit status 2.
-INPUT_ERRORS = (ImageError, AttachError, VmCheckError, PathError, ServeError)
+#: Command name -> "module:attribute".
+COMMANDS = {
+    "create": "nbdloop.cli.image:create",
+    "serve": "nbdloop.cli.serve:serve",
+    "attach": "nbdloop.cli.kernel:attach",
+    "detach": "nbdloop.cli.kernel:detach",
+    "list": "nbdloop.cli.kernel:list_",
+    "vm-check": "nbdloop.cli.vm:vm_check",
+    "vm-run": "nbdloop.cli.vm:vm_run",
+    "bench": "nbdloop.cli.bench:bench_command",
+}
+
+#: Bad input found by the layers below: one line, exit status 2.  Named,
+#: not imported: an error can only be of a type whose module has been loaded.
+INPUT_ERRORS = (
+    ("nbdloop.engine.backing", "ImageError"),
+    ("nbdloop.kernel.attach", "AttachError"),
+    ("nbdloop.kernel.vmcheck", "VmCheckError"),
+    ("nbdloop.paths", "PathError"),
+    ("nbdloop.serve.cmdline", "ServeError"),
+    ("nbdloop.vm.tools", "VmError"),
+)
 
 
-class OneLineErrors(click.Group):
-    """Every usage or validation error is one line on stderr, exit status 2."""
+def is_input_error(e: BaseException) -> bool:
+    for module, name in INPUT_ERRORS:
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(e, getattr(loaded, name)):
+            return True
+    return False
+
+
+class NbdloopGroup(click.Group):
+    """Commands loaded when used; every usage or validation error is one
+    line on stderr with exit status 2."""
+
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attr)
 
     def main(self, args=None, prog_name=None, complete_var=None,
              standalone_mode=True, **extra):
@@ -36,9 +67,6 @@ class OneLineErrors(click.Group):
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
-        except INPUT_ERRORS as e:
-            click.echo(f"nbdloop: {e}", err=True)
-            sys.exit(2)
         except click.ClickException as e:
             if isinstance(e, UsageError):
                 e.show()
@@ -48,21 +76,21 @@ class OneLineErrors(click.Group):
         except click.Abort:
             click.echo("nbdloop: aborted", err=True)
             sys.exit(1)
+        except Exception as e:
+            if not is_input_error(e):
+                raise
+            click.echo(f"nbdloop: {e}", err=True)
+            sys.exit(2)
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
-@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=NbdloopGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="nbdloop")
 def main() -> None:
     """nbdloop: a userspace loop device.  Serve a file over NBD through
     io_uring, in direct (O_DIRECT) or buffered (page cache) mode."""
-
-
-for command in (create, serve, attach, detach, list_, vm_check):
-    main.add_command(command)
-main.add_command(bench_command, name="bench")
 
 
 if __name__ == "__main__":
