@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdloop import vm
+from nbdloop import paths, vm
 from nbdloop.kernel import vmcheck
 from nbdloop.kernel.nbdclient import nbd_client_args
 
@@ -32,11 +32,12 @@ pytestmark = [
 
 #: mkfs.xfs refuses filesystems smaller than 300 MB.
 IMAGE_SIZE = 512 << 20
+GUEST = Path(__file__).resolve().parent / "guest"
 SEED = 20240611
 
 
 def _need(tool: str, package: str) -> str:
-    path = shutil.which(tool, path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    path = shutil.which(tool, path=paths.SBIN_PATH)
     if path is None:
         pytest.skip(f"{tool} is not installed (apt-get install {package})")
     return path
@@ -159,28 +160,18 @@ def test_initrd_holds_the_guest_tools(assets: vm.VmAssets, tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_guest_reaches_only_the_server_socket(assets: vm.VmAssets, greeter: Path) -> None:
-    script = f"""
-got=$(nc {vm.GUEST_SERVER_HOST} {vm.GUEST_SERVER_PORT} </dev/null)
-echo "server said: $got"
-[ "$got" = hello-from-host ] || {{ echo "no greeting: $got" > "$NBDLOOP_REASON"; exit 1; }}
-for target in "10.0.2.2 22" "10.0.2.3 53" "10.0.2.100 80" "1.1.1.1 80"; do
-    ( if nc -w 3 $target </dev/null >/dev/null 2>&1; then echo "$target" >> /tmp/reached; fi ) &
-done
-wait
-if [ -s /tmp/reached ]; then
-    echo "reached $(cat /tmp/reached | tr '\\n' ' ')" > "$NBDLOOP_REASON"
-    exit 1
-fi
-"""
-    result = vm.run_guest(str(greeter), script, assets=assets, timeout=120)
+    params = vm.shell_assignments({"SERVER_HOST": vm.GUEST_SERVER_HOST,
+                                   "SERVER_PORT": str(vm.GUEST_SERVER_PORT)})
+    result = vm.run_guest(str(greeter), (GUEST / "reach.sh").read_text(), assets=assets,
+                          payload={"params": params}, timeout=120)
     assert result.ok, result.message
     assert "server said: hello-from-host" in result.console
 
 
 @pytest.mark.slow
 def test_failing_script_names_its_reason(assets: vm.VmAssets, greeter: Path) -> None:
-    script = 'echo guest-was-here; echo "custom reason 42" > "$NBDLOOP_REASON"; exit 3\n'
-    result = vm.run_guest(str(greeter), script, assets=assets, timeout=120)
+    result = vm.run_guest(str(greeter), (GUEST / "fail-with-reason.sh").read_text(),
+                          assets=assets, timeout=120)
     assert not result.ok
     assert result.verdict == "FAIL custom reason 42"
     assert "guest-was-here" in result.console
@@ -189,7 +180,8 @@ def test_failing_script_names_its_reason(assets: vm.VmAssets, greeter: Path) -> 
 
 def test_hung_guest_is_killed_at_the_timeout(assets: vm.VmAssets, greeter: Path) -> None:
     start = time.monotonic()
-    result = vm.run_guest(str(greeter), "sleep 1000\n", assets=assets, timeout=3)
+    result = vm.run_guest(str(greeter), (GUEST / "product-hang.sh").read_text(), assets=assets,
+                          timeout=3)
     assert time.monotonic() - start < 30
     assert not result.ok
     assert result.timed_out
