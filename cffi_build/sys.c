@@ -26,9 +26,8 @@ int
 nbdl_mlockall (void)
 {
   /* MCL_ONFAULT: lock pages as they are touched, not all at once.  Without
-   * it every worker's whole stack (RLIMIT_STACK, 8 MiB by default) is
-   * faulted in and locked: 16 workers took 267 MiB, and a 400 MiB guest
-   * killed the server for it. */
+   * it every worker's whole stack (RLIMIT_STACK) is faulted in and locked,
+   * which on a small machine gets the server killed for memory. */
   if (mlockall (MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0)
     return -errno;
   return 0;
