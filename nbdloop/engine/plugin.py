@@ -174,6 +174,9 @@ def get_ready():
 
 
 def cleanup():
+    # Also at exit: a server stopped right after its last client left (as
+    # detach does) may never run that connection's close().
+    _write_stats()
     if _backing is not None:
         _backing.close()
 
@@ -196,10 +199,14 @@ def open(readonly):
 
 
 def close(h):
+    # By now nbdkit has joined this connection's workers, so their rings
+    # and thread states are already counted as freed.
+    _write_stats()
+
+
+def _write_stats():
     path = _config["stats-file"]
     if path:
-        # By now nbdkit has joined this connection's workers, so their rings
-        # and thread states are already counted as freed.
         # One temp file per call: connections close concurrently.
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         with builtins_open(tmp, "w") as f:
