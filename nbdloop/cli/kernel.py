@@ -32,7 +32,11 @@ def image_geometry(image: str, mode: str, readonly: bool) -> backing.Geometry:
 @block_size_option("Logical block size of the device: 512, 1024, 2048 or 4096 "
                    "[default: the image's direct-I/O alignment].")
 @click.option("--readonly", "-r", is_flag=True, help="Attach read-only.")
-def attach(image, mode, device, connections, block_size, readonly):
+@click.option("--mlock", is_flag=True,
+              help="Lock the server's memory (serve --mlock), so it never waits on a page-in.")
+@click.option("--stats-file", type=click.Path(dir_okay=False),
+              help="Where the server writes its engine counters (serve --stats-file).")
+def attach(image, mode, device, connections, block_size, readonly, mlock, stats_file):
     """Serve IMAGE in the background and attach it to a kernel NBD device
     (like losetup -f --show); prints the device."""
     geometry = image_geometry(image, mode, readonly)
@@ -50,9 +54,11 @@ def attach(image, mode, device, connections, block_size, readonly):
     problem = attach_mod.nbd_support_problem(nbd_client=nbd_client)
     if problem:
         raise UsageError(problem)
+    serve_options = (["--mlock"] if mlock else []) + \
+        (["--stats-file", os.path.abspath(stats_file)] if stats_file else [])
     att = attach_mod.attach(paths.state_dir(), image, nbd_client=nbd_client, device=device,
                             mode=mode, readonly=readonly, connections=connections,
-                            block_size=block_size)
+                            block_size=block_size, serve_options=serve_options)
     click.echo(att.device)
 
 

@@ -1,12 +1,16 @@
-"""``nbdloop vm-check``: the real kernel NBD client, in a VM, against an image
-served from this host.  The logic is in :mod:`nbdloop.kernel.vmcheck`."""
+"""The VM family: ``nbdloop vm-check``, the real kernel NBD client in a VM
+against an image served from this host (:mod:`nbdloop.kernel.vmcheck`), and
+``nbdloop vm-run``, a script run in a VM that boots this machine's own root
+and so runs the whole product on one kernel (:mod:`nbdloop.vm.product`)."""
 from __future__ import annotations
 
 import sys
 
 import click
 
-from nbdloop.cli.common import block_size_option, connections_option, mode_option
+from nbdloop import vm
+from nbdloop.cli.common import (SIZE, UsageError, block_size_option, connections_option,
+                                mode_option)
 from nbdloop.kernel import vmcheck
 from nbdloop.serve.cmdline import require_permissions
 
@@ -37,3 +41,37 @@ def vm_check(image, mode, fstype, connections, block_size, timeout, seed, force)
     for line in report.lines():
         click.echo(line)
     sys.exit(0 if report.ok else 1)
+
+
+@click.command("vm-run", context_settings={"ignore_unknown_options": True})
+@click.argument("script", type=click.Path(exists=True, dir_okay=False))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--memory", type=click.IntRange(256, 65536), default=1024, show_default=True,
+              help="The guest's memory, in MiB.")
+@click.option("--disk-size", type=SIZE, default="4G", show_default=True,
+              help="The guest's data disk (ext4, sparse), mounted at $NBDLOOP_DATA.")
+@click.option("--timeout", type=click.IntRange(10, 86400), default=1800, show_default=True,
+              help="Seconds before a hung guest is killed.")
+@click.option("--quiet", "-q", is_flag=True, help="Do not show the guest's console.")
+def vm_run(script, args, memory, disk_size, timeout, quiet):
+    """Run SCRIPT ARGS as root in a VM whose kernel has the NBD driver and
+    which boots this machine's own root, read-only with a tmpfs on top: the
+    same nbdkit, Python, nbdloop and nbd-client, so `nbdloop attach` works
+    there.  For machines whose kernel has no NBD driver.
+
+    Exit status 0 if SCRIPT exited 0, 1 if it failed or hung."""
+    try:
+        result = vm.run_product(script, args=args, memory_mb=memory, disk_size=disk_size,
+                                timeout=timeout,
+                                echo=None if quiet else _echo_console)
+    except ValueError as e:   # a script the guest cannot see
+        raise UsageError(str(e)) from None
+    if not result.ok:
+        click.echo(f"nbdloop: vm-run: {result.verdict}", err=True)
+        sys.exit(1)
+    click.echo(f"nbdloop: vm-run: the script passed in {result.elapsed:.0f} s", err=True)
+
+
+def _echo_console(chunk: bytes) -> None:
+    sys.stdout.write(chunk.decode(errors="replace").replace("\r\n", "\n"))
+    sys.stdout.flush()

@@ -32,7 +32,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -299,13 +299,13 @@ def remove_files(state_dir: Path, att: Attachment) -> None:
 # ---- the server -------------------------------------------------------------------
 
 def start_server(state_dir: Path, image: str, *, device: str, mode: str, readonly: bool,
-                 connections: int, block_size: int,
+                 connections: int, block_size: int, serve_options: Sequence[str] = (),
                  timeout: float = SERVER_START_TIMEOUT) -> Attachment:
     """Start ``nbdloop serve`` for ``image`` in the background (its own
     session, so it outlives this process and the terminal) and record it as
     the attachment of ``device``.  The record exists before the kernel
     connects, so an interrupted attach leaves a stale entry, not a hidden
-    server."""
+    server.  ``serve_options`` are more ``nbdloop serve`` options."""
     name = check_device_name(device)
     image = os.path.realpath(image)
     sock, pidfile, log = (str(state_dir / f"{name}.{s}") for s in ("sock", "pid", "log"))
@@ -314,7 +314,8 @@ def start_server(state_dir: Path, image: str, *, device: str, mode: str, readonl
             os.unlink(leftover)
         except FileNotFoundError:
             pass
-    argv = srv.nbdloop_serve_argv(image, sock, mode=mode, pidfile=pidfile, readonly=readonly)
+    argv = srv.nbdloop_serve_argv(image, sock, mode=mode, pidfile=pidfile, readonly=readonly,
+                                  extra=list(serve_options))
     proc = srv.ServerProcess(argv, socket_path=sock, pidfile=pidfile, log=log)
     try:
         proc.start(timeout)
@@ -448,7 +449,8 @@ def disconnect(device: str, nbd_client: str) -> str | None:
 
 def attach(state_dir: Path, image: str, *, nbd_client: str, device: str | None = None,
            mode: str = "direct", readonly: bool = False, connections: int = 1,
-           block_size: int = 4096, sys_block: Path = SYS_BLOCK) -> Attachment:
+           block_size: int = 4096, serve_options: Sequence[str] = (),
+           sys_block: Path = SYS_BLOCK) -> Attachment:
     """Serve ``image`` and connect a kernel NBD device to it.  On any failure
     nothing is left behind: the server is stopped and the record removed."""
     if block_size not in BLOCK_SIZES:
@@ -463,7 +465,8 @@ def attach(state_dir: Path, image: str, *, nbd_client: str, device: str | None =
                 raise AttachError(f"{image}: already attached to {other.device}{hint}")
         device = choose_device(state_dir, device, sys_block)
         att = start_server(state_dir, real, device=device, mode=mode, readonly=readonly,
-                           connections=connections, block_size=block_size)
+                           connections=connections, block_size=block_size,
+                           serve_options=serve_options)
         try:
             connect(att, nbd_client)
         except BaseException:
