@@ -14,8 +14,10 @@ from conftest import ROOT, require_tools
 from nbdloop import paths, vm
 from nbdloop.vm import assets, kernel_check
 
-#: Every guest script: the VM's own, and those of the e2e tests.
-SCRIPTS = sorted([*paths.GUEST_SCRIPTS.glob("*.sh"), *(ROOT / "tests/e2e/guest").glob("*.sh")])
+#: Every guest script: the VM's own, those of the e2e tests, and the demo's
+#: steps (which run in the one-kernel VM where the host has no NBD driver).
+SCRIPTS = sorted([*paths.GUEST_SCRIPTS.glob("*.sh"), *(ROOT / "tests/e2e/guest").glob("*.sh"),
+                  ROOT / "scripts" / "demo-steps.sh"])
 
 
 def nbd_args(*extra: str) -> list[str]:
