@@ -1,0 +1,193 @@
+#!/bin/sh
+# tests/e2e/test_attach_vm.py: the user's own path, on one kernel.  In the
+# one-kernel VM (server, kernel NBD client and filesystem on one kernel):
+# nbdloop attach -> mkfs -> mount -> write -> list -> umount -> detach ->
+# fsck -> attach again -> verify, in both modes and with ext4 and xfs; the
+# options; and the failure paths on a real device.  Each scenario reports
+# NBDLOOP-SCENARIO: NAME PASS|FAIL and the next one runs anyway.
+# Arguments: none.  Images go in $NBDLOOP_DATA.
+here=$(dirname "$0")
+# shellcheck source=/dev/null
+. "$here/product-lib.sh"
+LISTCHECK=$here/listcheck.py
+
+free_again() {
+    # free_again DEV PID SERVER_PID: the device, the server, the record gone.
+    name=${1#/dev/}
+    [ -e "/sys/block/$name/pid" ] && fail "$1 still connected after detach"
+    kill -0 "$2" 2> /dev/null && fail "the supervisor $2 still runs"
+    kill -0 "$3" 2> /dev/null && fail "nbdkit $3 still runs"
+    [ -z "$(nbdloop list)" ] || fail "nbdloop list is not empty: $(nbdloop list)"
+    return 0
+}
+
+roundtrip() {
+    # roundtrip MODE FSTYPE SIZE [attach options...]
+    mode=$1 fstype=$2 size=$3
+    shift 3
+    img=$NBDLOOP_DATA/rt-$mode-$fstype.img
+    step "$mode-$fstype-create"
+    must nbdloop create "$img" "$size"
+    step "$mode-$fstype-attach"
+    dev=$(nbdloop attach "$img" --mode "$mode" "$@") || fail "attach exited $?"
+    echo "attached $img as $dev"
+    case $dev in /dev/nbd[0-9]*) ;; *) fail "attach printed '$dev', not /dev/nbdN" ;; esac
+    step "$mode-$fstype-mkfs"
+    case $fstype in
+        ext4) must mkfs.ext4 -q -F "$dev" ;;
+        xfs) must mkfs.xfs -q -f "$dev" ;;
+    esac
+    must mount -t "$fstype" "$dev" /mnt/a
+    step "$mode-$fstype-write"
+    must put_files /mnt/a
+    sums /mnt/a > "/tmp/sums-$mode-$fstype" || fail "sha256sum failed"
+    step "$mode-$fstype-list"
+    nbdloop list || fail "list exited $?"
+    nbdloop list --json > /tmp/list.json || fail "list --json exited $?"
+    echo "NBDLOOP-LIST-JSON: $(tr -d '\n' < /tmp/list.json)"
+    conns=1 bs=
+    [ "${1:-}" = --connections ] && conns=$2
+    [ "${1:-}" = --block-size ] && bs=$2
+    if [ -n "$bs" ]; then
+        lbs=$(cat "/sys/block/${dev#/dev/}/queue/logical_block_size")
+        echo "$dev: logical block size $lbs"
+        [ "$lbs" -eq "$bs" ] || fail "logical block size $lbs, not $bs"
+    fi
+    pids=$(python3 "$LISTCHECK" /tmp/list.json "$dev" "$img" "$mode" "$conns" attached) ||
+        fail "list --json: $pids"
+    # shellcheck disable=SC2086 # two numbers
+    set -- $pids "$@"
+    pid=$1 spid=$2
+    shift 2
+    if [ "$conns" -gt 1 ]; then
+        sock=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["attachments"][0]["socket"])' /tmp/list.json)
+        n=$(ss -xHn state connected | grep -c -- "$sock")
+        echo "$n connections to $sock"
+        [ "$n" -eq "$conns" ] || fail "$n kernel connections to the server, not $conns"
+    fi
+    step "$mode-$fstype-detach"
+    must umount /mnt/a
+    must nbdloop detach "$dev"
+    free_again "$dev" "$pid" "$spid"
+    step "$mode-$fstype-fsck"
+    case $fstype in
+        ext4) must e2fsck -fn "$img" ;;
+        xfs) must xfs_repair -n -f "$img" ;;
+    esac
+    step "$mode-$fstype-verify"
+    dev=$(nbdloop attach "$img" --mode "$mode" "$@") || fail "attach again exited $?"
+    must mount -t "$fstype" "$dev" /mnt/a
+    verify /mnt/a "/tmp/sums-$mode-$fstype" || fail "checksums differ after a fresh attach"
+    must umount /mnt/a
+    nbdloop list --json > /tmp/list.json
+    pids=$(python3 "$LISTCHECK" /tmp/list.json "$dev" "$img" "$mode" "$conns" attached) ||
+        fail "list --json: $pids"
+    # shellcheck disable=SC2086 # two numbers
+    set -- $pids
+    must nbdloop detach "$img"     # the image's name, this time
+    free_again "$dev" "$1" "$2"
+    step "$mode-$fstype-done"
+}
+
+readonly_attach() {
+    img=$NBDLOOP_DATA/rt-direct-ext4.img
+    step ro-attach
+    before=$(sha256sum < "$img")
+    dev=$(nbdloop attach "$img" --readonly) || fail "attach --readonly exited $?"
+    must mount -o ro "$dev" /mnt/a
+    verify /mnt/a /tmp/sums-direct-ext4 || fail "checksums differ read-only"
+    step ro-write
+    touch /mnt/a/new 2> /tmp/err && fail "a file was created on a read-only mount"
+    echo "touch: $(cat /tmp/err)"
+    dd if=/dev/zero of="$dev" bs=4096 count=1 oflag=direct 2> /tmp/err &&
+        fail "a write to the read-only device succeeded"
+    grep -q -e "Operation not permitted" -e "Read-only file system" /tmp/err ||
+        fail "the write failed otherwise: $(cat /tmp/err)"
+    echo "dd: $(tail -n 1 /tmp/err)"
+    must umount /mnt/a
+    must nbdloop detach "$dev"
+    [ "$(sha256sum < "$img")" = "$before" ] || fail "the image changed under --readonly"
+}
+
+two_images() {
+    step two-attach
+    must nbdloop create "$NBDLOOP_DATA/one.img" 64M
+    must nbdloop create "$NBDLOOP_DATA/two.img" 64M
+    first=$(nbdloop attach "$NBDLOOP_DATA/one.img") || fail "attach one.img exited $?"
+    second=$(nbdloop attach "$NBDLOOP_DATA/two.img") || fail "attach two.img exited $?"
+    echo "one.img on $first, two.img on $second"
+    [ "${first#/dev/nbd}" -lt "${second#/dev/nbd}" ] || fail "$second is not after $first"
+    step two-again
+    refused "already attached to $first" nbdloop attach "$NBDLOOP_DATA/one.img"
+    must nbdloop detach "$first"
+    must nbdloop detach "$second"
+}
+
+killed_server() {
+    img=$NBDLOOP_DATA/one.img
+    step kill-attach
+    dev=$(nbdloop attach "$img") || fail "attach exited $?"
+    nbdloop list --json > /tmp/list.json
+    # shellcheck disable=SC2046 # two numbers
+    set -- $(python3 "$LISTCHECK" /tmp/list.json "$dev" "$img" direct 1 attached)
+    step kill-9
+    must kill -9 "$1" "$2"
+    sleep 1
+    nbdloop list
+    nbdloop list --json > /tmp/list.json
+    python3 "$LISTCHECK" /tmp/list.json "$dev" "$img" direct 1 stale > /dev/null ||
+        fail "list does not show $dev as stale"
+    step kill-detach
+    nbdloop detach "$dev" 2> /tmp/err || fail "detach of a stale device exited $?: $(cat /tmp/err)"
+    echo "detach: $(cat /tmp/err)"
+    free_again "$dev" "$1" "$2"
+}
+
+mounted_device() {
+    img=$NBDLOOP_DATA/two.img
+    step mounted-attach
+    dev=$(nbdloop attach "$img") || fail "attach exited $?"
+    must mkfs.ext4 -q -F "$dev"
+    must mount "$dev" /mnt/b
+    step mounted-detach
+    refused "mounted on /mnt/b" nbdloop detach "$dev"
+    grep -q "^$dev /mnt/b " /proc/mounts || fail "$dev is no longer mounted"
+    head -c 1048576 /dev/urandom > /tmp/still
+    must cp /tmp/still /mnt/b/still
+    must sync
+    echo 3 > /proc/sys/vm/drop_caches
+    cmp /tmp/still /mnt/b/still || fail "the device stopped working after the refusal"
+    must umount /mnt/b
+    must nbdloop detach "$dev"
+}
+
+nbd_client_fails() {
+    img=$NBDLOOP_DATA/one.img
+    step busy-hold
+    # An open of an unconfigured NBD device gives it a configuration, so the
+    # kernel refuses to connect it (EBUSY) while it is held open.
+    sleep 600 3< /dev/nbd5 &
+    holder=$!
+    sleep 1
+    step busy-attach
+    nbdloop attach "$img" --device /dev/nbd5 > /tmp/out 2> /tmp/err && fail "attach to a held device succeeded"
+    echo "attach: $(cat /tmp/err)"
+    [ "$(wc -l < /tmp/err)" -eq 1 ] || fail "attach said more than one line: $(cat /tmp/err)"
+    grep -q nbd-client /tmp/err || fail "the error does not name nbd-client: $(cat /tmp/err)"
+    kill "$holder"
+    step busy-clean
+    pgrep -f "file=$img" && fail "a server for $img still runs"
+    [ -z "$(nbdloop list)" ] || fail "a record was left: $(nbdloop list)"
+    [ -e /run/nbdloop/attached/nbd5.json ] && fail "nbd5.json was left behind"
+    return 0
+}
+
+scenario direct-ext4 roundtrip direct ext4 256M
+scenario buffered-ext4-2conns roundtrip buffered ext4 256M --connections 2
+scenario direct-xfs-4096 roundtrip direct xfs 512M --block-size 4096
+scenario readonly readonly_attach
+scenario two-images two_images
+scenario killed-server killed_server
+scenario mounted-detach mounted_device
+scenario nbd-client-fails nbd_client_fails
+[ "$FAILED" -eq 0 ] || fail "$FAILED scenario(s) failed"

@@ -1,0 +1,77 @@
+#!/bin/sh
+# Helpers for the scripts that run the whole product in the one-kernel VM
+# (nbdloop.vm.product): steps, failures, scenarios that fail on their own.
+# Sourced; $NBDLOOP_REASON and $NBDLOOP_DATA come from the guest's init.
+STEP=start
+step() { STEP=$1; echo "NBDLOOP-STEP: $1"; }
+fail() {
+    echo "NBDLOOP-STEP-FAILED: $STEP: $*"
+    echo "step $STEP: $*" > "$NBDLOOP_REASON"
+    exit 1
+}
+must() { "$@" || fail "$* (exit $?)"; }
+
+# refused PHRASE CMD...: CMD must fail with exit status 2 and say, in one
+# line on stderr, something containing PHRASE.
+refused() {
+    phrase=$1
+    shift
+    "$@" > /tmp/refused.out 2> /tmp/refused.err
+    rc=$?
+    [ "$rc" -eq 2 ] || fail "$* exited $rc, not 2: $(cat /tmp/refused.err)"
+    [ "$(wc -l < /tmp/refused.err)" -eq 1 ] || fail "$* said more than one line: $(cat /tmp/refused.err)"
+    grep -q -- "$phrase" /tmp/refused.err || fail "$* did not say '$phrase': $(cat /tmp/refused.err)"
+    grep -q Traceback /tmp/refused.err && fail "$* printed a traceback"
+    echo "refused as it should: $(cat /tmp/refused.err)"
+}
+
+# scenario NAME FUNCTION [ARGS...]: run FUNCTION in a subshell, report
+# NBDLOOP-SCENARIO: NAME PASS|FAIL <reason>, clean up after it, and go on.
+FAILED=0
+scenario() {
+    name=$1
+    shift
+    echo "NBDLOOP-SCENARIO-START: $name"
+    : > "$NBDLOOP_REASON"
+    read -r began _ < /proc/uptime
+    if ( "$@" ); then
+        echo "NBDLOOP-SCENARIO: $name PASS"
+    else
+        echo "NBDLOOP-SCENARIO: $name FAIL $(head -n 1 "$NBDLOOP_REASON")"
+        FAILED=$((FAILED + 1))
+    fi
+    cleanup
+    read -r ended _ < /proc/uptime
+    echo "NBDLOOP-SCENARIO-TIME: $name $(echo "$began $ended" | awk '{ printf "%.1f", $2 - $1 }') s"
+}
+
+# Whatever a failed scenario left: mounts, attachments, servers.
+cleanup() {
+    for m in /mnt/a /mnt/b; do
+        mountpoint -q "$m" && umount "$m"
+    done
+    for record in /run/nbdloop/attached/nbd*.json; do
+        [ -e "$record" ] || continue
+        name=${record##*/}
+        nbdloop detach "/dev/${name%.json}" > /dev/null 2>&1
+    done
+    return 0
+}
+
+# put_files DIR: files of assorted sizes, fsynced; their checksums go to
+# /tmp/sums.<basename of DIR's device image> via sums_of.
+put_files() {
+    i=0
+    for size in 0 1 511 4096 65659 1048583 6291456; do
+        head -c "$size" /dev/urandom > "$1/f$i" || return 1
+        i=$((i + 1))
+    done
+    mkdir -p "$1/dir" && head -c 12345 /dev/urandom > "$1/dir/g" || return 1
+    sync "$1"/f* "$1/dir/g" && sync
+}
+
+# sums DIR > FILE; verify DIR FILE
+sums() { (cd "$1" && find . -type f ! -name lost+found | sort | xargs sha256sum); }
+verify() { (cd "$1" && sha256sum -c --quiet "$2"); }
+
+mkdir -p /mnt/a /mnt/b
