@@ -252,12 +252,10 @@ def kept_paths(script: Path, share: Sequence[str | Path] = ()) -> list[str]:
     hides them: this checkout and the venv (CI may clone under /tmp), the
     script's directory and ``share``.  Stage 2 binds each back at its path."""
     wanted = [PACKAGE_ROOT, Path(sys.prefix), script.parent, *map(Path, share)]
-    keep: list[str] = []
-    for path in wanted:
-        real = os.path.realpath(path)
-        if hidden_by(real) in ("/tmp", "/run") and real not in keep:
-            keep.append(real)
-    return sorted(keep)
+    hidden = {os.path.realpath(p) for p in wanted if hidden_by(p) in ("/tmp", "/run")}
+    # A directory inside another that is kept comes with it.
+    return sorted(p for p in hidden
+                  if not any(q != p and Path(q) in Path(p).parents for q in hidden))
 
 
 def _check_visible(script: Path, keep: Sequence[str]) -> Path:

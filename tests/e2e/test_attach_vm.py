@@ -7,7 +7,7 @@ server, client and filesystem on one kernel, as on a user's machine.
 
 One boot runs every attach scenario (tests/e2e/guest/attach.sh), each of
 which reports on its own; the tests below each hold one scenario to its
-verdict.  A second boot, with 320 MiB of memory and no swap, writes three
+verdict.  A second boot, with 256 MiB of memory and no swap, writes three
 times that through a filesystem on /dev/nbdN in both modes
 (tests/e2e/guest/mempressure.sh).
 """
@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 GUEST = ROOT / "tests" / "e2e" / "guest"
 SCENARIO = re.compile(r"^NBDLOOP-SCENARIO: (\S+) (PASS|FAIL)(?: (.*))?$", re.MULTILINE)
-PRESSURE_MEMORY_MB = 320
+PRESSURE_MEMORY_MB = 256
 CHUNK = 16 << 20
 
 
@@ -127,7 +127,7 @@ def chunk_file():
 
 
 def test_memory_pressure_on_one_host(product_assets, chunk_file, tmp_path):
-    """With 320 MiB of memory and no swap, 960 MiB through ext4 on
+    """With 256 MiB of memory and no swap, 768 MiB through ext4 on
     /dev/nbdN with fsync, in both modes, served on the same kernel: it
     finishes within the timeout, and the host finds each image's filesystem
     clean and the file's checksum right; the server is locked in memory

@@ -121,8 +121,10 @@ def test_the_guest_environment_and_argv(tmp_path: Path) -> None:
     script.write_text("true\n")
     if product.hidden_by(script) == "/tmp":
         assert str(tmp_path) in product.kept_paths(script)
-    assert product.kept_paths(Path("/var/x.sh"), ["/tmp/a/b"])[-1] == "/tmp/a/b"
-    assert product.kept_paths(Path("/tmp/co/t/x.sh"))[-1] == "/tmp/co/t"
+    assert "/tmp/a/b" in product.kept_paths(Path("/var/x.sh"), ["/tmp/a/b"])
+    assert "/tmp/co/t" in product.kept_paths(Path("/tmp/co/t/x.sh"))
+    # A directory inside one that is kept comes with it.
+    assert product.kept_paths(Path("/var/x.sh"), ["/tmp/a/b", "/tmp/a"]).count("/tmp/a/b") == 0
     assert all(not k.startswith(("/proc", "/sys", "/dev")) for k in
                product.kept_paths(Path("/var/x.sh"), ["/proc/1", "/dev/shm"]))
     with pytest.raises(ValueError, match="cannot see it"):
@@ -173,9 +175,11 @@ def test_the_product_runs_on_the_host_root(assets: vm.ProductAssets, host_dir: P
 
 @pytest.mark.slow
 def test_a_hung_script_is_killed_at_the_timeout(assets: vm.ProductAssets) -> None:
-    """A guest that does not finish (in its boot or its script) is killed at
-    the timeout and reported as a failure with the console's last lines."""
-    timeout = 25
+    """A guest that does not finish is killed at the timeout and reported as
+    a failure with the console's last lines.  The timeout is shorter than
+    the boot, so the guest hangs wherever it is (the kill is run_guest's
+    own code, tested on a hung script in test_vm_harness.py)."""
+    timeout = 8
     start = time.monotonic()
     result = vm.run_product(GUEST / "product-hang.sh", assets=assets, timeout=timeout,
                             disk_size=64 << 20)
@@ -184,4 +188,4 @@ def test_a_hung_script_is_killed_at_the_timeout(assets: vm.ProductAssets) -> Non
     assert result.timed_out
     assert result.verdict == f"FAIL timed out after {timeout} s"
     assert "last 30 console lines" in result.message
-    assert "NBDLOOP-GUEST: loading modules" in result.tail(), result.tail()
+    assert result.console.strip(), "the console's last lines are shown"
