@@ -6,6 +6,7 @@ install everything): there a missing prerequisite is a failure.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -137,3 +138,22 @@ def fourk_fs(tmp_path):
             run(["umount", str(mnt)])
     finally:
         run(["losetup", "-d", dev])
+
+
+def dio_alignment(directory: Path) -> int | None:
+    """The direct-I/O offset alignment of files in ``directory``, or None if
+    O_DIRECT is not supported there."""
+    probe = directory / "dio-probe"
+    probe.write_bytes(bytes(4096))
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_DIRECT)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return None
+        raise
+    from nbdloop.engine import uring
+    try:
+        return uring.dio_alignment(fd)[1] or None
+    finally:
+        os.close(fd)
+        probe.unlink()

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, rule,
                                  run_state_machine_as_test)
 
-from conftest import require
+from conftest import dio_alignment, require
 from nbdloop.engine import uring
 from nbdloop.engine.backing import Backing
 
@@ -50,24 +50,6 @@ def fs_type(path: Path) -> str | None:
             if left.split()[2] == want:
                 return right.split()[0]
     return None
-
-
-def dio_alignment(directory: Path) -> int | None:
-    """The direct-I/O offset alignment of files in ``directory``, or None if
-    O_DIRECT is not supported there."""
-    probe = directory / "dio-probe"
-    probe.write_bytes(bytes(4096))
-    try:
-        fd = os.open(probe, os.O_RDWR | os.O_DIRECT)
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            return None
-        raise
-    try:
-        return uring.dio_alignment(fd)[1] or None
-    finally:
-        os.close(fd)
-        probe.unlink()
 
 
 @pytest.fixture(params=["512", "4k"], ids=["sector512", "sector4k"])

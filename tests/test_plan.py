@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import require
+from conftest import dio_alignment, require
 from nbdloop.engine import plan, uring
 from nbdloop.engine.plan import NOT_RUN, Segment
 
@@ -267,23 +267,6 @@ def test_remainder_keeps_window_mapping():
 
 
 # ---- the model against the real engine --------------------------------------------
-
-def dio_alignment(directory) -> int | None:
-    """The direct-I/O offset alignment of files in ``directory`` (None: no O_DIRECT)."""
-    probe = directory / "dio-probe"
-    probe.write_bytes(bytes(4096))
-    try:
-        fd = os.open(probe, os.O_RDWR | os.O_DIRECT)
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            return None
-        raise
-    try:
-        return uring.dio_alignment(fd)[1] or None
-    finally:
-        os.close(fd)
-        probe.unlink()
-
 
 @pytest.fixture(params=["sector512", "sector4k"])
 def engine_dir(request, tmp_path):
