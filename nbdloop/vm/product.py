@@ -48,7 +48,7 @@ from nbdloop.vm.initramfs import (
     CpioWriter,
     build_product_initramfs,
 )
-from nbdloop.vm.runner import GuestResult, _run_qemu, argv_lines
+from nbdloop.vm.runner import GuestResult, _run_qemu, argv_lines, qemu_argv
 from nbdloop.vm.tools import VmError, require_tool, run
 
 __all__ = [
@@ -362,19 +362,7 @@ def run_product(
         link = os.path.join(tmp, "disk")
         os.symlink(os.path.abspath(disk), link)
         cmd = [
-            qemu,
-            "-accel", "tcg",
-            "-machine", "pc",
-            "-cpu", "max",
-            "-smp", str(cpus),
-            "-m", str(memory_mb),
-            "-nodefaults",
-            "-no-user-config",
-            "-no-reboot",
-            "-display", "none",
-            "-monitor", "none",
-            "-chardev", "stdio,id=console,signal=off",
-            "-serial", "chardev:console",
+            *qemu_argv(qemu, cpus=cpus, memory_mb=memory_mb),
             "-nic", "none",
             "-virtfs", _VIRTFS,
             "-drive", f"file={link},format=raw,if=virtio,cache={cache}",

@@ -168,19 +168,7 @@ def run_guest(
             f"-cmd:{socat} -lf {socat_log} STDIO UNIX-CONNECT:{link}"
         )
         cmd = [
-            qemu,
-            "-accel", "tcg",
-            "-machine", "pc",
-            "-cpu", "max",
-            "-smp", str(cpus),
-            "-m", str(memory_mb),
-            "-nodefaults",
-            "-no-user-config",
-            "-no-reboot",
-            "-display", "none",
-            "-monitor", "none",
-            "-chardev", "stdio,id=console,signal=off",
-            "-serial", "chardev:console",
+            *qemu_argv(qemu, cpus=cpus, memory_mb=memory_mb),
             "-netdev", netdev,
             "-device", "virtio-net-pci,netdev=net0,romfile=",
             "-kernel", str(assets.kernel),
@@ -193,6 +181,28 @@ def run_guest(
         except FileNotFoundError:
             log = ""
         return dataclasses.replace(result, socat_log=log)
+
+
+def qemu_argv(qemu: str, *, cpus: int, memory_mb: int) -> list[str]:
+    """What every guest's qemu command line starts with: TCG (KVM hangs at
+    boot on this project's machines), no default devices, no reboot, and
+    the serial console on stdio; the caller adds its disks, network and
+    kernel."""
+    return [
+        qemu,
+        "-accel", "tcg",
+        "-machine", "pc",
+        "-cpu", "max",
+        "-smp", str(cpus),
+        "-m", str(memory_mb),
+        "-nodefaults",
+        "-no-user-config",
+        "-no-reboot",
+        "-display", "none",
+        "-monitor", "none",
+        "-chardev", "stdio,id=console,signal=off",
+        "-serial", "chardev:console",
+    ]
 
 
 def _run_qemu(cmd: list[str], timeout: float,
