@@ -36,7 +36,9 @@ builtins_open = builtins.open   # this module's open() is nbdkit's callback
 # Module state is the configuration, written only by config() on the main
 # thread before any connection, and the Backing, set once in get_ready().
 # The Backing is shared by all connections and is thread safe (see its
-# docstring); nothing else is shared, so no Python lock is needed.
+# docstring); nothing else is shared, so no Python lock is needed.  The one
+# other change to the interpreter is made once, at import: the traceback
+# formatter that nbdkit logs errors with (_one_line_for_failed_requests).
 _config = {
     "file": None,
     "fd": None,
