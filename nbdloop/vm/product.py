@@ -27,7 +27,6 @@ Standard library, :mod:`nbdloop.paths` and the other nbdloop.vm modules only.
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
@@ -40,7 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from nbdloop.paths import GUEST_SCRIPTS, PACKAGE_ROOT, SBIN_PATH, vm_cache_dir
-from nbdloop.vm.assets import KERNEL_CMDLINE, cache_lock, ensure_assets, unpack_kernel
+from nbdloop.vm.assets import KERNEL_CMDLINE, VmAssets, cache_lock, ensure_assets, unpack_kernel
 from nbdloop.vm.initramfs import (
     PRODUCT_HOST_PACKAGES,
     PRODUCT_MODULE_PARAMS,
@@ -85,18 +84,8 @@ _VIRTFS = "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs
 _ASSET_FORMAT = 1
 
 
-@dataclasses.dataclass(frozen=True)
-class ProductAssets:
-    """The client VM's kernel and the product VM's initramfs, which fit together."""
-
-    kernel: Path
-    initrd: Path
-    #: The kernel's release, e.g. ``6.1.0-57-amd64``.
-    kernel_release: str = ""
-    #: The Debian version of the kernel package, e.g. ``6.1.192-3``.
-    kernel_version: str = ""
-    #: The modules /init loads, in load order.
-    modules: tuple[str, ...] = ()
+#: The client VM's kernel with the product VM's initramfs: the same fields.
+ProductAssets = VmAssets
 
 
 def ensure_product_assets(cache_dir: Path | None = None) -> ProductAssets:
