@@ -133,6 +133,9 @@ void nbdl_stats (struct nbdl_stats *out);
  * creates afterwards; returns 1, or -errno. */
 int nbdl_set_io_flusher (void);
 
+/* No death signal from the parent (prctl PR_SET_PDEATHSIG 0); 0 or -errno. */
+int nbdl_outlive_parent (void);
+
 /* mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT); 0 or -errno. */
 int nbdl_mlockall (void);
 

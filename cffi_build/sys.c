@@ -23,6 +23,17 @@ nbdl_set_io_flusher (void)
 }
 
 int
+nbdl_outlive_parent (void)
+{
+  /* nbdkit's python plugin asks for SIGTERM when its parent dies; under a
+   * device's agent the agent decides, and a SIGTERMed nbdkit would answer
+   * the kernel's requests with ESHUTDOWN (an I/O error for the filesystem). */
+  if (prctl (PR_SET_PDEATHSIG, 0, 0, 0, 0) != 0)
+    return -errno;
+  return 0;
+}
+
+int
 nbdl_mlockall (void)
 {
   /* MCL_ONFAULT: lock pages as they are touched, not all at once.  Without

@@ -73,8 +73,12 @@ def validate_serve_options(image, mode, readonly, segment_size):
               show_default=True,
               help="batch: the workers run under SCHED_BATCH, so a worker woken up does not "
                    "preempt one that is running a request (see README); normal: leave them.")
+@click.option("--agent", is_flag=True, hidden=True,
+              help="Run under a device's agent (nbdloop attach): the agent, not this "
+                   "supervisor, restarts nbdkit, and a stop closes the connections first.")
 def serve(image, mode, readonly, threads, segment_size, export_name, socket_path,
-          port, bind, pidfile, verbose, stats_file, tls_psk, mlock, placement, cpus, sched):
+          port, bind, pidfile, verbose, stats_file, tls_psk, mlock, placement, cpus, sched,
+          agent):
     """Serve IMAGE over NBD in the foreground until SIGINT or SIGTERM."""
     validate_serve_options(image, mode, readonly, segment_size)
     if tls_psk:
@@ -114,7 +118,8 @@ def serve(image, mode, readonly, threads, segment_size, export_name, socket_path
                            threads=threads, segment_size=segment_size,
                            export_name=export_name, pidfile=str(ready), verbose=verbose,
                            stats_file=stats_file, tls_psk=tls_psk, mlock=mlock,
-                           placement=placement == "auto" and not cpus, sched=sched)
+                           placement=placement == "auto" and not cpus, sched=sched,
+                           exit_with_parent=not agent)
         return argv, (f,)
 
     where = (f"unix:{sock}" if sock else f"nbd://{bind}:{port}") + (" with TLS" if tls_psk
@@ -127,7 +132,7 @@ def serve(image, mode, readonly, threads, segment_size, export_name, socket_path
     try:
         status = supervise(spawn, env=plugin_env(), ready_file=ready,
                            pidfile=Path(pidfile).absolute() if pidfile else None,
-                           socket_path=sock)
+                           socket_path=sock, handover=agent)
     except backing.ImageError as e:   # reopening after a crash failed
         click.echo(f"nbdloop: cannot restart the server: {e}", err=True)
         status = 1

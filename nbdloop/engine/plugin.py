@@ -11,7 +11,9 @@ of it, inherited from ``nbdloop serve``), ``mode`` (direct|buffered),
 connection closes), ``io-flusher`` (PR_SET_IO_FLUSHER, default on) and
 ``mlock`` (mlockall, default off), ``placement`` (under load, keep workers
 off the CPUs that take the disk's interrupts; default on), ``sched``
-(batch: workers run under SCHED_BATCH, the default; normal: left as they are).
+(batch: workers run under SCHED_BATCH, the default; normal: left as they are),
+``outlive-parent`` (no death signal when the supervisor dies, for a device's
+agent to decide; default off).
 """
 import builtins
 import errno
@@ -50,6 +52,7 @@ _config = {
     "pin": True,
     "stats-file": None,
     "io-flusher": True,
+    "outlive-parent": False,
     "mlock": False,
     "placement": True,
     "sched": "batch",
@@ -118,7 +121,7 @@ def thread_model():
 def config(key, value):
     if key not in _config:
         raise ValueError(f"unknown parameter {key!r}")
-    if key in ("readonly", "pin", "io-flusher", "mlock", "placement"):
+    if key in ("readonly", "pin", "io-flusher", "mlock", "placement", "outlive-parent"):
         _config[key] = _bool(value)
     elif key == "segment-size":
         _config[key] = parse_size(value)
@@ -148,6 +151,8 @@ def get_ready():
             print("nbdloop: warning: PR_SET_IO_FLUSHER not permitted (no CAP_SYS_RESOURCE); "
                   "memory reclaim in the server may wait on its own device",
                   file=sys.stderr, flush=True)
+    if _config["outlive-parent"]:
+        uring.outlive_parent()
     if _config["mlock"]:
         uring.lock_memory()
     kw = dict(mode=_config["mode"], readonly=_config["readonly"],

@@ -66,6 +66,12 @@ def set_io_flusher() -> None:
     check(lib.nbdl_set_io_flusher(), "prctl(PR_SET_IO_FLUSHER)")
 
 
+def outlive_parent() -> None:
+    """No death signal when the parent (the supervisor) dies: nbdloop's
+    device agent stops this process itself."""
+    check(lib.nbdl_outlive_parent(), "prctl(PR_SET_PDEATHSIG)")
+
+
 def lock_memory() -> None:
     """mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT): a page the server
     has touched never leaves memory, so it never waits on a page-in."""

@@ -92,6 +92,11 @@ class ServerProcess:
         return f"nbd+unix:///?socket={self.socket_path}"
 
     def start(self, timeout: float = 60) -> ServerProcess:
+        self.spawn()
+        return self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it (see :meth:`wait_ready`)."""
         self.pidfile.unlink(missing_ok=True)
         # Our own sockets live in our work dir; a previous server (nbdkit and
         # qemu-nbd leave theirs behind) must not block this one.
@@ -102,6 +107,11 @@ class ServerProcess:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60) -> ServerProcess:
+        """Wait until the pidfile exists; ServerError if the process ends or
+        the timeout passes first (then it is killed)."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.pidfile.exists() and self.pidfile.read_text().strip():

@@ -88,12 +88,17 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
                 segment_size: int, export_name: str, pidfile: str | None,
                 verbose: bool = False, stats_file: str | None = None,
                 tls_psk: str | None = None, mlock: bool = False,
-                placement: bool = True, sched: str = "batch") -> list[str]:
-    """The nbdkit command line that serves ``image`` with our plugin."""
+                placement: bool = True, sched: str = "batch",
+                exit_with_parent: bool = True) -> list[str]:
+    """The nbdkit command line that serves ``image`` with our plugin.
+    ``exit_with_parent``: nbdkit gets SIGTERM when the supervisor dies;
+    off under a device's agent, which kills it instead (see supervise)."""
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise ServeError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
-    argv = [nbdkit, "--foreground", "--exit-with-parent", "--threads", str(threads)]
+    argv = [nbdkit, "--foreground", "--threads", str(threads)]
+    if exit_with_parent:
+        argv.append("--exit-with-parent")
     if socket_path is not None:
         argv += ["--unix", socket_path]
     else:
@@ -117,6 +122,8 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
         argv.append(f"stats-file={os.path.abspath(stats_file)}")
     if mlock:
         argv.append("mlock=1")
+    if not exit_with_parent:
+        argv.append("outlive-parent=1")
     if not placement:
         argv.append("placement=0")
     if sched != "batch":
