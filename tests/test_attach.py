@@ -1,11 +1,12 @@
 """attach, detach, list and vm-check's input checks, on the host.
 
 This host's kernel has no NBD driver (FACTS.md), so the kernel side of
-attach runs only in the VM (tests/e2e/test_kernel.py).  Here: attach without
-NBD support fails in one line and leaves nothing; the servers attach starts
-(through the same function) are listed, shown stale when they die, and
-cleaned up by detach; a failing nbd-client (the real one, against a real
-server) leaves nothing behind; bad input is one line and exit status 2.
+attach, and the device's agent, run only in the one-kernel VM
+(tests/e2e/test_attach_vm.py, test_recover_vm.py).  Here: attach without NBD
+support fails in one line and leaves nothing; an agent that cannot reach the
+kernel's NBD family stops its server and leaves nothing; records of real
+servers are listed, shown stale when their agent dies, and cleaned up by
+detach; bad input is one line and exit status 2.
 """
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, require_tools, run
 from nbdloop.kernel import attach as A
+from nbdloop.serve import children as srv
 
 MiB = 1 << 20
 
@@ -46,7 +49,7 @@ def cleanup(state):
     """Stop every server recorded in the state directory at teardown."""
     yield
     for att in A.load(state):
-        A.stop_server(att)
+        A.stop_agent(att)
 
 
 def nbdloop(rt: Path, *args: str) -> subprocess.CompletedProcess:
@@ -118,7 +121,7 @@ def fake_sys_block(tmp_path: Path, devices: dict[str, bool]) -> Path:
 # ---- without NBD support --------------------------------------------------------------
 
 def test_attach_without_nbd_support_fails_in_one_line_and_leaves_nothing(rt, image):
-    if host_has_nbd() and A.find_nbd_client():
+    if host_has_nbd():
         pytest.skip("this host has the kernel NBD client: the refusal cannot happen here")
     p = nbdloop(rt, "attach", str(image))
     line = assert_one_line_error(p, "attach needs the kernel NBD client")
@@ -126,8 +129,6 @@ def test_attach_without_nbd_support_fails_in_one_line_and_leaves_nothing(rt, ima
     if not host_has_nbd():
         assert "modprobe nbd" in line or "no NBD driver" in line, line
         assert "vm-check" in line or "modprobe nbd" in line
-    if A.find_nbd_client() is None:
-        assert "apt-get install nbd-client" in line
     assert processes_mentioning(str(image)) == []
     state = rt / "attached"
     assert not state.exists() or leftovers(state) == []
@@ -137,34 +138,25 @@ def test_attach_without_nbd_support_fails_in_one_line_and_leaves_nothing(rt, ima
 def test_support_problem_names_what_is_missing_and_how_to_get_it(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    both = A.nbd_support_problem(sys_block=empty, dev=empty, nbd_client=None)
-    assert both is not None and "\n" not in both
-    assert "apt-get install nbd-client" in both
-    assert "modprobe nbd" in both or "no NBD driver" in both
-    no_client = A.nbd_support_problem(sys_block=fake_sys_block(tmp_path, {"nbd0": False}),
-                                      dev=empty, nbd_client=None)
-    assert "apt-get install nbd-client" in no_client and "modprobe" not in no_client
-    assert A.nbd_support_problem(sys_block=tmp_path / "sys-block", dev=empty,
-                                 nbd_client="/usr/sbin/nbd-client") is None
+    problem = A.nbd_support_problem(sys_block=empty, dev=empty)
+    assert problem is not None and "\n" not in problem
+    assert "modprobe nbd" in problem or "no NBD driver" in problem
+    assert A.nbd_support_problem(sys_block=fake_sys_block(tmp_path, {"nbd0": False}),
+                                 dev=empty) is None
 
 
-def test_failed_nbd_client_stops_the_server_and_forgets_it(tmp_path, rt, state, image):
-    """The real nbd-client against a real server, on a device the kernel
-    cannot connect (no NBD driver here): attach must undo everything."""
+def test_an_agent_that_cannot_reach_the_kernel_stops_its_server(tmp_path, rt, state, image):
+    """The real agent and a real server, on a device the kernel cannot
+    connect (no NBD driver here): attach must undo everything and say why
+    in one line."""
     require_tools("nbdkit")
     if host_has_nbd():
-        pytest.skip("this host has NBD devices: nbd-client would really connect one")
-    nbd_client = A.find_nbd_client()
-    if nbd_client is None:
-        pytest.skip("nbd-client is not installed (apt-get install nbd-client)")
+        pytest.skip("this host has NBD devices: the agent would really connect one")
     sys_block = fake_sys_block(tmp_path, {"nbd0": False})
     with pytest.raises(A.AttachError) as e:
-        A.attach(state, str(image), nbd_client=nbd_client, sys_block=sys_block,
-                 block_size=4096)
+        A.attach(state, str(image), sys_block=sys_block, block_size=4096)
     message = str(e.value)
-    assert message.startswith("nbd-client failed to connect /dev/nbd0: "), message
-    assert "\n" not in message
-    assert "netlink" in message    # nbd-client's own words, not ours
+    assert message == "the kernel has no NBD netlink family (load the driver: `modprobe nbd`)"
     assert processes_mentioning(str(image)) == []
     assert leftovers(state) == []
     assert sorted(p.name for p in rt.iterdir()) == ["attached"]
@@ -172,18 +164,42 @@ def test_failed_nbd_client_stops_the_server_and_forgets_it(tmp_path, rt, state, 
 
 # ---- list, stale entries, detach ------------------------------------------------------
 
-def start(state: Path, image: Path, device: str, **kw) -> A.Attachment:
-    """Start a server exactly as attach does, minus the kernel client."""
+def start(state: Path, image: Path, device: str, *, mode: str = "direct",
+          readonly: bool = False, connections: int = 1, block_size: int = 512
+          ) -> A.Attachment:
+    """A real server, recorded as attach's agent records it, with the
+    supervisor standing in for the agent (an agent needs the kernel's NBD
+    driver, which this host lacks)."""
     require_tools("nbdkit")
-    opts = dict(mode="direct", readonly=False, connections=1, block_size=512) | kw
-    return A.start_server(state, str(image), device=device, **opts)
+    name = A.check_device_name(device)
+    sock, pidfile, log = (str(state / f"{name}.{s}") for s in ("sock", "pid", "log"))
+    argv = srv.nbdloop_serve_argv(str(image), sock, mode=mode, pidfile=pidfile,
+                                  readonly=readonly, extra=["--agent"])
+    proc = srv.ServerProcess(argv, socket_path=sock, pidfile=pidfile, log=log)
+    try:
+        proc.start(60)
+    except srv.ServerError:
+        raise A.AttachError(f"the server for {os.path.realpath(image)} did not start: "
+                            f"{A.server_error(Path(log))}") from None
+    att = A.Attachment(device=device, image=os.path.realpath(image), mode=mode,
+                       readonly=readonly, socket=sock, pid=proc.pid,
+                       server_pid=proc.server_pid, connections=connections,
+                       block_size=block_size, log=log, started=A.now_iso(), argv=argv,
+                       supervisor_pid=proc.pid, state="attached", since=time.time(),
+                       identifier=A.new_identifier(os.path.realpath(image)))
+    A.save(state, att)
+    return att
+
+
+def serves(att: A.Attachment) -> bool:
+    return A._serves(att.server_pid, att)
 
 
 def test_started_server_is_recorded_and_serves(state, image, cleanup):
     require_tools("nbdinfo")
     att = start(state, image, "/dev/nbd0", connections=2, block_size=4096)
     assert att.image == os.path.realpath(image)
-    assert A.server_alive(att) and A.nbdkit_alive(att)
+    assert A.agent_alive(att) and serves(att)
     assert A.state_of(att) == "disconnected"   # no kernel client here
     assert leftovers(state) == ["nbd0.json", "nbd0.log", "nbd0.pid", "nbd0.sock"]
     saved = json.loads((state / "nbd0.json").read_text())
@@ -199,21 +215,24 @@ def test_list_shows_a_dead_server_as_stale_and_detach_cleans_it(rt, state, image
     assert p.returncode == 0, p.stderr
     header, row = p.stdout.splitlines()
     assert header.split() == ["DEVICE", "IMAGE", "MODE", "PID", "CONNS", "STATE"]
-    assert row.split() == ["/dev/nbd0", os.path.realpath(image), "direct", str(att.pid), "1",
-                           "disconnected"]
+    assert row.split() == ["/dev/nbd0", os.path.realpath(image), "direct",
+                           str(att.server_pid), "1", "disconnected"]
 
     os.kill(att.pid, signal.SIGKILL)
     wait_gone(att.pid)
-    wait_gone(att.server_pid)   # nbdkit follows its parent (--exit-with-parent)
+    assert serves(att)          # under an agent, nbdkit outlives its supervisor
     p = nbdloop(rt, "list")
     assert p.returncode == 0, p.stderr
-    assert p.stdout.splitlines()[1].split()[-1] == "stale"
+    assert p.stdout.splitlines()[1].split()[-6:] == [
+        "stale:", "its", "agent", "(pid", f"{att.pid})", "has", "died"][-6:]
     rows = json.loads(nbdloop(rt, "list", "--json").stdout)["attachments"]
-    assert [r["state"] for r in rows] == ["stale"]
+    assert [(r["state"], r["reason"]) for r in rows] == [
+        ("stale", f"its agent (pid {att.pid}) has died")]
 
     p = nbdloop(rt, "detach", "/dev/nbd0")
     assert p.returncode == 0, p.stderr
     assert "stale" in p.stderr
+    wait_gone(att.server_pid)   # detach stopped the orphaned nbdkit
     assert leftovers(state) == []
     assert sorted(f.name for f in rt.iterdir()) == ["attached"], "serve's ready file is left"
     assert nbdloop(rt, "list").stdout == ""
@@ -226,12 +245,12 @@ def test_detach_by_image_stops_a_running_server(rt, state, image, cleanup):
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""
     wait_gone(att.pid)
-    assert not A.server_alive(att) and not A.nbdkit_alive(att)
+    assert not A.agent_alive(att) and not serves(att)
     assert processes_mentioning(str(image)) == []
     assert leftovers(state) == []
     # The server stopped cleanly: the image lock is free for the next one.
     again = start(state, image, "/dev/nbd3")
-    assert A.server_alive(again)
+    assert A.agent_alive(again)
 
 
 def test_list_json_and_table(rt, state, tmp_path, cleanup):
@@ -246,11 +265,14 @@ def test_list_json_and_table(rt, state, tmp_path, cleanup):
     assert p.returncode == 0, p.stderr
     rows = json.loads(p.stdout)["attachments"]
     assert [r["device"] for r in rows] == ["/dev/nbd2", "/dev/nbd10"]   # by number
+    assert rows[1].pop("state_seconds") >= 0
     assert rows[1] == {
         "device": "/dev/nbd10", "image": os.path.realpath(images[0]), "mode": "buffered",
         "readonly": True,
         "socket": a.socket, "pid": a.pid, "server_pid": a.server_pid, "connections": 1,
-        "block_size": 4096, "log": a.log, "started": a.started, "state": "disconnected"}
+        "block_size": 4096, "log": a.log, "started": a.started, "state": "disconnected",
+        "supervisor_pid": a.pid, "reason": "", "timeout": 60, "recover_timeout": 120,
+        "identifier": a.identifier, "recoveries": 0, "last_recovery": None}
     assert rows[0]["connections"] == 4 and rows[0]["pid"] == b.pid
     table = nbdloop(rt, "list").stdout.splitlines()
     assert [r.split()[0] for r in table] == ["DEVICE", "/dev/nbd2", "/dev/nbd10"]
@@ -263,7 +285,7 @@ def test_attach_refuses_an_image_that_is_already_attached(tmp_path, state, image
     start(state, image, "/dev/nbd0")
     sys_block = fake_sys_block(tmp_path, {"nbd0": False, "nbd1": False})
     with pytest.raises(A.AttachError, match=r"already attached to /dev/nbd0$"):
-        A.attach(state, str(image), nbd_client="/usr/sbin/nbd-client", sys_block=sys_block)
+        A.attach(state, str(image), sys_block=sys_block)
     assert leftovers(state) == ["nbd0.json", "nbd0.log", "nbd0.pid", "nbd0.sock"]
 
 
@@ -282,18 +304,6 @@ def test_device_choice(tmp_path, state, image, cleanup):
     full = fake_sys_block(tmp_path / "full", {"nbd0": True})
     with pytest.raises(A.AttachError, match="no free NBD device"):
         A.choose_device(state, None, full)
-
-
-def test_nbd_client_message_is_one_line():
-    out = ("Warning: the oldstyle protocol is no longer supported.\n"
-           "This method now uses the newstyle protocol with a default export\n"
-           "Negotiation: ..size = 64MB\n"
-           "Error: Couldn't resolve the nbd netlink family, make sure the nbd module is loaded.\n"
-           "\nExiting.\n")
-    assert A.nbd_client_message(out) == ("Couldn't resolve the nbd netlink family, make sure "
-                                         "the nbd module is loaded.")
-    assert A.nbd_client_message("Negotiation: ..\nsocket: connection refused\nExiting.\n") \
-        == "socket: connection refused"
 
 
 # ---- bad input: one line, exit status 2 -------------------------------------------------
@@ -333,12 +343,19 @@ def test_attach_read_only_file_needs_readonly(rt, image):
         image.chmod(0o644)
 
 
-def test_a_server_that_cannot_start_is_reported_in_one_line(state, image, cleanup):
+def test_a_server_that_cannot_start_is_reported_in_one_line(tmp_path, state, image, cleanup):
     """A second writable server on one image is refused by serve (the image
-    is locked): attach reports serve's own reason and keeps nothing."""
+    is locked by a server started behind nbdloop's back, under another
+    name): the agent reports serve's own reason and keeps nothing."""
     start(state, image, "/dev/nbd0")
-    with pytest.raises(A.AttachError) as e:
-        start(state, image, "/dev/nbd1")
+    (state / "nbd0.json").rename(tmp_path / "hidden.json")
+    sys_block = fake_sys_block(tmp_path, {"nbd0": False, "nbd1": False})
+    try:
+        with pytest.raises(A.AttachError) as e:
+            A.attach(state, str(image),
+                     device="/dev/nbd1", sys_block=sys_block)
+    finally:
+        (tmp_path / "hidden.json").rename(state / "nbd0.json")
     message = str(e.value)
     assert message.startswith(f"the server for {os.path.realpath(image)} did not start: ")
     assert "\n" not in message and "in use" in message, message

@@ -36,7 +36,17 @@ def image_geometry(image: str, mode: str, readonly: bool) -> backing.Geometry:
               help="Lock the server's memory (serve --mlock), so it never waits on a page-in.")
 @click.option("--stats-file", type=click.Path(dir_okay=False),
               help="Where the server writes its engine counters (serve --stats-file).")
-def attach(image, mode, device, connections, block_size, readonly, mlock, stats_file):
+@click.option("--timeout", type=click.IntRange(1, 3600), default=attach_mod.DEFAULT_TIMEOUT,
+              show_default=True, metavar="SECONDS",
+              help="How long the kernel waits for a request's answer before it counts the "
+                   "connection as dead (nbd-client -timeout).")
+@click.option("--recover-timeout", type=click.IntRange(0, 86400),
+              default=attach_mod.DEFAULT_RECOVER_TIMEOUT, show_default=True, metavar="SECONDS",
+              help="When the server dies, the kernel holds the device's requests this long "
+                   "while a new server is started; 0: fail them at once, as nbd-client's "
+                   "devices do.")
+def attach(image, mode, device, connections, block_size, readonly, mlock, stats_file,
+           timeout, recover_timeout):
     """Serve IMAGE in the background and attach it to a kernel NBD device
     (like losetup -f --show); prints the device."""
     geometry = image_geometry(image, mode, readonly)
@@ -50,15 +60,15 @@ def attach(image, mode, device, connections, block_size, readonly, mlock, stats_
             attach_mod.check_device_name(device)
         except attach_mod.AttachError as e:
             raise click.BadParameter(str(e), param_hint="--device") from None
-    nbd_client = attach_mod.find_nbd_client()
-    problem = attach_mod.nbd_support_problem(nbd_client=nbd_client)
+    problem = attach_mod.nbd_support_problem()
     if problem:
         raise UsageError(problem)
     serve_options = (["--mlock"] if mlock else []) + \
         (["--stats-file", os.path.abspath(stats_file)] if stats_file else [])
-    att = attach_mod.attach(paths.state_dir(), image, nbd_client=nbd_client, device=device,
-                            mode=mode, readonly=readonly, connections=connections,
-                            block_size=block_size, serve_options=serve_options)
+    att = attach_mod.attach(paths.state_dir(), image, device=device, mode=mode,
+                            readonly=readonly, connections=connections,
+                            block_size=block_size, serve_options=serve_options,
+                            timeout=timeout, recover_timeout=recover_timeout)
     click.echo(att.device)
 
 
@@ -66,13 +76,38 @@ def attach(image, mode, device, connections, block_size, readonly, mlock, stats_
 @click.argument("target", metavar="DEVICE|IMAGE")
 def detach(target):
     """Disconnect an attached device and stop its server."""
-    att, state = attach_mod.detach(paths.state_dir(), target,
-                                   nbd_client=attach_mod.find_nbd_client())
+    att, state = attach_mod.detach(paths.state_dir(), target)
     if state == "stale":
         # serve's ready file, which a killed server could not remove.
-        (paths.runtime_dir() / f"{image_key(att.image)}.{att.pid}.ready").unlink(missing_ok=True)
+        (paths.runtime_dir() / f"{image_key(att.image)}.{att.supervisor_pid}.ready"
+         ).unlink(missing_ok=True)
         click.echo(f"nbdloop: {att.device}: removed a stale attachment of {att.image} "
-                   "(its server had died)", err=True)
+                   f"({attach_mod.stale_reason(att) or 'its server had died'})", err=True)
+
+
+@click.command()
+@click.argument("target", metavar="DEVICE|IMAGE")
+@click.option("--timeout", type=click.IntRange(1, 3600), default=120, show_default=True,
+              metavar="SECONDS", help="How long to wait for the new server.")
+def restart(target, timeout):
+    """Replace the server of an attached device, without unmounting: the
+    device's agent stops the server, starts again with the nbdloop now
+    installed, and hands the kernel new connections.  This is how a mounted
+    device moves to a new version of nbdloop."""
+    before, after = attach_mod.restart(paths.state_dir(), target, timeout)
+    took = (after.last_recovery or {}).get("seconds")
+    click.echo(f"{after.device}: server pid {before.server_pid} -> {after.server_pid}"
+               + (f" in {took:g} s" if took is not None else ""))
+
+
+def state_text(row: dict) -> str:
+    """``attached``; ``recovering for 3.2 s: why``; ``stale: why``."""
+    state = row["state"]
+    if state == "recovering" and row["state_seconds"] is not None:
+        state += f" for {row['state_seconds']:g} s"
+    if row["reason"] and state != "attached":
+        state += f": {row['reason']}"
+    return state
 
 
 @click.command("list")
@@ -87,7 +122,7 @@ def list_(as_json):
         return
     table = [("DEVICE", "IMAGE", "MODE", "PID", "CONNS", "STATE")]
     table += [(r["device"], r["image"], r["mode"] + (",ro" if r["readonly"] else ""),
-               str(r["pid"]), str(r["connections"]), r["state"]) for r in rows]
+               str(r["server_pid"]), str(r["connections"]), state_text(r)) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:
         click.echo(" ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " " + row[-1])

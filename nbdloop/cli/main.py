@@ -23,6 +23,7 @@ COMMANDS = {
     "attach": "nbdloop.cli.kernel:attach",
     "detach": "nbdloop.cli.kernel:detach",
     "list": "nbdloop.cli.kernel:list_",
+    "restart": "nbdloop.cli.kernel:restart",
     "vm-check": "nbdloop.cli.vm:vm_check",
     "vm-run": "nbdloop.cli.vm:vm_run",
     "bench": "nbdloop.cli.bench:bench_command",
@@ -33,6 +34,7 @@ COMMANDS = {
 INPUT_ERRORS = (
     ("nbdloop.engine.backing", "ImageError"),
     ("nbdloop.kernel.attach", "AttachError"),
+    ("nbdloop.kernel.netlink", "KernelError"),
     ("nbdloop.kernel.vmcheck", "VmCheckError"),
     ("nbdloop.paths", "PathError"),
     ("nbdloop.serve.cmdline", "ServeError"),

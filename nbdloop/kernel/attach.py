@@ -1,24 +1,24 @@
 """Attach images to kernel NBD devices, like ``losetup``.
 
-An attachment is an ``nbdloop serve`` running in the background on a unix
-socket, and the kernel's NBD client (``nbd-client``) connected to it as
-``/dev/nbdN``.  Each attachment is one JSON file in a state directory (the
-CLI uses ``<runtime dir>/attached``), next to the server's socket, pidfile
-and log, all named after the device: ``nbd0.json``, ``nbd0.sock``, ...
+An attachment is a per-device agent (:mod:`nbdloop.kernel.agent`) running
+``nbdloop serve`` in the background on a unix socket, with the kernel's NBD
+client connected to it as ``/dev/nbdN``.  Each attachment is one JSON file
+in a state directory (the CLI uses ``<runtime dir>/attached``), next to the
+server's socket, pidfile and log, all named after the device: ``nbd0.json``,
+``nbd0.sock``, ...  The agent writes its record; attach and detach hold the
+directory's lock while they choose or free a device.
 
 This module holds the logic and no click: the CLI turns :class:`AttachError`
-into a one-line error.  The argv of ``nbd-client`` comes only from
-:func:`nbdloop.nbdclient.nbd_client_args`, the function the VM test feeds.
+into a one-line error.
 
-Persistence and timeout: nbd-client is run in its default (netlink) mode,
-where ``-persist`` has no effect (nothing stays behind to reconnect), so it
-is not passed.  The request timeout is ``nbd_client_args``' default, 60 s.
-When it expires the kernel marks the connection dead and, with no other live
-connection, fails the I/O, which shuts the filesystem down: so it must be
-longer than the slowest legitimate request (a flush in buffered mode writes
-back the server's dirty page cache, which can take tens of seconds on slow
-storage), while still bounding how long I/O stalls behind a hung or dead
-server.
+Timeouts: the request timeout (``timeout``, nbd-client's ``-timeout``) is how
+long the kernel waits for an answer before it declares the connection dead.
+With recovery on (``recover_timeout`` > 0, the kernel's dead-connection
+timeout) that starts a recovery, not an error: the agent replaces the server
+and the kernel resends the request.  So the request timeout also bounds how
+long a request that a dying server had read stays unanswered.  With recovery
+off, a dead connection fails the I/O, which shuts the filesystem down, as
+nbd-client's devices do.
 """
 from __future__ import annotations
 
@@ -28,29 +28,22 @@ import json
 import os
 import re
 import select
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from nbdloop.kernel.nbdclient import BLOCK_SIZES, nbd_client_args
-from nbdloop.paths import SBIN_PATH
-from nbdloop.serve import children as srv
+from nbdloop.kernel.nbdclient import BLOCK_SIZES, DEFAULT_TIMEOUT
 
 SYS_BLOCK = Path("/sys/block")
 DEV = Path("/dev")
-#: Seconds the server gets to accept connections (it loads Python and the
-#: extension, and opens the image).
-SERVER_START_TIMEOUT = 60.0
-#: Seconds nbd-client gets to connect and configure the device.  It talks to
-#: a local server, so this only bounds a server that accepted but hangs.
-NBD_CLIENT_TIMEOUT = 60.0
-#: Seconds a server gets to stop after SIGTERM before it is killed: the
-#: supervisor's grace second plus its drain time for in-flight requests.
-SERVER_STOP_TIMEOUT = 65.0
+#: Seconds an agent gets to stop after SIGTERM before it is killed: its
+#: supervisor's grace second plus the drain time for in-flight requests.
+AGENT_STOP_TIMEOUT = 70.0
+#: The kernel's dead-connection timeout unless the user says otherwise: how
+#: long requests wait for a new server before they fail.
+DEFAULT_RECOVER_TIMEOUT = 120
 
 _DEVICE = re.compile(r"/dev/(nbd\d+)")
 
@@ -78,13 +71,24 @@ class Attachment:
     mode: str            # direct | buffered
     readonly: bool
     socket: str
-    pid: int             # the supervisor (``nbdloop serve``)
-    server_pid: int      # nbdkit, the supervisor's child
+    pid: int             # the agent
+    server_pid: int      # nbdkit, under the supervisor
     connections: int
     block_size: int
     log: str
     started: str         # ISO 8601, local time
-    argv: list[str]      # the supervisor's command line: its identity in /proc
+    argv: list[str]      # the agent's command line: its identity in /proc
+    next_argv: list[str] = dataclasses.field(default_factory=list)   # ... once it re-execs
+    supervisor_pid: int = 0        # ``nbdloop serve``, the agent's child
+    state: str = "starting"        # starting | attached | recovering | stale
+    since: float = 0.0             # when it entered that state (time.time())
+    reason: str = ""               # why it is recovering or stale
+    timeout: int = DEFAULT_TIMEOUT
+    recover_timeout: int = DEFAULT_RECOVER_TIMEOUT
+    identifier: str = ""           # the kernel's backend identifier for the device
+    recoveries: int = 0
+    last_recovery: dict | None = None   # cause, seconds, at
+    serve_options: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -95,18 +99,20 @@ class Attachment:
 
     @classmethod
     def from_dict(cls, data: dict) -> Attachment:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        missing = fields - data.keys()
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        required = {n for n, f in fields.items() if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING}
+        missing = required - data.keys()
         if missing:
             raise ValueError(f"missing {', '.join(sorted(missing))}")
-        return cls(**{k: data[k] for k in fields})
+        return cls(**{k: data[k] for k in fields if k in data})
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 # ---- what the machine offers ------------------------------------------------------
-
-def find_nbd_client() -> str | None:
-    return shutil.which("nbd-client", path=SBIN_PATH)
-
 
 def nbd_devices(sys_block: Path = SYS_BLOCK) -> list[str]:
     """The kernel's NBD devices, as /dev paths, in device-number order."""
@@ -117,8 +123,7 @@ def nbd_devices(sys_block: Path = SYS_BLOCK) -> list[str]:
     return [f"/dev/{n}" for n in sorted(names, key=lambda n: int(n[3:]))]
 
 
-def nbd_support_problem(sys_block: Path = SYS_BLOCK, dev: Path = DEV,
-                        nbd_client: str | None = None) -> str | None:
+def nbd_support_problem(sys_block: Path = SYS_BLOCK, dev: Path = DEV) -> str | None:
     """None if attach can work here, else one line: what is missing and how
     to get it."""
     missing = []
@@ -131,8 +136,6 @@ def nbd_support_problem(sys_block: Path = SYS_BLOCK, dev: Path = DEV,
         else:
             missing.append("no /dev/nbd* devices: load the kernel NBD driver with "
                            "`modprobe nbd`")
-    if nbd_client is None:
-        missing.append("nbd-client is not installed: `apt-get install nbd-client`")
     if not missing:
         return None
     return "attach needs the kernel NBD client: " + "; ".join(missing)
@@ -259,30 +262,49 @@ def find(state_dir: Path, target: str) -> Attachment | None:
     return None
 
 
-def server_alive(att: Attachment) -> bool:
-    """True while the recorded supervisor runs.  Its pid alone is not enough
+def read_record(path: Path) -> Attachment:
+    return Attachment.from_dict(json.loads(path.read_text()))
+
+
+def agent_alive(att: Attachment) -> bool:
+    """True while the recorded agent runs.  Its pid alone is not enough
     (pids are reused): its command line must be the one recorded."""
     try:
         cmdline = Path(f"/proc/{att.pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return cmdline.split(b"\0")[:-1] == [a.encode() for a in att.argv]
+    seen = cmdline.split(b"\0")[:-1]
+    return any(seen == [a.encode() for a in argv] for argv in (att.argv, att.next_argv) if argv)
 
 
 def state_of(att: Attachment, sys_block: Path = SYS_BLOCK) -> str:
-    """``attached``: server running and the kernel connected; ``disconnected``:
-    server running, device not connected (someone ran nbd-client -d);
-    ``stale``: the server has died."""
-    if not server_alive(att):
+    """``attached``: served and the kernel connected; ``recovering``: the
+    agent is replacing a server that died, while the kernel holds the
+    device's requests; ``starting``; ``disconnected``: served, but someone
+    disconnected the device (nbd-client -d); ``stale``: the agent has died
+    or given up, so the device fails its I/O."""
+    if not agent_alive(att) or att.state == "stale":
         return "stale"
+    if att.state in ("recovering", "starting"):
+        return att.state
     return "attached" if device_connected(att.device, sys_block) else "disconnected"
 
 
-def describe(att: Attachment, sys_block: Path = SYS_BLOCK) -> dict:
+def stale_reason(att: Attachment) -> str:
+    if att.state == "stale" and att.reason:
+        return att.reason
+    return f"its agent (pid {att.pid}) has died" if not agent_alive(att) else ""
+
+
+def describe(att: Attachment, sys_block: Path = SYS_BLOCK, now: float | None = None) -> dict:
     """What ``list --json`` shows for one attachment."""
     data = att.as_dict()
-    del data["argv"]
-    data["state"] = state_of(att, sys_block)
+    for private in ("argv", "next_argv", "serve_options", "since"):
+        del data[private]
+    state = state_of(att, sys_block)
+    data["state"] = state
+    data["reason"] = stale_reason(att) if state == "stale" else att.reason
+    data["state_seconds"] = round((now or time.time()) - att.since, 1) if att.since else None
     return data
 
 
@@ -298,42 +320,6 @@ def remove_files(state_dir: Path, att: Attachment) -> None:
 
 # ---- the server -------------------------------------------------------------------
 
-def start_server(state_dir: Path, image: str, *, device: str, mode: str, readonly: bool,
-                 connections: int, block_size: int, serve_options: Sequence[str] = (),
-                 timeout: float = SERVER_START_TIMEOUT) -> Attachment:
-    """Start ``nbdloop serve`` for ``image`` in the background (its own
-    session, so it outlives this process and the terminal) and record it as
-    the attachment of ``device``.  The record exists before the kernel
-    connects, so an interrupted attach leaves a stale entry, not a hidden
-    server.  ``serve_options`` are more ``nbdloop serve`` options."""
-    name = check_device_name(device)
-    image = os.path.realpath(image)
-    sock, pidfile, log = (str(state_dir / f"{name}.{s}") for s in ("sock", "pid", "log"))
-    for leftover in (sock, pidfile, log):
-        try:
-            os.unlink(leftover)
-        except FileNotFoundError:
-            pass
-    argv = srv.nbdloop_serve_argv(image, sock, mode=mode, pidfile=pidfile, readonly=readonly,
-                                  extra=list(serve_options))
-    proc = srv.ServerProcess(argv, socket_path=sock, pidfile=pidfile, log=log)
-    try:
-        proc.start(timeout)
-    except srv.ServerError:
-        reason = server_error(Path(log))
-        try:
-            os.unlink(log)
-        except FileNotFoundError:
-            pass
-        raise AttachError(f"the server for {image} did not start: {reason}") from None
-    att = Attachment(device=device, image=image, mode=mode, readonly=readonly, socket=sock,
-                     pid=proc.pid, server_pid=proc.server_pid, connections=connections,
-                     block_size=block_size, log=log,
-                     started=time.strftime("%Y-%m-%dT%H:%M:%S%z"), argv=argv)
-    save(state_dir, att)
-    return att
-
-
 def server_error(log: Path) -> str:
     """The reason a server failed, in one line, from its log: serve's own
     ``nbdloop: ...`` refusal, else the last error nbdkit or Python printed,
@@ -342,7 +328,8 @@ def server_error(log: Path) -> str:
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return "no log"
-    noise = ("nbdloop: serving ", "nbdloop: server exited", "nbdloop: warning")
+    noise = ("nbdloop: serving ", "nbdloop: server exited", "nbdloop: warning",
+             "nbdloop agent: ")
     for line in reversed(lines):
         if line.startswith("nbdloop: ") and not line.startswith(noise):
             return line.removeprefix("nbdloop: ")
@@ -352,30 +339,29 @@ def server_error(log: Path) -> str:
     return lines[-1] if lines else "no output"
 
 
-def stop_server(att: Attachment, timeout: float = SERVER_STOP_TIMEOUT) -> None:
-    """SIGTERM the supervisor and wait for it (it stops nbdkit cleanly);
-    SIGKILL if it does not go.  nbdkit runs with --exit-with-parent, so it
-    never outlives the supervisor."""
-    _terminate(att.pid, lambda: server_alive(att), timeout)
-    # A supervisor that was killed leaves nbdkit to its parent-death signal
-    # (SIGTERM), which nbdkit 1.32 ignores while a client holds an idle
-    # connection: such an orphan is stopped here.
-    _terminate(att.server_pid, lambda: nbdkit_alive(att), 5.0)
+def stop_agent(att: Attachment, timeout: float = AGENT_STOP_TIMEOUT) -> None:
+    """SIGTERM the agent and wait for it (it stops its server cleanly);
+    SIGKILL if it does not go.  A server left by an agent that was killed
+    is stopped here too."""
+    _terminate(att.pid, lambda: agent_alive(att), timeout)
+    for pid in (att.supervisor_pid, att.server_pid):
+        _terminate(pid, lambda pid=pid: _serves(pid, att), 5.0)
 
 
-def nbdkit_alive(att: Attachment) -> bool:
-    """True while the recorded nbdkit runs (its command line names our socket)."""
+def _serves(pid: int, att: Attachment) -> bool:
+    """True while ``pid`` is a server of ``att``: its command line names the socket."""
+    if pid <= 0:
+        return False
     try:
-        cmdline = Path(f"/proc/{att.server_pid}/cmdline").read_bytes().split(b"\0")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return bool(cmdline) and os.path.basename(cmdline[0]) == b"nbdkit" \
-        and att.socket.encode() in cmdline
+    return att.socket.encode() in cmdline
 
 
-def _terminate(pid: int, ours, timeout: float) -> None:
-    """SIGTERM ``pid`` if ``ours()`` says it is still the process we mean;
-    SIGKILL it after ``timeout`` seconds."""
+def _terminate(pid: int, ours, timeout: float, how: signal.Signals = signal.SIGTERM) -> None:
+    """Signal ``pid`` (SIGTERM, or ``how``) if ``ours()`` says it is still
+    the process we mean; SIGKILL it after ``timeout`` seconds."""
     if not ours():
         return
     try:
@@ -385,7 +371,7 @@ def _terminate(pid: int, ours, timeout: float) -> None:
     try:
         if not ours():   # the pid could have been reused before the pidfd pinned it
             return
-        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        signal.pidfd_send_signal(pidfd, how)
         if not _wait_exit(pidfd, timeout):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             _wait_exit(pidfd, 10)
@@ -403,56 +389,25 @@ def _wait_exit(pidfd: int, timeout: float) -> bool:
     return bool(poller.poll(timeout * 1000))
 
 
-# ---- the kernel client --------------------------------------------------------------
-
-def connect(att: Attachment, nbd_client: str) -> None:
-    """Run nbd-client for ``att``; raise AttachError with its message on failure."""
-    argv = nbd_client_args(att.device, unix_path=att.socket, block_size=att.block_size,
-                           connections=att.connections, readonly=att.readonly,
-                           nbd_client=nbd_client)
-    try:
-        p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                           timeout=NBD_CLIENT_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise AttachError(f"nbd-client did not connect {att.device} "
-                          f"within {NBD_CLIENT_TIMEOUT:g} s") from None
-    if p.returncode != 0:
-        raise AttachError(f"nbd-client failed to connect {att.device}: "
-                          f"{nbd_client_message(p.stdout + p.stderr)}")
-
-
-def nbd_client_message(output: str) -> str:
-    """nbd-client's error, in one line.  It prints negotiation chatter and
-    ``Exiting.`` around an ``Error: ...`` line."""
-    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
-    errors = [ln.removeprefix("Error: ") for ln in lines if ln.startswith("Error:")]
-    if errors:
-        return " ".join(errors)
-    rest = [ln for ln in lines if ln != "Exiting." and not ln.startswith(("Warning:", "This method",
-                                                                          "Negotiation:"))]
-    return rest[-1] if rest else "no message"
-
-
-def disconnect(device: str, nbd_client: str) -> str | None:
-    """``nbd-client -d``; returns its error message, or None on success."""
-    try:
-        p = subprocess.run([nbd_client, "-d", device], stdin=subprocess.DEVNULL,
-                           capture_output=True, text=True, timeout=NBD_CLIENT_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        return f"nbd-client -d {device} did not finish within {NBD_CLIENT_TIMEOUT:g} s"
-    if p.returncode != 0:
-        return nbd_client_message(p.stdout + p.stderr)
-    return None
-
-
 # ---- attach and detach --------------------------------------------------------------
 
-def attach(state_dir: Path, image: str, *, nbd_client: str, device: str | None = None,
+def new_identifier(image: str) -> str:
+    """The kernel's backend identifier for a new attachment: unique (so a
+    connection for another device, even of the same image, is refused) and
+    readable in /sys/block/nbdN/backend."""
+    return f"nbdloop:{os.urandom(6).hex()}:{image}"
+
+
+def attach(state_dir: Path, image: str, *, device: str | None = None,
            mode: str = "direct", readonly: bool = False, connections: int = 1,
            block_size: int = 4096, serve_options: Sequence[str] = (),
+           timeout: int = DEFAULT_TIMEOUT, recover_timeout: int = DEFAULT_RECOVER_TIMEOUT,
            sys_block: Path = SYS_BLOCK) -> Attachment:
-    """Serve ``image`` and connect a kernel NBD device to it.  On any failure
-    nothing is left behind: the server is stopped and the record removed."""
+    """Serve ``image`` and connect a kernel NBD device to it, through a new
+    agent.  On any failure nothing is left behind: the agent stops the
+    server and removes the record before it reports."""
+    from nbdloop.kernel import agent
+
     if block_size not in BLOCK_SIZES:
         raise AttachError(f"block size {block_size} is not one of "
                           f"{', '.join(map(str, BLOCK_SIZES))}")
@@ -464,22 +419,36 @@ def attach(state_dir: Path, image: str, *, nbd_client: str, device: str | None =
                         if state_of(other, sys_block) == "stale" else "")
                 raise AttachError(f"{image}: already attached to {other.device}{hint}")
         device = choose_device(state_dir, device, sys_block)
-        att = start_server(state_dir, real, device=device, mode=mode, readonly=readonly,
-                           connections=connections, block_size=block_size,
-                           serve_options=serve_options)
-        try:
-            connect(att, nbd_client)
-        except BaseException:
-            stop_server(att)
-            remove_files(state_dir, att)
-            raise
-    return att
+        name = check_device_name(device)
+        sock, pidfile, log = (str(state_dir / f"{name}.{s}") for s in ("sock", "pid", "log"))
+        for leftover in (sock, pidfile, log):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
+        att = Attachment(device=device, image=real, mode=mode, readonly=readonly, socket=sock,
+                         pid=0, server_pid=0, connections=connections,
+                         block_size=block_size, log=log, started=now_iso(), argv=[],
+                         timeout=timeout, recover_timeout=recover_timeout,
+                         identifier=new_identifier(real), serve_options=list(serve_options))
+        problem = agent.spawn(state_dir, att, list(serve_options))
+        if problem is not None:
+            try:
+                os.unlink(log)
+            except FileNotFoundError:
+                pass
+            raise AttachError(problem)
+        found = find(state_dir, device)
+    if found is None:
+        raise AttachError(f"{device}: the agent reported success but left no record")
+    return found
 
 
-def detach(state_dir: Path, target: str, *, nbd_client: str | None,
-           sys_block: Path = SYS_BLOCK) -> tuple[Attachment, str]:
+def detach(state_dir: Path, target: str, *, sys_block: Path = SYS_BLOCK
+           ) -> tuple[Attachment, str]:
     """Disconnect the kernel client of ``target`` (device or image), stop its
-    server and forget it.  Returns the attachment and the state it was in.
+    agent and server and forget it.  Returns the attachment and the state it
+    was in.
 
     A live attachment whose device is mounted or held is refused: the
     kernel would disconnect it under the filesystem.  For a stale one the
@@ -496,14 +465,43 @@ def detach(state_dir: Path, target: str, *, nbd_client: str | None,
             if state != "stale" and (where or held):
                 why = f"mounted on {where}" if where else f"held by {', '.join(held)}"
                 raise AttachError(f"{att.device} is {why}: unmount it first")
-            if nbd_client is None:
+        if state != "stale":
+            # The agent disconnects the device and stops (it has netlink open).
+            _terminate(att.pid, lambda: agent_alive(att), AGENT_STOP_TIMEOUT, signal.SIGUSR1)
+        if device_connected(att.device, sys_block):
+            from nbdloop.kernel import netlink
+            try:
+                with netlink.Nbd() as nl:
+                    nl.disconnect(netlink.device_index(att.device))
+            except netlink.KernelError as e:
                 if state != "stale":
-                    raise AttachError(f"cannot disconnect {att.device}: nbd-client is not "
-                                      "installed (`apt-get install nbd-client`)")
-            else:
-                error = disconnect(att.device, nbd_client)
-                if error is not None and state != "stale":
-                    raise AttachError(f"nbd-client -d {att.device} failed: {error}")
-        stop_server(att)
+                    raise AttachError(f"{att.device}: {e}") from None
+        stop_agent(att)
         remove_files(state_dir, att)
     return att, state
+
+
+def restart(state_dir: Path, target: str, timeout: float) -> tuple[Attachment, Attachment]:
+    """Ask the agent of ``target`` to replace its server (and itself, with
+    the nbdloop now installed) and wait until it has.  Returns the record
+    before and after."""
+    att = find(state_dir, target)
+    if att is None:
+        raise AttachError(f"{target}: not attached (see nbdloop list)")
+    if state_of(att) == "stale":
+        raise AttachError(f"{att.device} is stale ({stale_reason(att)}): "
+                          "detach it and attach again")
+    before = att
+    os.kill(att.pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = find(state_dir, att.device)
+        if now is None:
+            raise AttachError(f"{att.device} was detached during the restart")
+        if now.state == "stale" or not agent_alive(now):
+            raise AttachError(f"{att.device}: the restart failed: {stale_reason(now)}")
+        if now.state == "attached" and now.server_pid != before.server_pid:
+            return before, now
+    raise AttachError(f"{att.device}: no new server within {timeout:g} s "
+                      f"(state {state_of(find(state_dir, att.device) or att)})")
