@@ -101,12 +101,12 @@ def test_options(attach_run, name):
     check(attach_run, name)
 
 
-@pytest.mark.parametrize("name", ["killed-server", "mounted-detach", "nbd-client-fails"])
+@pytest.mark.parametrize("name", ["killed-server", "mounted-detach", "busy-device"])
 def test_failure_paths(attach_run, name):
-    """SIGKILL of the server: list says stale, detach frees the device;
-    detach of a mounted device is refused in one line and the device keeps
-    working; nbd-client refusing a busy device stops the server and leaves
-    no record."""
+    """SIGKILL of the server with recovery off: list says stale and why,
+    detach frees the device; detach of a mounted device is refused in one
+    line and the device keeps working; the kernel refusing a busy device
+    stops the server and leaves no record."""
     check(attach_run, name)
 
 

@@ -1,0 +1,175 @@
+#!/bin/sh
+# tests/e2e/test_recover_vm.py: a device that outlives its server.  In the
+# one-kernel VM: ext4 on /dev/nbdN, a writer writing and fsyncing files with
+# known checksums in a loop, and the server (nbdkit and its supervisor, in
+# turn) killed with SIGKILL at random moments, in both modes, with one and
+# two connections; then `nbdloop restart` under the same load.  The writer
+# must see no error, the filesystem must stay read-write, the kernel log
+# must have no I/O error, fsck must be clean and every fsynced file intact.
+# Then a server that cannot come back (its image has gone): the writer gets
+# EIO within the recovery timeout, nothing hangs, list says stale and why.
+# And a reconfigure for the wrong device is refused.
+# Arguments: KILLS (per mode and connection count).  Images go in $NBDLOOP_DATA.
+here=$(dirname "$0")
+# shellcheck source=/dev/null
+. "$here/product-lib.sh"
+KILLS=${1:-5}
+TIMEOUT=4            # the request timeout: how long a request the dead server read waits
+STATE=/run/nbdloop/attached
+
+# field DEV NAME: a number from the device's record (one key a line).
+field() {
+    sed -n "s/^ *\"$2\": \([0-9.-]*\),\{0,1\}$/\1/p" "$STATE/${1#/dev/}.json" | tail -n 1
+}
+state() { sed -n 's/^  "state": "\(.*\)",$/\1/p' "$STATE/${1#/dev/}.json"; }
+
+random_ms() {
+    # random_ms MIN MAX: a random number of milliseconds, as seconds for sleep
+    r=$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')
+    echo "$1 $2 $r" | awk '{ printf "%.2f", ($1 + ($2 - $1) * $3 / 65535) / 1000 }'
+}
+
+# writer DIR SUMS STOP: write, fsync and record files until STOP exists.
+writer() {
+    i=0
+    while [ ! -e "$3" ]; do
+        n=$(( $(od -An -N2 -tu2 /dev/urandom | tr -d ' ') * 4 + 1 ))
+        head -c "$n" /dev/urandom > /tmp/w.data
+        if ! dd if=/tmp/w.data of="$1/w$i" bs=64k conv=fsync status=none 2> /tmp/w.err; then
+            echo "writer: w$i: $(cat /tmp/w.err)"
+            return 1
+        fi
+        echo "$(sha256sum < /tmp/w.data | cut -d' ' -f1)  w$i" >> "$2"
+        i=$((i + 1))
+    done
+    echo "writer: $i files"
+}
+
+kernel_log_clean() {
+    # kernel_log_clean DEV: no I/O error, no ext4 error, no remount on DEV
+    name=${1#/dev/}
+    if dmesg | grep -E "(I/O error|EXT4-fs error|Remounting|Buffer I/O).*$name|$name.*(I/O error|error)" > /tmp/klog; then
+        fail "the kernel logged errors on $1: $(head -n 3 /tmp/klog | tr '\n' ' ')"
+    fi
+}
+
+wait_recovered() {
+    # wait_recovered DEV COUNT: until the record counts COUNT recoveries and is attached
+    n=0
+    while [ "$(field "$1" recoveries)" != "$2" ] || [ "$(state "$1")" != attached ]; do
+        n=$((n + 1))
+        [ "$n" -lt 600 ] || fail "no recovery $2 of $1 within 120 s: $(state "$1")"
+        sleep 0.2
+    done
+}
+
+survive() {
+    # survive MODE CONNECTIONS: kills and a restart under a writer
+    mode=$1 conns=$2
+    img=$NBDLOOP_DATA/kill-$mode-$conns.img
+    step "$mode-$conns-attach"
+    dmesg -C
+    must nbdloop create "$img" 128M
+    dev=$(nbdloop attach "$img" --mode "$mode" --connections "$conns" --timeout "$TIMEOUT") ||
+        fail "attach exited $?"
+    must mkfs.ext4 -q -F "$dev"
+    must mount "$dev" /mnt/a
+    rm -f /tmp/stop /tmp/sums
+    writer /mnt/a /tmp/sums /tmp/stop > /tmp/writer.out 2>&1 &
+    wpid=$!
+    k=0
+    while [ "$k" -lt "$KILLS" ]; do
+        sleep "$(random_ms 300 2500)"
+        if [ $((k % 2)) -eq 0 ]; then who=nbdkit pid=$(field "$dev" server_pid)
+        else who=supervisor pid=$(field "$dev" supervisor_pid); fi
+        step "$mode-$conns-kill-$k-$who"
+        kill -0 "$wpid" 2> /dev/null || fail "the writer stopped: $(cat /tmp/writer.out)"
+        must kill -9 "$pid"
+        k=$((k + 1))
+        wait_recovered "$dev" "$k"
+        echo "NBDLOOP-RECOVERY: $mode $conns $who $(field "$dev" seconds)"
+    done
+    step "$mode-$conns-restart"
+    sleep 1
+    before=$(field "$dev" server_pid)
+    nbdloop restart "$dev" > /tmp/restart.out 2>&1 || fail "restart exited $?: $(cat /tmp/restart.out)"
+    echo "restart: $(cat /tmp/restart.out)"
+    after=$(field "$dev" server_pid)
+    [ "$after" != "$before" ] || fail "restart kept server pid $before"
+    grep -q "server pid $before -> $after" /tmp/restart.out || fail "restart did not say the new pid"
+    echo "NBDLOOP-RESTART: $mode $conns $(field "$dev" seconds)"
+    sleep 2
+    step "$mode-$conns-check"
+    touch /tmp/stop
+    wait "$wpid" || fail "the writer failed: $(cat /tmp/writer.out)"
+    cat /tmp/writer.out
+    grep -q "^$dev /mnt/a ext4 rw," /proc/mounts || fail "$dev is no longer mounted read-write"
+    kernel_log_clean "$dev"
+    must umount /mnt/a
+    must e2fsck -fn "$dev"
+    must mount "$dev" /mnt/a
+    verify /mnt/a /tmp/sums || fail "fsynced files differ"
+    echo "verified $(wc -l < /tmp/sums) files"
+    must umount /mnt/a
+    must nbdloop detach "$dev"
+}
+
+gone_for_good() {
+    img=$NBDLOOP_DATA/gone.img
+    step gone-attach
+    must nbdloop create "$img" 64M
+    dev=$(nbdloop attach "$img" --timeout "$TIMEOUT" --recover-timeout 8) || fail "attach exited $?"
+    must mkfs.ext4 -q -F "$dev"
+    must mount "$dev" /mnt/a
+    rm -f /tmp/stop /tmp/sums
+    writer /mnt/a /tmp/sums /tmp/stop > /tmp/writer.out 2>&1 &
+    wpid=$!
+    sleep 2
+    step gone-kill
+    must mv "$img" "$img.away"
+    must kill -9 "$(field "$dev" server_pid)"
+    n=0
+    while kill -0 "$wpid" 2> /dev/null; do
+        n=$((n + 1))
+        [ "$n" -lt 120 ] || fail "the writer still runs 60 s after the server went"
+        sleep 0.5
+    done
+    wait "$wpid" && fail "the writer saw no error"
+    echo "writer: $(cat /tmp/writer.out)"
+    grep -q "Input/output error" /tmp/writer.out || fail "the writer's error is not EIO: $(cat /tmp/writer.out)"
+    nbdloop list
+    nbdloop list --json > /tmp/list.json
+    grep -q '"state": "stale"' /tmp/list.json || fail "list does not show $dev as stale"
+    grep -q '"reason": ".*no server within 8 s' /tmp/list.json ||
+        fail "list does not say why: $(grep reason /tmp/list.json)"
+    step gone-detach
+    umount /mnt/a
+    nbdloop detach "$dev" || fail "detach of the stale device exited $?"
+    [ -e "/sys/block/${dev#/dev/}/pid" ] && fail "$dev is still connected"
+    return 0
+}
+
+wrong_device() {
+    step wrong-attach
+    must nbdloop create "$NBDLOOP_DATA/w1.img" 16M
+    must nbdloop create "$NBDLOOP_DATA/w2.img" 16M
+    one=$(nbdloop attach "$NBDLOOP_DATA/w1.img") || fail "attach w1 exited $?"
+    two=$(nbdloop attach "$NBDLOOP_DATA/w2.img") || fail "attach w2 exited $?"
+    step wrong-reconfigure
+    python3 "$here/reconfigure.py" "$STATE/${two#/dev/}.json" "${one#/dev/nbd}" ||
+        fail "a connection for $two was handed to $one"
+    step wrong-still-works
+    must dd if="$one" of=/dev/null bs=4096 count=16 iflag=direct status=none
+    must dd if="$two" of=/dev/null bs=4096 count=16 iflag=direct status=none
+    must nbdloop detach "$one"
+    must nbdloop detach "$two"
+}
+
+for combo in "direct 1" "direct 2" "buffered 1" "buffered 2"; do
+    # shellcheck disable=SC2086 # two words
+    set -- $combo
+    scenario "survive-$1-$2" survive "$1" "$2"
+done
+scenario wrong-device wrong_device
+scenario gone-for-good gone_for_good
+[ "$FAILED" -eq 0 ] || fail "$FAILED scenario(s) failed"
