@@ -460,7 +460,7 @@ def test_a_silent_server_times_out(scripted):
             hs.connect_unix(s.path, timeout=0.3)
     finally:
         done.set()
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < 10   # the 0.3 s, not the 30 s default
     assert str(e.value) == (f"nbd+unix socket {s.path}: the handshake did not finish "
                             "within 0.3s (stuck reading the greeting)")
     s.finish()
@@ -485,6 +485,6 @@ def test_the_timeout_bounds_the_whole_handshake(scripted):
             hs.connect_unix(s.path, timeout=0.3)
     finally:
         done.set()
-    assert time.monotonic() - start < 1
+    assert time.monotonic() - start < 10   # the 0.3 s, not the 30 s default
     assert_one_line(e, "did not finish within 0.3s (stuck reading the greeting)")
     s.finish()

@@ -135,8 +135,8 @@ class Agent:
             self.report(f"error: {one_line(e)}")
             raise SystemExit(1) from None
         self.set_state("attached", "")
-        self.log(f"{self.att.device} attached to {self.att.image} "
-                 f"(recovery {'within ' + str(self.att.recover_timeout) + ' s' if self.att.recover_timeout else 'off'})")
+        recovery = f"within {self.att.recover_timeout} s" if self.att.recover_timeout else "off"
+        self.log(f"{self.att.device} attached to {self.att.image} (recovery {recovery})")
         self.report("ok")
 
     def watch(self) -> int:
