@@ -185,7 +185,7 @@ def start(state: Path, image: Path, device: str, *, mode: str = "direct",
                        readonly=readonly, socket=sock, pid=proc.pid,
                        server_pid=proc.server_pid, connections=connections,
                        block_size=block_size, log=log, started=A.now_iso(), argv=argv,
-                       supervisor_pid=proc.pid, state="attached", since=time.time(),
+                       agent_pid=proc.pid, state="attached", since=time.time(),
                        identifier=A.new_identifier(os.path.realpath(image)))
     A.save(state, att)
     return att
@@ -216,7 +216,7 @@ def test_list_shows_a_dead_server_as_stale_and_detach_cleans_it(rt, state, image
     header, row = p.stdout.splitlines()
     assert header.split() == ["DEVICE", "IMAGE", "MODE", "PID", "CONNS", "STATE"]
     assert row.split() == ["/dev/nbd0", os.path.realpath(image), "direct",
-                           str(att.server_pid), "1", "disconnected"]
+                           str(att.pid), "1", "disconnected"]
 
     os.kill(att.pid, signal.SIGKILL)
     wait_gone(att.pid)
@@ -271,7 +271,7 @@ def test_list_json_and_table(rt, state, tmp_path, cleanup):
         "readonly": True,
         "socket": a.socket, "pid": a.pid, "server_pid": a.server_pid, "connections": 1,
         "block_size": 4096, "log": a.log, "started": a.started, "state": "disconnected",
-        "supervisor_pid": a.pid, "reason": "", "timeout": 60, "recover_timeout": 120,
+        "agent_pid": a.pid, "reason": "", "timeout": 60, "recover_timeout": 120,
         "identifier": a.identifier, "recoveries": 0, "last_recovery": None}
     assert rows[0]["connections"] == 4 and rows[0]["pid"] == b.pid
     table = nbdloop(rt, "list").stdout.splitlines()

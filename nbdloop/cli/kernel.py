@@ -79,7 +79,7 @@ def detach(target):
     att, state = attach_mod.detach(paths.state_dir(), target)
     if state == "stale":
         # serve's ready file, which a killed server could not remove.
-        (paths.runtime_dir() / f"{image_key(att.image)}.{att.supervisor_pid}.ready"
+        (paths.runtime_dir() / f"{image_key(att.image)}.{att.pid}.ready"
          ).unlink(missing_ok=True)
         click.echo(f"nbdloop: {att.device}: removed a stale attachment of {att.image} "
                    f"({attach_mod.stale_reason(att) or 'its server had died'})", err=True)
@@ -122,7 +122,7 @@ def list_(as_json):
         return
     table = [("DEVICE", "IMAGE", "MODE", "PID", "CONNS", "STATE")]
     table += [(r["device"], r["image"], r["mode"] + (",ro" if r["readonly"] else ""),
-               str(r["server_pid"]), str(r["connections"]), state_text(r)) for r in rows]
+               str(r["pid"]), str(r["connections"]), state_text(r)) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:
         click.echo(" ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " " + row[-1])

@@ -92,7 +92,7 @@ class Agent:
         signal.signal(signal.SIGHUP, self._on_signal)
         signal.signal(signal.SIGUSR1, self._on_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)   # wakes the poll through the fd
-        self.att.pid = os.getpid()
+        self.att.agent_pid = os.getpid()
         self.att.argv = own_argv()
         self.att.next_argv = []
         try:
@@ -269,7 +269,7 @@ class Agent:
         except srv.ServerError:
             raise AttachError(f"the server for {self.att.image} did not start: "
                               f"{server_error(Path(self.att.log))}") from None
-        self.att.supervisor_pid = server.pid
+        self.att.pid = server.pid
         self.att.server_pid = server.server_pid
         for pid, what in ((server.pid, f"the supervisor (pid {server.pid})"),
                           (server.server_pid, f"nbdkit (pid {server.server_pid})")):

@@ -71,15 +71,15 @@ class Attachment:
     mode: str            # direct | buffered
     readonly: bool
     socket: str
-    pid: int             # the agent
+    pid: int             # the supervisor (``nbdloop serve``), the agent's child
     server_pid: int      # nbdkit, under the supervisor
     connections: int
     block_size: int
     log: str
     started: str         # ISO 8601, local time
     argv: list[str]      # the agent's command line: its identity in /proc
+    agent_pid: int = 0   # the device's agent, which outlives the servers it starts
     next_argv: list[str] = dataclasses.field(default_factory=list)   # ... once it re-execs
-    supervisor_pid: int = 0        # ``nbdloop serve``, the agent's child
     state: str = "starting"        # starting | attached | recovering | stale
     since: float = 0.0             # when it entered that state (time.time())
     reason: str = ""               # why it is recovering or stale
@@ -270,7 +270,7 @@ def agent_alive(att: Attachment) -> bool:
     """True while the recorded agent runs.  Its pid alone is not enough
     (pids are reused): its command line must be the one recorded."""
     try:
-        cmdline = Path(f"/proc/{att.pid}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{att.agent_pid}/cmdline").read_bytes()
     except OSError:
         return False
     seen = cmdline.split(b"\0")[:-1]
@@ -293,7 +293,12 @@ def state_of(att: Attachment, sys_block: Path = SYS_BLOCK) -> str:
 def stale_reason(att: Attachment) -> str:
     if att.state == "stale" and att.reason:
         return att.reason
-    return f"its agent (pid {att.pid}) has died" if not agent_alive(att) else ""
+    if agent_alive(att):
+        return ""
+    alive = device_connected(att.device) and _serves(att.server_pid, att)
+    return (f"its agent (pid {att.agent_pid}) has died"
+            + (": the device works while its server runs, but will not recover" if alive
+               else ""))
 
 
 def describe(att: Attachment, sys_block: Path = SYS_BLOCK, now: float | None = None) -> dict:
@@ -343,8 +348,8 @@ def stop_agent(att: Attachment, timeout: float = AGENT_STOP_TIMEOUT) -> None:
     """SIGTERM the agent and wait for it (it stops its server cleanly);
     SIGKILL if it does not go.  A server left by an agent that was killed
     is stopped here too."""
-    _terminate(att.pid, lambda: agent_alive(att), timeout)
-    for pid in (att.supervisor_pid, att.server_pid):
+    _terminate(att.agent_pid, lambda: agent_alive(att), timeout)
+    for pid in (att.pid, att.server_pid):
         _terminate(pid, lambda pid=pid: _serves(pid, att), 5.0)
 
 
@@ -467,7 +472,8 @@ def detach(state_dir: Path, target: str, *, sys_block: Path = SYS_BLOCK
                 raise AttachError(f"{att.device} is {why}: unmount it first")
         if state != "stale":
             # The agent disconnects the device and stops (it has netlink open).
-            _terminate(att.pid, lambda: agent_alive(att), AGENT_STOP_TIMEOUT, signal.SIGUSR1)
+            _terminate(att.agent_pid, lambda: agent_alive(att), AGENT_STOP_TIMEOUT,
+                       signal.SIGUSR1)
         if device_connected(att.device, sys_block):
             from nbdloop.kernel import netlink
             try:
@@ -492,7 +498,7 @@ def restart(state_dir: Path, target: str, timeout: float) -> tuple[Attachment, A
         raise AttachError(f"{att.device} is stale ({stale_reason(att)}): "
                           "detach it and attach again")
     before = att
-    os.kill(att.pid, signal.SIGHUP)
+    os.kill(att.agent_pid, signal.SIGHUP)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.1)

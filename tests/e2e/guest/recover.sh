@@ -81,7 +81,7 @@ survive() {
     while [ "$k" -lt "$KILLS" ]; do
         sleep "$(random_ms 300 2500)"
         if [ $((k % 2)) -eq 0 ]; then who=nbdkit pid=$(field "$dev" server_pid)
-        else who=supervisor pid=$(field "$dev" supervisor_pid); fi
+        else who=supervisor pid=$(field "$dev" pid); fi
         step "$mode-$conns-kill-$k-$who"
         kill -0 "$wpid" 2> /dev/null || fail "the writer stopped: $(cat /tmp/writer.out)"
         must kill -9 "$pid"
