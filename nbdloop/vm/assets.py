@@ -25,7 +25,7 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
@@ -86,7 +86,8 @@ def ensure_assets(cache_dir: Path | None = None) -> VmAssets:
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else vm_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    host_versions = _host_package_versions()
+    host_versions = host_package_versions(
+        HOST_PACKAGES, "the VM initramfs is built from host packages that are not installed")
     kernel_package, kernel_version = _kernel_package(cache_dir)
     release = kernel_package.removeprefix("linux-image-")
     init = INIT_SCRIPT.read_bytes()
@@ -161,24 +162,24 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _host_package_versions() -> dict[str, str]:
+def host_package_versions(packages: Sequence[str], problem: str) -> dict[str, str]:
+    """The installed versions of ``packages`` on this host; VmError
+    (``problem: apt-get install ...``) if any is not installed."""
     dpkg_query = require_tool("dpkg-query", "dpkg")
     proc = subprocess.run(
-        [dpkg_query, "-W", "-f", "${Package}\t${Version}\t${db:Status-Abbrev}\n", *HOST_PACKAGES],
+        [dpkg_query, "-W", "-f", "${Package}\t${Version}\t${db:Status-Abbrev}\n", *packages],
         capture_output=True,
         text=True,
+        check=False,
     )
     versions = {}
     for line in proc.stdout.splitlines():
         name, version, status = line.split("\t")
         if status.startswith("ii"):
             versions[name] = version
-    missing = [p for p in HOST_PACKAGES if p not in versions]
+    missing = [p for p in packages if p not in versions]
     if missing:
-        raise VmError(
-            "the VM initramfs is built from host packages that are not installed: "
-            f"apt-get install {' '.join(missing)}"
-        )
+        raise VmError(f"{problem}: apt-get install {' '.join(missing)}")
     return versions
 
 

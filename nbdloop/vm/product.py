@@ -39,7 +39,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from nbdloop.paths import GUEST_SCRIPTS, PACKAGE_ROOT, SBIN_PATH, vm_cache_dir
-from nbdloop.vm.assets import KERNEL_CMDLINE, VmAssets, cache_lock, ensure_assets, unpack_kernel
+from nbdloop.vm.assets import (KERNEL_CMDLINE, VmAssets, cache_lock, ensure_assets,
+                                host_package_versions, unpack_kernel)
 from nbdloop.vm.initramfs import (
     PRODUCT_HOST_PACKAGES,
     PRODUCT_MODULE_PARAMS,
@@ -107,7 +108,8 @@ def ensure_product_assets(cache_dir: Path | None = None) -> ProductAssets:
     recipe = {
         "format": _ASSET_FORMAT,
         "kernel": [package, base.kernel_version],
-        "host": _package_versions(PRODUCT_HOST_PACKAGES),
+        "host": host_package_versions(PRODUCT_HOST_PACKAGES,
+                                      "the product VM needs host packages"),
         "modules": PRODUCT_MODULE_ROOTS,
         "params": {k: list(v) for k, v in PRODUCT_MODULE_PARAMS.items()},
         "init": hashlib.sha256(init).hexdigest(),
@@ -160,23 +162,6 @@ def _build_entry(cache_dir: Path, entry: Path, package: str, version: str, recip
         os.rename(build, entry)
     finally:
         shutil.rmtree(build, ignore_errors=True)
-
-
-def _package_versions(packages: Sequence[str]) -> dict[str, str]:
-    dpkg_query = require_tool("dpkg-query", "dpkg")
-    proc = subprocess.run(
-        [dpkg_query, "-W", "-f", "${Package}\t${Version}\t${db:Status-Abbrev}\n", *packages],
-        capture_output=True, text=True, check=False,
-    )
-    versions = {}
-    for line in proc.stdout.splitlines():
-        name, version, status = line.split("\t")
-        if status.startswith("ii"):
-            versions[name] = version
-    missing = [p for p in packages if p not in versions]
-    if missing:
-        raise VmError(f"the product VM needs host packages: apt-get install {' '.join(missing)}")
-    return versions
 
 
 def venv_bin_dir() -> str | None:
