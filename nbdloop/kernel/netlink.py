@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pyroute2.netlink import NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, genlmsg, nla
+from pyroute2.netlink import NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, genlmsg, nla
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import GenericNetlinkSocket
 
@@ -95,19 +95,25 @@ def backend_of(index: int, sys_block: Path = SYS_BLOCK) -> str | None:
         return None
 
 
+def _bound() -> GenericNetlinkSocket:
+    """A generic netlink socket bound to the NBD family."""
+    sock = GenericNetlinkSocket()
+    try:
+        sock.bind(FAMILY, _NbdMsg)
+    except NetlinkError as e:
+        sock.close()
+        if e.code == errno.ENOENT:
+            raise KernelError("the kernel has no NBD netlink family "
+                              "(load the driver: `modprobe nbd`)", e.code) from None
+        raise KernelError(f"netlink: {os.strerror(e.code)}", e.code) from None
+    return sock
+
+
 class Nbd:
-    """One generic netlink socket bound to the NBD family."""
+    """One generic netlink socket bound to the NBD family, for requests."""
 
     def __init__(self) -> None:
-        self._sock = GenericNetlinkSocket()
-        try:
-            self._sock.bind(FAMILY, _NbdMsg)
-        except NetlinkError as e:
-            self._sock.close()
-            if e.code == errno.ENOENT:
-                raise KernelError("the kernel has no NBD netlink family "
-                                  "(load the driver: `modprobe nbd`)", e.code) from None
-            raise KernelError(f"netlink: {os.strerror(e.code)}", e.code) from None
+        self._sock = _bound()
 
     def close(self) -> None:
         self._sock.close()
@@ -118,18 +124,14 @@ class Nbd:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def _request(self, cmd: int, attrs: list, what: str, dump: bool = False) -> list:
+    def _request(self, cmd: int, attrs: list, what: str) -> list:
         msg = _NbdMsg()
         msg["cmd"] = cmd
         msg["version"] = VERSION
         msg["attrs"] = attrs
-        flags = NLM_F_REQUEST | (NLM_F_DUMP if dump else NLM_F_ACK)
         try:
             return list(self._sock.nlm_request(msg, msg_type=self._sock.prid,
-                                               msg_flags=flags))
+                                               msg_flags=NLM_F_REQUEST | NLM_F_ACK))
         except NetlinkError as e:
             raise KernelError(f"{what}: the kernel said {os.strerror(e.code)} "
                               "(its log has the reason)", e.code) from None
@@ -189,18 +191,6 @@ class Nbd:
         self._request(CMD_DISCONNECT, [["NBD_ATTR_INDEX", index]],
                       f"disconnecting /dev/nbd{index}")
 
-    def connected(self, index: int) -> bool:
-        """What NBD_CMD_STATUS says of nbd``index``."""
-        for reply in self._request(CMD_STATUS, [["NBD_ATTR_INDEX", index]],
-                                   f"status of /dev/nbd{index}"):
-            devices = reply.get_attr("NBD_ATTR_DEVICE_LIST")
-            if devices is None:
-                continue
-            for item in devices.get_attrs("NBD_DEVICE_ITEM"):
-                if item.get_attr("NBD_DEVICE_INDEX") == index:
-                    return bool(item.get_attr("NBD_DEVICE_CONNECTED"))
-        return False
-
 
 class LinkEvents:
     """The kernel's NBD_CMD_LINK_DEAD events, on a socket of their own (so
@@ -208,11 +198,10 @@ class LinkEvents:
     blocking whenever :meth:`fileno` is readable."""
 
     def __init__(self) -> None:
-        self._sock = GenericNetlinkSocket()
+        self._sock = _bound()
         try:
-            self._sock.bind(FAMILY, _NbdMsg)
             self._sock.add_membership(MCAST_GROUP)
-        except (NetlinkError, KeyError) as e:
+        except (OSError, KeyError) as e:
             self._sock.close()
             raise KernelError(f"cannot watch the NBD driver's events: {e}") from None
         self._raw = socket.socket(fileno=os.dup(self._sock.fileno()))
