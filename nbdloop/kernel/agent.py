@@ -35,6 +35,7 @@ import os
 import re
 import select
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -42,8 +43,8 @@ from pathlib import Path
 
 from nbdloop import paths
 from nbdloop.kernel import handshake
-from nbdloop.kernel.attach import (Attachment, AttachError, now_iso, remove_files, save,
-                                   server_error, state_file)
+from nbdloop.kernel.attach import (SERVER_STOP_TIMEOUT, Attachment, AttachError, now_iso,
+                                   remove_files, save, server_error, state_file)
 from nbdloop.serve import children as srv
 from nbdloop.serve.cmdline import image_key
 
@@ -51,8 +52,6 @@ PR_SET_CHILD_SUBREAPER = 36
 #: Seconds the first server gets to accept connections (it loads Python,
 #: the extension and the image).
 SERVER_START_TIMEOUT = 60.0
-#: Seconds an orderly stop may take (the supervisor's drain), before SIGKILL.
-SERVER_STOP_TIMEOUT = 65.0
 
 
 class _Stop(Exception):
@@ -211,6 +210,7 @@ class Agent:
     def _replace_server(self, deadline: float) -> bool:
         """One attempt: a new server, new connections, handed to the kernel.
         False (and why, in self.problem) if any step failed."""
+        from nbdloop.kernel import netlink
         if self.stopping:
             raise _Stop
         try:
@@ -224,7 +224,7 @@ class Agent:
                     s.close()
             return True
         except (srv.ServerError, handshake.HandshakeError, AttachError, OSError,
-                _kernel_error()) as e:
+                netlink.KernelError) as e:
             self.problem = one_line(e)
             self.kill_server()
             return False
@@ -302,11 +302,11 @@ class Agent:
         """SIGTERM the supervisor (it stops nbdkit cleanly, answering what
         it has read), then make sure nothing of it is left."""
         if self.server is not None and self.server.alive():
+            self.server.proc.send_signal(signal.SIGTERM)
             try:
-                self.server.proc.send_signal(signal.SIGTERM)
                 self.server.proc.wait(SERVER_STOP_TIMEOUT)
-            except Exception:
-                pass
+            except subprocess.TimeoutExpired:
+                pass    # killed below
         self.kill_server()
 
     def kill_server(self) -> None:
@@ -345,7 +345,7 @@ class Agent:
             return "unknown"
         try:
             status = proc.wait(2.0)
-        except Exception:
+        except subprocess.TimeoutExpired:
             return "the supervisor still runs"
         logged = re.findall(r"server exited with status (-?\d+)",
                             _tail(Path(self.att.log)))
@@ -431,11 +431,6 @@ def _readable(fds: list[int], timeout: float) -> list[int]:
     for fd in fds:
         poller.register(fd, select.POLLIN)
     return [fd for fd, _ in poller.poll(timeout * 1000)]
-
-
-def _kernel_error() -> type:
-    from nbdloop.kernel import netlink
-    return netlink.KernelError
 
 
 def _tail(path: Path, size: int = 4096) -> str:

@@ -38,9 +38,11 @@ from nbdloop.kernel.nbdclient import BLOCK_SIZES, DEFAULT_TIMEOUT
 
 SYS_BLOCK = Path("/sys/block")
 DEV = Path("/dev")
-#: Seconds an agent gets to stop after SIGTERM before it is killed: its
-#: supervisor's grace second plus the drain time for in-flight requests.
-AGENT_STOP_TIMEOUT = 70.0
+#: Seconds a server (the supervisor) gets for an orderly stop before it is
+#: killed: its grace second plus the drain time for in-flight requests.
+SERVER_STOP_TIMEOUT = 65.0
+#: Seconds an agent gets to stop: its server's, and a moment for itself.
+AGENT_STOP_TIMEOUT = SERVER_STOP_TIMEOUT + 5.0
 #: The kernel's dead-connection timeout unless the user says otherwise: how
 #: long requests wait for a new server before they fail.
 DEFAULT_RECOVER_TIMEOUT = 120
