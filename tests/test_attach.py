@@ -10,6 +10,7 @@ detach; bad input is one line and exit status 2.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -184,8 +185,9 @@ def start(state: Path, image: Path, device: str, *, mode: str = "direct",
     att = A.Attachment(device=device, image=os.path.realpath(image), mode=mode,
                        readonly=readonly, socket=sock, pid=proc.pid,
                        server_pid=proc.server_pid, connections=connections,
-                       block_size=block_size, log=log, started=A.now_iso(), argv=argv,
-                       agent_pid=proc.pid, state="attached", since=time.time(),
+                       block_size=block_size, log=log, started=A.now_iso(),
+                       agent_pid=proc.pid, agent_started=A.process_started(proc.pid),
+                       state="attached", since=time.time(),
                        identifier=A.new_identifier(os.path.realpath(image)))
     A.save(state, att)
     return att
@@ -207,6 +209,40 @@ def test_started_server_is_recorded_and_serves(state, image, cleanup):
     assert saved["connections"] == 2 and saved["block_size"] == 4096
     info = json.loads(run(["nbdinfo", "--json", f"nbd+unix:///?socket={att.socket}"]).stdout)
     assert info["exports"][0]["export-size"] == 64 * MiB
+
+
+def test_an_agent_is_known_across_its_exec_and_not_by_its_pid_alone(tmp_path):
+    """restart execs the agent anew: it must stay alive in the record (its
+    command line changes, its start does not); a record whose start is not
+    the process's names another process that got the pid."""
+    go = tmp_path / "go"
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import os, sys, time\n"
+                              f"while not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+                              "os.execv('/bin/sleep', ['sleep', '30'])"])
+    try:
+        att = A.Attachment(device="/dev/nbd0", image="/x.img", mode="direct", readonly=False,
+                           socket="/x.sock", pid=0, server_pid=0, connections=1,
+                           block_size=512, log="/x.log", started=A.now_iso(),
+                           agent_pid=child.pid,
+                           agent_started=A.process_started(child.pid))
+        assert A.agent_alive(att)
+        go.touch()
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{child.pid}/cmdline").read_bytes() != b"sleep\x0030\x00":
+            assert time.monotonic() < deadline, "the child did not exec"
+            time.sleep(0.01)
+        assert A.agent_alive(att)
+        assert not A.agent_alive(dataclasses.replace(att, agent_started=att.agent_started - 1))
+        assert not A.agent_alive(dataclasses.replace(att, agent_started=0))
+        child.kill()
+        while A.process_started(child.pid) is not None:   # a zombie is not alive
+            assert time.monotonic() < deadline, "the killed child still runs"
+            time.sleep(0.01)
+        assert not A.agent_alive(att)
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_list_shows_a_dead_server_as_stale_and_detach_cleans_it(rt, state, image, cleanup):

@@ -44,7 +44,8 @@ from pathlib import Path
 from nbdloop import paths
 from nbdloop.kernel import handshake
 from nbdloop.kernel.attach import (SERVER_STOP_TIMEOUT, Attachment, AttachError, now_iso,
-                                   remove_files, save, server_error, state_file)
+                                   process_started, remove_files, save, server_error,
+                                   state_file)
 from nbdloop.serve import children as srv
 from nbdloop.serve.cmdline import image_key
 
@@ -92,8 +93,7 @@ class Agent:
         signal.signal(signal.SIGUSR1, self._on_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)   # wakes the poll through the fd
         self.att.agent_pid = os.getpid()
-        self.att.argv = own_argv()
-        self.att.next_argv = []
+        self.att.agent_started = process_started(self.att.agent_pid) or 0
         try:
             if resume:
                 self._open_netlink()
@@ -238,7 +238,6 @@ class Agent:
         self.stop_server()
         argv = [sys.executable, "-m", "nbdloop.kernel.agent",
                 str(state_file(self.state_dir, self.att.device))]
-        self.att.next_argv = argv    # so that list and restart know it across the exec
         save(self.state_dir, self.att)
         for sock in (self.nl, self.events):
             if sock is not None:
@@ -445,12 +444,6 @@ def _tail(path: Path, size: int = 4096) -> str:
 def one_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return " ".join(text.split())
-
-
-def own_argv() -> list[str]:
-    """This process's command line, as /proc shows it: the agent's identity."""
-    return [a.decode(errors="surrogateescape")
-            for a in Path("/proc/self/cmdline").read_bytes().split(b"\0")[:-1]]
 
 
 def descendants(pid: int) -> list[int]:

@@ -79,9 +79,8 @@ class Attachment:
     block_size: int
     log: str
     started: str         # ISO 8601, local time
-    argv: list[str]      # the agent's command line: its identity in /proc
     agent_pid: int = 0   # the device's agent, which outlives the servers it starts
-    next_argv: list[str] = dataclasses.field(default_factory=list)   # ... once it re-execs
+    agent_started: int = 0   # with the pid, the agent's identity (see process_started)
     state: str = "starting"        # starting | attached | recovering | stale
     since: float = 0.0             # when it entered that state (time.time())
     reason: str = ""               # why it is recovering or stale
@@ -268,15 +267,27 @@ def read_record(path: Path) -> Attachment:
     return Attachment.from_dict(json.loads(path.read_text()))
 
 
-def agent_alive(att: Attachment) -> bool:
-    """True while the recorded agent runs.  Its pid alone is not enough
-    (pids are reused): its command line must be the one recorded."""
+def process_started(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks after boot (/proc/PID/stat), or
+    None if no such process runs.  With the pid it names one process for
+    good: pids are reused, and an exec (the agent's restart) changes the
+    command line but not this.  Not psutil's create_time(), which adds the
+    boot time as the wall clock sees it now, so it moves when the clock is
+    set."""
     try:
-        cmdline = Path(f"/proc/{att.agent_pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    seen = cmdline.split(b"\0")[:-1]
-    return any(seen == [a.encode() for a in argv] for argv in (att.argv, att.next_argv) if argv)
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):     # dead, not yet reaped
+        return None
+    return int(fields[19])
+
+
+def agent_alive(att: Attachment) -> bool:
+    """True while the recorded agent runs."""
+    return (att.agent_pid > 0 and att.agent_started > 0
+            and process_started(att.agent_pid) == att.agent_started)
 
 
 def state_of(att: Attachment, sys_block: Path = SYS_BLOCK) -> str:
@@ -306,7 +317,7 @@ def stale_reason(att: Attachment) -> str:
 def describe(att: Attachment, sys_block: Path = SYS_BLOCK, now: float | None = None) -> dict:
     """What ``list --json`` shows for one attachment."""
     data = att.as_dict()
-    for private in ("argv", "next_argv", "serve_options", "since"):
+    for private in ("agent_started", "serve_options", "since"):
         del data[private]
     state = state_of(att, sys_block)
     data["state"] = state
@@ -435,7 +446,7 @@ def attach(state_dir: Path, image: str, *, device: str | None = None,
                 pass
         att = Attachment(device=device, image=real, mode=mode, readonly=readonly, socket=sock,
                          pid=0, server_pid=0, connections=connections,
-                         block_size=block_size, log=log, started=now_iso(), argv=[],
+                         block_size=block_size, log=log, started=now_iso(),
                          timeout=timeout, recover_timeout=recover_timeout,
                          identifier=new_identifier(real), serve_options=list(serve_options))
         problem = agent.spawn(state_dir, att, list(serve_options))

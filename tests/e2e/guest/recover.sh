@@ -77,6 +77,8 @@ survive() {
     rm -f /tmp/stop /tmp/sums
     writer /mnt/a /tmp/sums /tmp/stop > /tmp/writer.out 2>&1 &
     wpid=$!
+    # A failed step must not leave the writer writing into the next scenario.
+    trap 'kill "$wpid" 2> /dev/null; wait "$wpid" 2> /dev/null' EXIT
     k=0
     while [ "$k" -lt "$KILLS" ]; do
         sleep "$(random_ms 300 2500)"
@@ -124,6 +126,8 @@ gone_for_good() {
     rm -f /tmp/stop /tmp/sums
     writer /mnt/a /tmp/sums /tmp/stop > /tmp/writer.out 2>&1 &
     wpid=$!
+    # A failed step must not leave the writer writing into the next scenario.
+    trap 'kill "$wpid" 2> /dev/null; wait "$wpid" 2> /dev/null' EXIT
     sleep 2
     step gone-kill
     must mv "$img" "$img.away"
