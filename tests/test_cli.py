@@ -45,12 +45,17 @@ def assert_one_line_error(result, *phrases: str) -> None:
 
 @pytest.mark.parametrize("text,value", [
     ("512M", 512 * MiB), ("1G", 1 << 30), ("1.5T", 3 << 39), ("4096", 4096),
-    ("2g", 2 << 30), ("64KiB", 64 << 10), ("1.5K", 1536)])
+    ("2g", 2 << 30), ("64KiB", 64 << 10), ("1.5K", 1536), ("100B", 100),
+    # util-linux: an i or none is binary, a bare B after the letter decimal.
+    ("1KB", 1000), ("1kb", 1000), ("5MB", 5 * 10**6), ("2GB", 2 * 10**9), ("1TB", 10**12),
+    ("1.5MB", 1_500_000), ("3MiB", 3 * MiB), ("1E", 1 << 60),
+    ("1EB", 10**18)])
 def test_parse_size(text, value):
     assert parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["abc", "", "1.5.5G", "-5", "10Q", "1.0001K"])
+@pytest.mark.parametrize("text", ["abc", "", "1.5.5G", "-5", "10Q", "1.0001K",
+                                  "1KiBB", "1BB", "K", "1.5B", "1iB", "1Ki"])
 def test_parse_size_rejects_nonsense(text):
     with pytest.raises(ValueError):
         parse_size(text)

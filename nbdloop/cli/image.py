@@ -17,7 +17,8 @@ from nbdloop.sizes import format_size
 @click.argument("size", type=SIZE)
 @click.option("--force", is_flag=True, help="Overwrite IMAGE if it exists.")
 def create(image: str, size: int, force: bool) -> None:
-    """Make a sparse IMAGE of SIZE bytes (512M, 1G, 1.5T or bytes)."""
+    """Make a sparse IMAGE of SIZE bytes: 512M (or 512MiB) is 512 x 1024^2,
+    500MB is 500 x 1000^2, as in losetup and fallocate."""
     if size <= 0:
         raise UsageError(f"size must be positive, not {size}")
     if size % SECTOR:
