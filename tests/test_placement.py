@@ -25,6 +25,18 @@ def test_parse_cpu_list():
     assert placement.parse_cpu_list("0-2,5\n") == {0, 1, 2, 5}
     assert placement.parse_cpu_list("3") == {3}
     assert placement.parse_cpu_list("") == set()
+    assert placement.parse_cpu_list("0-7:2") == {0, 2, 4, 6}          # taskset's stride
+    assert placement.parse_cpu_list("1-8:3,10") == {1, 4, 7, 10}
+    assert placement.parse_cpu_list("0-15:2/8") == {0, 1, 8, 9}       # the kernel's groups
+    assert placement.parse_cpu_list("0-9:3/4") == {0, 1, 2, 4, 5, 6, 8, 9}
+    assert placement.parse_cpu_list("2-2:1/1") == {2}
+
+
+@pytest.mark.parametrize("text", ["a", "1-", "-1", "3-1", "0-7:0", "0-7:3/2", "0-7:2/0",
+                                  "0:2", "1-2-3", "0-7:/2"])
+def test_parse_cpu_list_refuses_what_the_kernel_would(text):
+    with pytest.raises(ValueError, match=repr(text)):
+        placement.parse_cpu_list(text)
 
 
 def test_interrupt_counts():

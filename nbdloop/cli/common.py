@@ -38,13 +38,14 @@ SIZE = SizeType()
 
 
 def parse_cpus(ctx, param, value):
-    """Click callback: ``0-1,3`` -> {0, 1, 3}, each one a CPU this process may use."""
+    """Click callback: ``0-1,3`` or ``0-7:2`` -> a set of CPUs, each one this
+    process may use."""
     if value is None:
         return None
     try:
         cpus = parse_cpu_list(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a CPU list (like 0, 0-1, 0,2)") from None
+    except ValueError as e:
+        raise click.BadParameter(f"{value!r} is not a CPU list: {e}") from None
     allowed = os.sched_getaffinity(0)
     if not cpus or not cpus <= allowed:
         raise click.BadParameter(f"{value!r}: usable CPUs are {format_cpu_list(allowed)}")

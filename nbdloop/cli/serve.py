@@ -67,7 +67,7 @@ def validate_serve_options(image, mode, readonly, segment_size):
                    "interrupts, and give a lone request every CPU; off: leave them to the "
                    "scheduler (README, Placement).")
 @click.option("--cpus", callback=parse_cpus, metavar="LIST",
-              help="Run the server on these CPUs only (like taskset: 0, 0-1, 0,2); turns "
+              help="Run the server on these CPUs only (like taskset: 0, 0-1, 0,2, 0-7:2); turns "
                    "placement off.  docs/BENCHMARKS.md measures when it pays.")
 @click.option("--sched", type=click.Choice(["batch", "normal"]), default="batch",
               show_default=True,

@@ -16,6 +16,7 @@ under the image, interrupts on every CPU (multi-queue NVMe), one CPU only.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,14 +28,33 @@ class Placement:
     irq: frozenset[int]    # CPUs that take the disk's completion interrupts
 
 
+_CPU_RANGE = re.compile(r"(\d+)(?:-(\d+)(?::(\d+)(?:/(\d+))?)?)?")
+
+
 def parse_cpu_list(text: str) -> set[int]:
-    """``"0-2,5"`` -> {0, 1, 2, 5}."""
+    """``"0-2,5"`` -> {0, 1, 2, 5}: the kernel's list syntax (cpuset,
+    isolcpus, /proc/irq/*/effective_affinity_list), with its groups
+    (``0-15:2/8`` is 0, 1, 8, 9: 2 of every 8) and taskset's strides
+    (``0-7:2`` is 0, 2, 4, 6).  Raises ValueError naming the bad part."""
     cpus: set[int] = set()
     for part in text.strip().split(","):
         if not part:
             continue
-        lo, _, hi = part.partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
+        m = _CPU_RANGE.fullmatch(part.strip())
+        if not m:
+            raise ValueError(f"{part!r} is not a CPU, a range (0-3) or a strided range (0-7:2)")
+        lo, hi, used, group = (None if g is None else int(g) for g in m.groups())
+        hi = lo if hi is None else hi
+        if hi < lo:
+            raise ValueError(f"{part!r}: the range runs backwards")
+        if used is None:
+            used, group = 1, 1
+        elif group is None:
+            used, group = 1, used      # a stride: one of every `used`
+        if used == 0 or group == 0 or used > group:
+            raise ValueError(f"{part!r}: a group takes 1 to its length of CPUs (like 0-7:2/4)")
+        for first in range(lo, hi + 1, group):
+            cpus.update(range(first, min(first + used, hi + 1)))
     return cpus
 
 
