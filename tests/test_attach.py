@@ -59,8 +59,10 @@ def nbdloop(rt: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def assert_one_line_error(p: subprocess.CompletedProcess, *phrases: str) -> str:
-    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+def assert_one_line_error(p: subprocess.CompletedProcess, *phrases: str, status: int = 2
+                          ) -> str:
+    """Exit status 2 for bad input, 1 for a failure at run time; one line."""
+    assert p.returncode == status, (p.returncode, p.stdout, p.stderr)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1, p.stderr
     assert "Traceback" not in p.stderr + p.stdout
@@ -125,7 +127,7 @@ def test_attach_without_nbd_support_fails_in_one_line_and_leaves_nothing(rt, ima
     if host_has_nbd():
         pytest.skip("this host has the kernel NBD client: the refusal cannot happen here")
     p = nbdloop(rt, "attach", str(image))
-    line = assert_one_line_error(p, "attach needs the kernel NBD client")
+    line = assert_one_line_error(p, "attach needs the kernel NBD client", status=1)
     assert p.stdout == ""
     if not host_has_nbd():
         assert "modprobe nbd" in line or "no NBD driver" in line, line
@@ -154,8 +156,9 @@ def test_an_agent_that_cannot_reach_the_kernel_stops_its_server(tmp_path, rt, st
     if host_has_nbd():
         pytest.skip("this host has NBD devices: the agent would really connect one")
     sys_block = fake_sys_block(tmp_path, {"nbd0": False})
-    with pytest.raises(A.AttachError) as e:
+    with pytest.raises(A.AttachFailed) as e:     # a failure at run time: exit status 1
         A.attach(state, str(image), sys_block=sys_block, block_size=4096)
+    assert e.value.exit_status == 1
     message = str(e.value)
     assert message == "the kernel has no NBD netlink family (load the driver: `modprobe nbd`)"
     assert processes_mentioning(str(image)) == []

@@ -15,7 +15,7 @@ import click
 from nbdloop import paths
 from nbdloop.bench import report
 from nbdloop.bench import run as bench
-from nbdloop.cli.common import SIZE, UsageError, parse_cpus
+from nbdloop.cli.common import SIZE, Failure, UsageError, parse_cpus
 from nbdloop.engine.placement import format_cpu_list
 from nbdloop.sizes import format_size
 
@@ -86,7 +86,7 @@ def bench_command(image, size, modes, peers, workloads, runtime, rounds, out_dir
     rounds = rounds if rounds is not None else preset["rounds"]
     fp_bytes = footprint_size if footprint_size is not None else preset["footprint"]
     if shutil.which("fio") is None:
-        raise UsageError("fio is not installed (apt-get install fio)")
+        raise Failure("fio is not installed (apt-get install fio)")
     if not modes_l and not peers_l:
         raise UsageError("nothing to measure: give --modes or --peers")
 

@@ -13,11 +13,17 @@ from nbdloop.sizes import parse_size
 
 
 class UsageError(click.ClickException):
-    """One line on stderr and exit status 2."""
+    """Bad usage or input: one line on stderr and exit status 2."""
     exit_code = 2
 
     def show(self, file=None) -> None:
         click.echo(f"nbdloop: {self.format_message()}", err=True)
+
+
+class Failure(UsageError):
+    """A failure at run time (a tool missing, the disk full): one line on
+    stderr and exit status 1."""
+    exit_code = 1
 
 
 # ---- parameter types ----------------------------------------------------------

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from nbdloop.cli.common import SIZE, UsageError
+from nbdloop.cli.common import SIZE, Failure, UsageError
 from nbdloop.engine.backing import SECTOR
 from nbdloop.sizes import format_size
 
@@ -47,6 +47,6 @@ def create(image: str, size: int, force: bool) -> None:
         if e.errno in (errno.EFBIG, errno.EINVAL):
             raise UsageError(f"{image}: size {format_size(size)} does not fit on this "
                              "filesystem (file too large)") from None
-        raise UsageError(f"{image}: {e.strerror}") from None
+        raise Failure(f"{image}: {e.strerror}") from None
     os.close(fd)
     click.echo(f"created {image}: {format_size(size)} ({size} bytes), sparse")

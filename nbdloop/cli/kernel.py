@@ -62,7 +62,7 @@ def attach(image, mode, device, connections, block_size, readonly, mlock, stats_
             raise click.BadParameter(str(e), param_hint="--device") from None
     problem = attach_mod.nbd_support_problem()
     if problem:
-        raise UsageError(problem)
+        raise attach_mod.AttachFailed(problem)
     serve_options = (["--mlock"] if mlock else []) + \
         (["--stats-file", os.path.abspath(stats_file)] if stats_file else [])
     att = attach_mod.attach(paths.state_dir(), image, device=device, mode=mode,

@@ -29,9 +29,11 @@ COMMANDS = {
     "bench": "nbdloop.cli.bench:bench_command",
 }
 
-#: Bad input found by the layers below: one line, exit status 2.  Named,
-#: not imported: an error can only be of a type whose module has been loaded.
-INPUT_ERRORS = (
+#: The errors of the layers below, shown as one line.  The exit status is
+#: the error's ``exit_status``: 2 for bad usage or input (the default), 1 for
+#: a failure at run time (the server died, the kernel refused).  Named, not
+#: imported: an error can only be of a type whose module has been loaded.
+KNOWN_ERRORS = (
     ("nbdloop.engine.backing", "ImageError"),
     ("nbdloop.kernel.attach", "AttachError"),
     ("nbdloop.kernel.netlink", "KernelError"),
@@ -42,8 +44,8 @@ INPUT_ERRORS = (
 )
 
 
-def is_input_error(e: BaseException) -> bool:
-    for module, name in INPUT_ERRORS:
+def is_known_error(e: BaseException) -> bool:
+    for module, name in KNOWN_ERRORS:
         loaded = sys.modules.get(module)
         if loaded is not None and isinstance(e, getattr(loaded, name)):
             return True
@@ -51,8 +53,8 @@ def is_input_error(e: BaseException) -> bool:
 
 
 class NbdloopGroup(click.Group):
-    """Commands loaded when used; every usage or validation error is one
-    line on stderr with exit status 2."""
+    """Commands loaded when used; every error is one line on stderr, with
+    exit status 2 for bad usage or input and 1 for a failure at run time."""
 
     def list_commands(self, ctx):
         return sorted(COMMANDS)
@@ -72,17 +74,17 @@ class NbdloopGroup(click.Group):
         except click.ClickException as e:
             if isinstance(e, UsageError):
                 e.show()
-            else:
-                click.echo(f"nbdloop: {e.format_message()}", err=True)
-            sys.exit(2 if isinstance(e, (click.UsageError, UsageError)) else e.exit_code)
+                sys.exit(e.exit_code)
+            click.echo(f"nbdloop: {e.format_message()}", err=True)
+            sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
         except click.Abort:
             click.echo("nbdloop: aborted", err=True)
             sys.exit(1)
         except Exception as e:
-            if not is_input_error(e):
+            if not is_known_error(e):
                 raise
             click.echo(f"nbdloop: {e}", err=True)
-            sys.exit(2)
+            sys.exit(getattr(e, "exit_status", 2))
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)

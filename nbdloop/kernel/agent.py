@@ -43,9 +43,9 @@ from pathlib import Path
 
 from nbdloop import paths
 from nbdloop.kernel import handshake
-from nbdloop.kernel.attach import (SERVER_STOP_TIMEOUT, Attachment, AttachError, now_iso,
-                                   process_started, remove_files, save, server_error,
-                                   state_file)
+from nbdloop.kernel.attach import (SERVER_STOP_TIMEOUT, Attachment, AttachError, AttachFailed,
+                                   now_iso, process_started, remove_files, save,
+                                   server_error, state_file)
 from nbdloop.serve import children as srv
 from nbdloop.serve.cmdline import image_key
 
@@ -131,7 +131,9 @@ class Agent:
         except BaseException as e:
             self.kill_server()
             remove_files(self.state_dir, self.att)
-            self.report(f"error: {one_line(e)}")
+            # Its exit status too: a busy device is the user's to fix (2),
+            # a server that would not start a failure (1).
+            self.report(f"error {getattr(e, 'exit_status', 1)}: {one_line(e)}")
             raise SystemExit(1) from None
         self.set_state("attached", "")
         recovery = f"within {self.att.recover_timeout} s" if self.att.recover_timeout else "off"
@@ -266,7 +268,7 @@ class Agent:
                     later = e
             server.wait_ready(timeout)
         except srv.ServerError:
-            raise AttachError(f"the server for {self.att.image} did not start: "
+            raise AttachFailed(f"the server for {self.att.image} did not start: "
                               f"{server_error(Path(self.att.log))}") from None
         self.att.pid = server.pid
         self.att.server_pid = server.server_pid
@@ -275,7 +277,7 @@ class Agent:
             try:
                 self.pidfds[os.pidfd_open(pid)] = what
             except ProcessLookupError:
-                raise AttachError(f"{what} ended as it started: "
+                raise AttachFailed(f"{what} ended as it started: "
                                   f"{server_error(Path(self.att.log))}") from None
         if later is not None:
             raise later
@@ -462,9 +464,9 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def spawn(state_dir: Path, att: Attachment, serve_options: list[str]) -> str | None:
+def spawn(state_dir: Path, att: Attachment, serve_options: list[str]) -> AttachError | None:
     """Fork the agent for ``att`` and wait until it has connected the device
-    (None) or given up (its one-line reason).  The agent leaves this
+    (None) or given up (why, as the error attach raises).  The agent leaves this
     process's session and terminal, and keeps none of its descriptors."""
     r, w = os.pipe()
     pid = os.fork()
@@ -493,7 +495,10 @@ def spawn(state_dir: Path, att: Attachment, serve_options: list[str]) -> str | N
         message = f.read().decode(errors="replace").strip()
     if message == "ok":
         return None
-    return message.removeprefix("error: ") or "the agent ended before the device was connected"
+    m = re.fullmatch(r"error ([12]): (.+)", message, re.DOTALL)
+    if m is None:
+        return AttachFailed(message or "the agent ended before the device was connected")
+    return (AttachError if m[1] == "2" else AttachFailed)(m[2])
 
 
 def _detach_stdio(log: str) -> None:

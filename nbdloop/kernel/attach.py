@@ -51,7 +51,17 @@ _DEVICE = re.compile(r"/dev/(nbd\d+)")
 
 
 class AttachError(Exception):
-    """Attaching or detaching failed; the message is one line."""
+    """Attach, detach or restart refused its input (a name, or a device or
+    image in the wrong state); the message is one line."""
+
+    exit_status = 2
+
+
+class AttachFailed(AttachError):
+    """What should have worked did not: the server did not start, the
+    kernel refused, the agent died, time ran out."""
+
+    exit_status = 1
 
 
 def default_block_size(align: int) -> int:
@@ -193,7 +203,7 @@ def choose_device(state_dir: Path, wanted: str | None,
     for device in nbd_devices(sys_block):
         if device not in taken and not device_connected(device, sys_block):
             return device
-    raise AttachError("no free NBD device (load more with `modprobe nbd nbds_max=N`)")
+    raise AttachFailed("no free NBD device (load more with `modprobe nbd nbds_max=N`)")
 
 
 def mounted_on(device: str) -> str | None:
@@ -455,10 +465,10 @@ def attach(state_dir: Path, image: str, *, device: str | None = None,
                 os.unlink(log)
             except FileNotFoundError:
                 pass
-            raise AttachError(problem)
+            raise problem
         found = find(state_dir, device)
     if found is None:
-        raise AttachError(f"{device}: the agent reported success but left no record")
+        raise AttachFailed(f"{device}: the agent reported success but left no record")
     return found
 
 
@@ -494,7 +504,7 @@ def detach(state_dir: Path, target: str, *, sys_block: Path = SYS_BLOCK
                     nl.disconnect(netlink.device_index(att.device))
             except netlink.KernelError as e:
                 if state != "stale":
-                    raise AttachError(f"{att.device}: {e}") from None
+                    raise AttachFailed(f"{att.device}: {e}") from None
         stop_agent(att)
         remove_files(state_dir, att)
     return att, state
@@ -517,10 +527,10 @@ def restart(state_dir: Path, target: str, timeout: float) -> tuple[Attachment, A
         time.sleep(0.1)
         now = find(state_dir, att.device)
         if now is None:
-            raise AttachError(f"{att.device} was detached during the restart")
+            raise AttachFailed(f"{att.device} was detached during the restart")
         if now.state == "stale" or not agent_alive(now):
-            raise AttachError(f"{att.device}: the restart failed: {stale_reason(now)}")
+            raise AttachFailed(f"{att.device}: the restart failed: {stale_reason(now)}")
         if now.state == "attached" and now.server_pid != before.server_pid:
             return before, now
-    raise AttachError(f"{att.device}: no new server within {timeout:g} s "
+    raise AttachFailed(f"{att.device}: no new server within {timeout:g} s "
                       f"(state {state_of(find(state_dir, att.device) or att)})")

@@ -40,9 +40,17 @@ SYS_BLOCK = Path("/sys/block")
 class KernelError(Exception):
     """The kernel refused or the family is missing; the message is one line."""
 
+    exit_status = 1
+
     def __init__(self, message: str, code: int = 0) -> None:
         super().__init__(message)
         self.errno = code
+
+
+class DeviceBusy(KernelError):
+    """The device asked for is configured already or held open."""
+
+    exit_status = 2
 
 
 class _NbdMsg(genlmsg):
@@ -162,8 +170,8 @@ class Nbd:
             replies = self._request(CMD_CONNECT, attrs, f"connecting /dev/nbd{index}")
         except KernelError as e:
             if e.errno == errno.EBUSY:
-                raise KernelError(f"/dev/nbd{index} is busy (configured already, or held "
-                                  "open by another program)", e.errno) from None
+                raise DeviceBusy(f"/dev/nbd{index} is busy (configured already, or held "
+                                 "open by another program)", e.errno) from None
             raise
         for reply in replies:
             got = reply.get_attr("NBD_ATTR_INDEX")

@@ -36,7 +36,16 @@ DEFAULT_TIMEOUT = 300
 
 
 class VmCheckError(Exception):
-    """Bad input or a missing tool: nothing was run.  One line."""
+    """Bad input: nothing was run.  One line."""
+
+    exit_status = 2
+
+
+class VmCheckFailed(VmCheckError):
+    """A missing tool, a VM that cannot be built, a server that will not
+    start: nothing was checked."""
+
+    exit_status = 1
 
 
 @dataclasses.dataclass
@@ -175,11 +184,11 @@ def run_vm_check(image: str, *, mode: str = "direct", fstype: str = "ext4",
                           ("e2fsck" if fstype == "ext4" else "xfs_repair",
                            "e2fsprogs" if fstype == "ext4" else "xfsprogs")]:
         if shutil.which(tool, path=SBIN_PATH) is None:
-            raise VmCheckError(f"{tool} is not installed (apt-get install {package})")
+            raise VmCheckFailed(f"{tool} is not installed (apt-get install {package})")
     try:
         assets = assets or vm.ensure_assets()
     except vm.VmError as e:
-        raise VmCheckError(f"cannot build the VM: {e}") from None
+        raise VmCheckFailed(f"cannot build the VM: {e}") from None
     if seed is None:
         seed = random.SystemRandom().randrange(1 << 32)
     files = vm.make_files(seed)
@@ -194,7 +203,7 @@ def run_vm_check(image: str, *, mode: str = "direct", fstype: str = "ext4",
         try:
             server.start()
         except srv.ServerError:
-            raise VmCheckError("the server did not start: "
+            raise VmCheckFailed("the server did not start: "
                                f"{server_error(server.log)}") from None
         try:
             progress(f"serving {image} ({geometry.size >> 20} MiB, {mode}, alignment "

@@ -16,6 +16,8 @@ from nbdloop.paths import SBIN_PATH
 class VmError(RuntimeError):
     """The VM cannot be built or started: a tool or package is missing."""
 
+    exit_status = 1
+
 
 def require_tool(name: str, package: str) -> str:
     """The path of the host tool ``name``; VmError naming its Debian ``package``
