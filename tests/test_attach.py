@@ -253,9 +253,10 @@ def test_list_shows_a_dead_server_as_stale_and_detach_cleans_it(rt, state, image
     p = nbdloop(rt, "list")
     assert p.returncode == 0, p.stderr
     header, row = p.stdout.splitlines()
-    assert header.split() == ["DEVICE", "IMAGE", "MODE", "PID", "CONNS", "STATE"]
-    assert row.split() == ["/dev/nbd0", os.path.realpath(image), "direct",
-                           str(att.pid), "1", "disconnected"]
+    assert header.split() == ["NAME", "SIZELIMIT", "OFFSET", "RO", "BACK-FILE", "DIO",
+                              "LOG-SEC", "MODE", "PID", "CONNS", "STATE"]
+    assert row.split() == ["/dev/nbd0", "0", "0", "0", os.path.realpath(image), "1", "512",
+                           "direct", str(att.pid), "1", "disconnected"]
 
     os.kill(att.pid, signal.SIGKILL)
     wait_gone(att.pid)
@@ -311,13 +312,28 @@ def test_list_json_and_table(rt, state, tmp_path, cleanup):
         "socket": a.socket, "pid": a.pid, "server_pid": a.server_pid, "connections": 1,
         "block_size": 4096, "log": a.log, "started": a.started, "state": "disconnected",
         "agent_pid": a.pid, "reason": "", "timeout": 60, "recover_timeout": 120,
-        "identifier": a.identifier, "recoveries": 0, "last_recovery": None}
+        "identifier": a.identifier, "recoveries": 0, "last_recovery": None,
+        "offset": 0, "sizelimit": 0}
     assert rows[0]["connections"] == 4 and rows[0]["pid"] == b.pid
     table = nbdloop(rt, "list").stdout.splitlines()
-    assert [r.split()[0] for r in table] == ["DEVICE", "/dev/nbd2", "/dev/nbd10"]
-    assert table[2].split()[2] == "buffered,ro"
-    # Columns line up like losetup's.
-    assert len({line.index(line.split()[1]) for line in table}) == 1
+    assert [r.split()[0] for r in table] == ["NAME", "/dev/nbd2", "/dev/nbd10"]
+    assert table[2].split()[3:8] == ["1", os.path.realpath(images[0]), "0", "4096", "buffered"]
+    # Columns line up like losetup's: text to the left, numbers to the right.
+    assert len({line.index(line.split()[4]) for line in table}) == 1
+    assert len({line.index(line.split()[6]) + len(line.split()[6]) for line in table}) == 1
+
+    # losetup's -O, -n and -j.
+    p = nbdloop(rt, "list", "-O", "name,back-file,CONNS", "--noheadings")
+    assert p.returncode == 0, p.stderr
+    assert [line.split() for line in p.stdout.splitlines()] == [
+        ["/dev/nbd2", os.path.realpath(images[1]), "4"],
+        ["/dev/nbd10", os.path.realpath(images[0]), "1"]]
+    p = nbdloop(rt, "list", "-j", str(images[0]), "--output", "NAME")
+    assert p.stdout.splitlines() == ["NAME", "/dev/nbd10"]
+    p = nbdloop(rt, "list", "-j", str(tmp_path / "." / "b.img"), "--json")
+    assert [r["device"] for r in json.loads(p.stdout)["attachments"]] == ["/dev/nbd2"]
+    assert nbdloop(rt, "list", "-j", str(tmp_path / "other.img")).stdout == ""
+    assert_one_line_error(nbdloop(rt, "list", "-O", "NAME,AUTOCLEAR"), "AUTOCLEAR", "--output")
 
 
 def test_attach_refuses_an_image_that_is_already_attached(tmp_path, state, image, cleanup):

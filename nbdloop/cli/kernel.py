@@ -110,19 +110,71 @@ def state_text(row: dict) -> str:
     return state
 
 
+#: ``list``'s columns: losetup's (NAME ... LOG-SEC, with DIO meaning direct
+#: mode), then nbdloop's own.  Name -> (right-aligned, value of a row).
+COLUMNS = {
+    "NAME": (False, lambda r: r["device"]),
+    "SIZELIMIT": (True, lambda r: str(r["sizelimit"])),
+    "OFFSET": (True, lambda r: str(r["offset"])),
+    "RO": (True, lambda r: str(int(r["readonly"]))),
+    "BACK-FILE": (False, lambda r: r["image"]),
+    "DIO": (True, lambda r: str(int(r["mode"] == "direct"))),
+    "LOG-SEC": (True, lambda r: str(r["block_size"])),
+    "MODE": (False, lambda r: r["mode"]),
+    "PID": (True, lambda r: str(r["pid"])),
+    "CONNS": (True, lambda r: str(r["connections"])),
+    "STATE": (False, state_text),
+}
+DEFAULT_COLUMNS = ["NAME", "SIZELIMIT", "OFFSET", "RO", "BACK-FILE", "DIO", "LOG-SEC",
+                   "MODE", "PID", "CONNS", "STATE"]
+
+
+def parse_columns(ctx, param, value):
+    """``name,STATE`` -> ["NAME", "STATE"]."""
+    if value is None:
+        return DEFAULT_COLUMNS
+    names = [name.strip().upper() for name in value.split(",")]
+    for name in names:
+        if name not in COLUMNS:
+            raise click.BadParameter(f"unknown column {name!r} (the columns are "
+                                     f"{','.join(COLUMNS)})")
+    return names
+
+
+def table_lines(rows: list[dict], columns: list[str], headings: bool = True) -> list[str]:
+    """A table like losetup's: numbers right-aligned, the last column as it is."""
+    cells = ([columns] if headings else []) + [[COLUMNS[c][1](r) for c in columns]
+                                               for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = []
+    for line in cells:
+        out = []
+        for i, (cell, width, column) in enumerate(zip(line, widths, columns)):
+            if i == len(columns) - 1:
+                out.append(cell)
+            else:
+                out.append(cell.rjust(width) if COLUMNS[column][0] else cell.ljust(width))
+        lines.append(" ".join(out).rstrip())
+    return lines
+
+
 @click.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def list_(as_json):
+@click.option("--json", "-J", "as_json", is_flag=True,
+              help="Print JSON instead: every field of each attachment.")
+@click.option("--output", "-O", "columns", metavar="COLUMNS", callback=parse_columns,
+              help=f"The columns to show, comma-separated [default: all: "
+                   f"{','.join(DEFAULT_COLUMNS)}].")
+@click.option("--noheadings", "-n", is_flag=True, help="Print no heading line.")
+@click.option("--associated", "-j", metavar="FILE",
+              help="Only the attachments of image FILE (losetup -j).")
+def list_(as_json, columns, noheadings, associated):
     """List attached images, like losetup -l."""
     rows = [attach_mod.describe(a) for a in attach_mod.load(paths.state_dir())]
+    if associated is not None:
+        rows = [r for r in rows if r["image"] == os.path.realpath(associated)]
     if as_json:
         click.echo(json.dumps({"attachments": rows}, indent=2))
         return
-    if not rows:
-        return
-    table = [("DEVICE", "IMAGE", "MODE", "PID", "CONNS", "STATE")]
-    table += [(r["device"], r["image"], r["mode"] + (",ro" if r["readonly"] else ""),
-               str(r["pid"]), str(r["connections"]), state_text(r)) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
-    for row in table:
-        click.echo(" ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " " + row[-1])
+    if rows:
+        for line in table_lines(rows, columns, headings=not noheadings):
+            click.echo(line)

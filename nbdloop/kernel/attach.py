@@ -100,6 +100,8 @@ class Attachment:
     recoveries: int = 0
     last_recovery: dict | None = None   # cause, seconds, at
     serve_options: list[str] = dataclasses.field(default_factory=list)
+    offset: int = 0        # the slice of the image served (losetup's columns); 0: from
+    sizelimit: int = 0     # its start, 0: to its end
 
     @property
     def name(self) -> str:
