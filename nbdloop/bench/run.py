@@ -13,16 +13,14 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nbdloop.serve import children as srv
+import psutil
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from nbdloop.serve import children as srv
 
 
 @dataclass(frozen=True)
@@ -91,7 +89,7 @@ class RunResult:
     gib: float
     cache_bytes: int | None
     error: str = ""
-    # Busy time of every CPU over the run (/proc/stat): client, server,
+    # Busy time of every CPU over the run: client, server,
     # interrupts and anything else running; the only CPU figure for subjects
     # without a server process (loop-dio, raw).
     machine_cpu_s: float | None = None
@@ -99,18 +97,16 @@ class RunResult:
 
 
 def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """CPU seconds ``pid`` (all its threads) has used, user and system."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def _machine_busy_seconds() -> float:
     """CPU seconds all CPUs have spent busy since boot: user, nice, system,
-    irq and softirq from /proc/stat (not idle, iowait or steal)."""
-    with open("/proc/stat") as f:
-        fields = f.readline().split()
-    user, nice, system, _idle, _iowait, irq, softirq = map(int, fields[1:8])
-    return (user + nice + system + irq + softirq) / CLK_TCK
+    irq and softirq (not idle, iowait or steal)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq
 
 
 def page_cache_bytes(path: str) -> int:
@@ -263,30 +259,19 @@ class Campaign:
     results: list[RunResult] = field(default_factory=list)
 
 
-def _fmt_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def run(campaign: Campaign, progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr,
-                                                                       flush=True)) -> None:
+def run(campaign: Campaign,
+        progress: Callable[[int, str], None] = lambda done, what: None) -> None:
     """Measure every subject on every workload, interleaved by round: A B C
     in even rounds and C B A in odd ones, so that no subject always runs
-    right after another's workload."""
-    total = campaign.rounds * len(campaign.subjects) * len(campaign.workloads)
-    done = 0
-    t0 = time.monotonic()
+    right after another's workload.  ``progress(runs done, the next run)``
+    before each run."""
     for rnd in range(campaign.rounds):
         order = campaign.subjects if rnd % 2 == 0 else campaign.subjects[::-1]
         for w in campaign.workloads:
             for subj in order:
-                elapsed = time.monotonic() - t0
-                eta = (elapsed / done * (total - done) if done
-                       else (campaign.runtime + campaign.warmup) * total)
-                progress(f"[{done + 1}/{total}] round {rnd + 1}/{campaign.rounds} {w.label:>22} "
-                         f"on {subj.name:<16} (ETA {_fmt_eta(eta)})")
+                progress(len(campaign.results),
+                         f"round {rnd + 1}/{campaign.rounds} {w.label} on {subj.name}")
                 campaign.results.append(measure(campaign, subj, w, rnd))
-                done += 1
 
 
 def measure(campaign: Campaign, subj: Subject, w: Workload, rnd: int) -> RunResult:

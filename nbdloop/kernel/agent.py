@@ -41,6 +41,8 @@ import time
 import traceback
 from pathlib import Path
 
+import psutil
+
 from nbdloop import paths
 from nbdloop.kernel import handshake
 from nbdloop.kernel.attach import (SERVER_STOP_TIMEOUT, Attachment, AttachError, AttachFailed,
@@ -318,7 +320,7 @@ class Agent:
             os.close(fd)
         self.pidfds.clear()
         while True:
-            pids = descendants(os.getpid())
+            pids = [p.pid for p in psutil.Process().children(recursive=True)]
             if not pids:
                 break
             for pid in pids:
@@ -446,22 +448,6 @@ def _tail(path: Path, size: int = 4096) -> str:
 def one_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return " ".join(text.split())
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process under ``pid``, children first."""
-    found = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                kids = [int(k) for k in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            found += kids
-            todo += kids
-    return found
 
 
 def spawn(state_dir: Path, att: Attachment, serve_options: list[str]) -> AttachError | None:
