@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require_tools, run
+from conftest import ROOT, require_root, require_tools, run
 from nbdloop.kernel import attach as A
 from nbdloop.serve import children as srv
 
@@ -430,3 +430,38 @@ def test_server_error_picks_the_reason_from_the_log(tmp_path):
     log.write_text("nbdloop: /x.img: in use by another server (locked)\n")
     assert A.server_error(log) == "/x.img: in use by another server (locked)"
     assert A.server_error(tmp_path / "missing.log") == "no log"
+
+
+def test_users_sees_mounts_and_swap_on_partitions(tmp_path):
+    """detach's refusal rests on this: a partition mounted where the path
+    has a space, and swap on the other partition.  (Stacked devices, device
+    mapper or md, are lsblk's children too; this host's kernel has neither.)"""
+    require_root()
+    require_tools("losetup", "sfdisk", "mkfs.ext4", "mkswap", "swapon", "lsblk")
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(b"")
+    os.truncate(raw, 64 * MiB)
+    dev = run(["losetup", "-f", "--show", "-P", str(raw)]).stdout.strip()
+    mnt = tmp_path / "mount point"
+    mnt.mkdir()
+    try:
+        assert A.users(dev) == ([], [])
+        run(["sfdisk", "-q", dev], input="label: gpt\n,24M\n,\n", text=True)
+        run(["partx", "-u", dev])
+        run(["mkfs.ext4", "-q", f"{dev}p1"])
+        run(["mkswap", f"{dev}p2"])
+        run(["mount", f"{dev}p1", str(mnt)])
+        try:
+            assert A.users(dev) == ([str(mnt)], [])
+            run(["swapon", f"{dev}p2"])
+            try:
+                assert sorted(A.users(dev)[0]) == sorted([str(mnt), "[SWAP]"])
+            finally:
+                run(["swapoff", f"{dev}p2"])
+        finally:
+            run(["umount", str(mnt)])
+        assert A.users(dev) == ([], [])
+    finally:
+        run(["losetup", "-d", dev])
+    with pytest.raises(A.AttachFailed, match="cannot tell whether /dev/nonexistent"):
+        A.users("/dev/nonexistent")

@@ -29,6 +29,7 @@ import os
 import re
 import select
 import signal
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -155,22 +156,15 @@ def nbd_support_problem(sys_block: Path = SYS_BLOCK, dev: Path = DEV) -> str | N
 
 
 def _kernel_lacks_nbd_module(release: str) -> bool:
-    """True when the kernel certainly has no nbd driver: neither built in
-    nor among its modules.  Unknown (no module tree to look in) is False,
-    so the advice is then to try modprobe."""
-    moddir = Path("/lib/modules") / release
-    if not moddir.is_dir():
-        # No module tree: nbd could only be built in, and then its devices
-        # would exist.
-        return True
-    for index in ("modules.dep", "modules.builtin"):
-        try:
-            text = (moddir / index).read_text(errors="replace")
-        except OSError:
-            return False
-        if re.search(r"(^|/)nbd\.ko", text, re.MULTILINE):
-            return False
-    return True
+    """True when modprobe finds no nbd driver for the kernel, neither built
+    in nor among its modules (a dry run: nothing is loaded).  Without
+    modprobe we cannot tell (False), so the advice is then to try it."""
+    try:
+        p = subprocess.run(["modprobe", "--dry-run", "--quiet", "--set-version", release, "nbd"],
+                           capture_output=True)
+    except FileNotFoundError:
+        return False
+    return p.returncode != 0
 
 
 def device_connected(device: str, sys_block: Path = SYS_BLOCK) -> bool:
@@ -208,25 +202,25 @@ def choose_device(state_dir: Path, wanted: str | None,
     raise AttachFailed("no free NBD device (load more with `modprobe nbd nbds_max=N`)")
 
 
-def mounted_on(device: str) -> str | None:
-    """Where ``device`` or one of its partitions is mounted, if anywhere."""
-    try:
-        lines = Path("/proc/self/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        source, target = line.split()[:2]
-        if source == device or re.fullmatch(re.escape(device) + r"p\d+", source):
-            return target.replace("\\040", " ")
-    return None
-
-
-def holders(device: str, sys_block: Path = SYS_BLOCK) -> list[str]:
-    """Block devices (device mapper, md) stacked on ``device``."""
-    try:
-        return sorted(p.name for p in (sys_block / os.path.basename(device) / "holders").iterdir())
-    except OSError:
-        return []
+def users(device: str) -> tuple[list[str], list[str]]:
+    """What uses ``device``, as lsblk sees it: where it or a partition of it
+    is mounted (or [SWAP]), and the devices stacked on them (device mapper,
+    md).  lsblk unescapes mount points and follows holders of partitions."""
+    p = subprocess.run(["lsblk", "--json", "--paths", "--output", "NAME,TYPE,MOUNTPOINTS",
+                        device], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise AttachFailed(f"cannot tell whether {device} is in use: "
+                           f"{p.stderr.strip() or f'lsblk exited {p.returncode}'}")
+    mounts: list[str] = []
+    stacked: list[str] = []
+    todo = [(node, True) for node in json.loads(p.stdout)["blockdevices"]]
+    while todo:
+        node, top = todo.pop()
+        mounts += [m for m in node.get("mountpoints") or [] if m]
+        if not top and node.get("type") != "part":
+            stacked.append(os.path.basename(node["name"]))
+        todo += [(child, False) for child in node.get("children", [])]
+    return mounts, stacked
 
 
 # ---- state --------------------------------------------------------------------------
@@ -490,10 +484,9 @@ def detach(state_dir: Path, target: str, *, sys_block: Path = SYS_BLOCK
             raise AttachError(f"{target}: not attached (see nbdloop list)")
         state = state_of(att, sys_block)
         if device_connected(att.device, sys_block):
-            where = mounted_on(att.device)
-            held = holders(att.device, sys_block)
-            if state != "stale" and (where or held):
-                why = f"mounted on {where}" if where else f"held by {', '.join(held)}"
+            where, held = users(att.device) if state != "stale" else ([], [])
+            if where or held:
+                why = f"mounted on {where[0]}" if where else f"held by {', '.join(held)}"
                 raise AttachError(f"{att.device} is {why}: unmount it first")
         if state != "stale":
             # The agent disconnects the device and stops (it has netlink open).
