@@ -25,8 +25,7 @@ def test_bench_quick_writes_results(tmp_path):
          "--footprint", "64M", "--client-cpus", "0", "--out", str(out)],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
-    # Progress with an ETA went to stderr while it ran.
-    assert "ETA" in p.stderr and "[1/" in p.stderr
+    assert "[1/" in p.stderr and " on nbdloop-" in p.stderr   # a line a run, in a log
     data = json.loads((out / "results.json").read_text())
     subjects = set(data["subjects"])
     assert {"nbdloop-direct", "nbdloop-buffered", "qemu-nbd", "raw"} <= subjects
@@ -70,8 +69,11 @@ def test_rounds_alternate_the_subject_order(tmp_path):
                       subjects=[failing(n) for n in "ABC"],
                       workloads=[bench.WORKLOADS["randread-4k-qd1"]])
     (tmp_path / "none.img").write_bytes(b"\0" * MiB)
-    bench.run(campaign, progress=lambda s: None)
+    seen = []
+    bench.run(campaign, progress=lambda done, what: seen.append((done, what)))
     assert "".join(r.subject for r in campaign.results) == "ABCCBAABC"
+    assert [done for done, _ in seen] == list(range(9))
+    assert seen[3][1].startswith("round 2/3 ") and seen[3][1].endswith(" on C")
     assert all(r.error.endswith("not started") for r in campaign.results)
 
 

@@ -112,7 +112,15 @@ def bench_command(image, size, modes, peers, workloads, runtime, rounds, out_dir
                           client_cpus=format_cpu_list(client_cpus) if client_cpus else None)
         click.echo(f"{len(subjects)} subjects x {len(campaign.workloads)} workloads x {rounds} "
                    f"round(s) of {runtime:g} s", err=True)
-        bench.run(campaign)
+        total = rounds * len(subjects) * len(campaign.workloads)
+        if sys.stderr.isatty():
+            with click.progressbar(length=total, label="bench", file=sys.stderr,
+                                   show_pos=True, item_show_func=lambda what: what) as bar:
+                bench.run(campaign, lambda done, what: bar.update(done - bar.pos, what))
+                bar.update(total - bar.pos)
+        else:   # a log: a line a run (click's bar would print only its label)
+            bench.run(campaign, lambda done, what: click.echo(f"[{done + 1}/{total}] {what}",
+                                                              err=True))
         footprints = []
         if fp_bytes:
             for s in subjects:
