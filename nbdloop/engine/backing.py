@@ -208,9 +208,11 @@ class Backing:
     # ---- advertised geometry ------------------------------------------------
 
     def block_size(self) -> tuple[int, int, int]:
-        """(minimum, preferred, maximum) for NBD block size negotiation."""
-        minimum = self.align if self.direct else SECTOR
-        return minimum, max(4096, minimum), MAX_REQUEST
+        """(minimum, preferred, maximum) for NBD block size negotiation.
+        The minimum is 1: any byte range is served exactly, an unaligned
+        one by read-modify-write, so a client (libnbd enforces the
+        minimum) must not refuse it.  The preferred size avoids that."""
+        return 1, max(4096, self.align), MAX_REQUEST
 
     # ---- data ---------------------------------------------------------------
 
