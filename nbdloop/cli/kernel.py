@@ -8,11 +8,11 @@ import os
 import click
 
 from nbdloop import paths
-from nbdloop.cli.common import (UsageError, block_size_option, connections_option,
+from nbdloop.cli.common import (SIZE, UsageError, block_size_option, connections_option,
                                 mode_option)
 from nbdloop.engine import backing
 from nbdloop.kernel import attach as attach_mod
-from nbdloop.serve.cmdline import image_key, require_permissions
+from nbdloop.serve.cmdline import image_key, require_permissions, require_slice
 
 
 def image_geometry(image: str, mode: str, readonly: bool) -> backing.Geometry:
@@ -32,6 +32,11 @@ def image_geometry(image: str, mode: str, readonly: bool) -> backing.Geometry:
 @block_size_option("Logical block size of the device: 512, 1024, 2048 or 4096 "
                    "[default: the image's direct-I/O alignment].")
 @click.option("--readonly", "-r", is_flag=True, help="Attach read-only.")
+@click.option("--offset", "-o", type=SIZE, default=0, metavar="SIZE",
+              help="The device starts at this byte of the image (losetup -o).")
+@click.option("--sizelimit", type=SIZE, default=0, metavar="SIZE",
+              help="The device is at most this many bytes (losetup --sizelimit) "
+                   "[default: to the end of the image].")
 @click.option("--mlock", is_flag=True,
               help="Lock the server's memory (serve --mlock), so it never waits on a page-in.")
 @click.option("--stats-file", type=click.Path(dir_okay=False),
@@ -45,16 +50,22 @@ def image_geometry(image: str, mode: str, readonly: bool) -> backing.Geometry:
               help="When the server dies, the kernel holds the device's requests this long "
                    "while a new server is started; 0: fail them at once, as nbd-client's "
                    "devices do.")
-def attach(image, mode, device, connections, block_size, readonly, mlock, stats_file,
-           timeout, recover_timeout):
+def attach(image, mode, device, connections, block_size, readonly, offset, sizelimit, mlock,
+           stats_file, timeout, recover_timeout):
     """Serve IMAGE in the background and attach it to a kernel NBD device
     (like losetup -f --show); prints the device."""
     geometry = image_geometry(image, mode, readonly)
+    part = (require_slice(geometry.size, geometry.align, mode, offset, sizelimit)
+            if offset or sizelimit else None)
     try:
         if block_size is None:
             block_size = attach_mod.default_block_size(geometry.align)
     except attach_mod.AttachError as e:
         raise UsageError(f"{image}: {e}") from None
+    size = part.length if part else geometry.size
+    if size % block_size:
+        raise UsageError(f"{image}: the device's size, {size}, is not a multiple of its "
+                         f"block size, {block_size} (give another --block-size)")
     if device is not None:
         try:
             attach_mod.check_device_name(device)
@@ -64,11 +75,14 @@ def attach(image, mode, device, connections, block_size, readonly, mlock, stats_
     if problem:
         raise attach_mod.AttachFailed(problem)
     serve_options = (["--mlock"] if mlock else []) + \
-        (["--stats-file", os.path.abspath(stats_file)] if stats_file else [])
+        (["--stats-file", os.path.abspath(stats_file)] if stats_file else []) + \
+        (["--offset", str(part.offset), "--sizelimit", str(part.length)] if part else [])
     att = attach_mod.attach(paths.state_dir(), image, device=device, mode=mode,
                             readonly=readonly, connections=connections,
                             block_size=block_size, serve_options=serve_options,
-                            timeout=timeout, recover_timeout=recover_timeout)
+                            timeout=timeout, recover_timeout=recover_timeout,
+                            offset=part.offset if part else 0,
+                            sizelimit=part.length if sizelimit else 0)
     click.echo(att.device)
 
 

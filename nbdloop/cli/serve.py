@@ -14,7 +14,7 @@ from nbdloop.cli.common import SIZE, mode_option, parse_cpus
 from nbdloop.engine import backing
 from nbdloop.serve.cmdline import (default_socket, image_key, nbdkit_argv, plugin_env,
                                    require_free_port, require_free_socket,
-                                   require_permissions, require_psk_file)
+                                   require_permissions, require_psk_file, require_slice)
 from nbdloop.serve.supervise import supervise
 from nbdloop.sizes import format_size
 
@@ -30,6 +30,11 @@ def serve_options(f):
         click.option("--segment-size", type=SIZE, default=backing.DEFAULT_SEG_SIZE,
                      show_default="128K", help="Largest I/O segment (multiple of 4K)."),
         click.option("--export-name", default="", help="Export name to offer (default: any)."),
+        click.option("--offset", "-o", type=SIZE, default=0, metavar="SIZE",
+                     help="Serve the image from this byte on (losetup -o)."),
+        click.option("--sizelimit", type=SIZE, default=0, metavar="SIZE",
+                     help="Serve at most this many bytes (losetup --sizelimit) "
+                          "[default: to the end]."),
     ]):
         f = opt(f)
     return f
@@ -76,9 +81,9 @@ def validate_serve_options(image, mode, readonly, segment_size):
 @click.option("--agent", is_flag=True, hidden=True,
               help="Run under a device's agent (nbdloop attach): the agent, not this "
                    "supervisor, restarts nbdkit, and a stop closes the connections first.")
-def serve(image, mode, readonly, threads, segment_size, export_name, socket_path,
-          port, bind, pidfile, verbose, stats_file, tls_psk, mlock, placement, cpus, sched,
-          agent):
+def serve(image, mode, readonly, threads, segment_size, export_name, offset, sizelimit,
+          socket_path, port, bind, pidfile, verbose, stats_file, tls_psk, mlock, placement,
+          cpus, sched, agent):
     """Serve IMAGE over NBD in the foreground until SIGINT or SIGTERM."""
     validate_serve_options(image, mode, readonly, segment_size)
     if tls_psk:
@@ -92,6 +97,12 @@ def serve(image, mode, readonly, threads, segment_size, export_name, socket_path
     else:
         require_free_port(bind, port)
     fd, geometry = backing.open_image(image, mode=mode, readonly=readonly)
+    try:
+        part = (require_slice(geometry.size, geometry.align, mode, offset, sizelimit)
+                if offset or sizelimit else None)
+    except BaseException:
+        os.close(fd)
+        raise
     ready = paths.runtime_dir() / f"{image_key(image)}.{os.getpid()}.ready"
     first_fd = [fd]
 
@@ -119,12 +130,14 @@ def serve(image, mode, readonly, threads, segment_size, export_name, socket_path
                            export_name=export_name, pidfile=str(ready), verbose=verbose,
                            stats_file=stats_file, tls_psk=tls_psk, mlock=mlock,
                            placement=placement == "auto" and not cpus, sched=sched,
-                           exit_with_parent=not agent)
+                           exit_with_parent=not agent, slice_=part)
         return argv, (f,)
 
     where = (f"unix:{sock}" if sock else f"nbd://{bind}:{port}") + (" with TLS" if tls_psk
                                                                      else "")
-    click.echo(f"nbdloop: serving {image} ({format_size(geometry.size)}, {mode}, "
+    what = (f"{format_size(part.length)} at offset {part.offset} of "
+            f"{format_size(geometry.size)}" if part else format_size(geometry.size))
+    click.echo(f"nbdloop: serving {image} ({what}, {mode}, "
                f"alignment {geometry.align}) on {where}", err=True)
     os.umask(0o077)  # the socket is 0600
     if cpus:

@@ -426,7 +426,7 @@ def attach(state_dir: Path, image: str, *, device: str | None = None,
            mode: str = "direct", readonly: bool = False, connections: int = 1,
            block_size: int = 4096, serve_options: Sequence[str] = (),
            timeout: int = DEFAULT_TIMEOUT, recover_timeout: int = DEFAULT_RECOVER_TIMEOUT,
-           sys_block: Path = SYS_BLOCK) -> Attachment:
+           offset: int = 0, sizelimit: int = 0, sys_block: Path = SYS_BLOCK) -> Attachment:
     """Serve ``image`` and connect a kernel NBD device to it, through a new
     agent.  On any failure nothing is left behind: the agent stops the
     server and removes the record before it reports."""
@@ -454,7 +454,8 @@ def attach(state_dir: Path, image: str, *, device: str | None = None,
                          pid=0, server_pid=0, connections=connections,
                          block_size=block_size, log=log, started=now_iso(),
                          timeout=timeout, recover_timeout=recover_timeout,
-                         identifier=new_identifier(real), serve_options=list(serve_options))
+                         identifier=new_identifier(real), serve_options=list(serve_options),
+                         offset=offset, sizelimit=sizelimit)
         problem = agent.spawn(state_dir, att, list(serve_options))
         if problem is not None:
             try:

@@ -5,6 +5,7 @@ Every check raises :class:`ServeError` with one line; the CLI shows it.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -13,6 +14,9 @@ import stat
 from pathlib import Path
 
 from nbdloop import paths
+from nbdloop.sizes import format_size
+
+SECTOR = 512
 
 
 class ServeError(Exception):
@@ -66,6 +70,35 @@ def require_free_port(bind: str, port: int) -> None:
         s.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    """The byte range of an image that is served (losetup's --offset and
+    --sizelimit), as nbdkit's offset filter takes it."""
+
+    offset: int
+    length: int
+
+
+def require_slice(size: int, align: int, mode: str, offset: int, sizelimit: int) -> Slice:
+    """The slice of an image of ``size`` bytes that ``--offset`` and
+    ``--sizelimit`` name (0: to the end; past the end: to the end, as
+    losetup does).  Its length must be whole sectors (a device's size is).
+    In direct mode it must start and end on the direct-I/O alignment: a
+    read-modify-write of an edge block would rewrite bytes outside it."""
+    if offset >= size:
+        raise ServeError(f"--offset {offset} is not inside the image ({format_size(size)}, "
+                         f"{size} bytes)")
+    length = size - offset if sizelimit == 0 else min(sizelimit, size - offset)
+    if mode == "direct":
+        for what, value in (("--offset", offset), ("the slice's end", offset + length)):
+            if value % align:
+                raise ServeError(f"{what} {value} is not a multiple of the image's direct-I/O "
+                                 f"alignment, {align} (or use --mode buffered)")
+    if length % SECTOR:
+        raise ServeError(f"the slice's length {length} is not a multiple of {SECTOR} bytes")
+    return Slice(offset, length)
+
+
 def require_permissions(image: str, readonly: bool) -> None:
     """Root ignores permission bits, but a file that nobody may write is a
     read-only image, and one nobody may read is not ours to serve."""
@@ -89,10 +122,11 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
                 verbose: bool = False, stats_file: str | None = None,
                 tls_psk: str | None = None, mlock: bool = False,
                 placement: bool = True, sched: str = "batch",
-                exit_with_parent: bool = True) -> list[str]:
+                exit_with_parent: bool = True, slice_: Slice | None = None) -> list[str]:
     """The nbdkit command line that serves ``image`` with our plugin.
     ``exit_with_parent``: nbdkit gets SIGTERM when the supervisor dies;
-    off under a device's agent, which kills it instead (see supervise)."""
+    off under a device's agent, which kills it instead (see supervise).
+    ``slice_``: serve only that range, through nbdkit's offset filter."""
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise ServeError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
@@ -112,6 +146,8 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
     if tls_psk:
         # require: a client that does not do TLS with a key from the file is refused.
         argv += ["--tls=require", f"--tls-psk={os.path.abspath(tls_psk)}"]
+    if slice_ is not None:
+        argv.append("--filter=offset")
     argv += ["python", str(paths.PLUGIN), f"file={os.path.abspath(image)}", f"mode={mode}",
              f"readonly={int(readonly)}", f"segment-size={segment_size}"]
     if fd is not None:
@@ -128,6 +164,8 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
         argv.append("placement=0")
     if sched != "batch":
         argv.append(f"sched={sched}")
+    if slice_ is not None:
+        argv += [f"offset={slice_.offset}", f"range={slice_.length}"]
     return argv
 
 
