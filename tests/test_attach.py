@@ -138,6 +138,16 @@ def test_attach_without_nbd_support_fails_in_one_line_and_leaves_nothing(rt, ima
     assert sorted(p.name for p in rt.iterdir()) in ([], ["attached"])
 
 
+def test_partitions_are_listed_in_order(tmp_path):
+    sys_block = fake_sys_block(tmp_path, {"nbd3": True, "nbd30": True})
+    for part in ("nbd3p10", "nbd3p2", "nbd3p1"):
+        (sys_block / "nbd3" / part).mkdir()
+    (sys_block / "nbd3" / "queue").mkdir()
+    assert A.partitions("/dev/nbd3", sys_block) == ["/dev/nbd3p1", "/dev/nbd3p2", "/dev/nbd3p10"]
+    assert A.partitions("/dev/nbd30", sys_block) == []
+    assert A.partitions("/dev/nbd7", sys_block) == []
+
+
 def test_support_problem_names_what_is_missing_and_how_to_get_it(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -254,9 +264,9 @@ def test_list_shows_a_dead_server_as_stale_and_detach_cleans_it(rt, state, image
     assert p.returncode == 0, p.stderr
     header, row = p.stdout.splitlines()
     assert header.split() == ["NAME", "SIZELIMIT", "OFFSET", "RO", "BACK-FILE", "DIO",
-                              "LOG-SEC", "MODE", "PID", "CONNS", "STATE"]
+                              "LOG-SEC", "MODE", "PID", "CONNS", "PARTS", "STATE"]
     assert row.split() == ["/dev/nbd0", "0", "0", "0", os.path.realpath(image), "1", "512",
-                           "direct", str(att.pid), "1", "disconnected"]
+                           "direct", str(att.pid), "1", "-", "disconnected"]
 
     os.kill(att.pid, signal.SIGKILL)
     wait_gone(att.pid)
@@ -313,7 +323,7 @@ def test_list_json_and_table(rt, state, tmp_path, cleanup):
         "block_size": 4096, "log": a.log, "started": a.started, "state": "disconnected",
         "agent_pid": a.pid, "reason": "", "timeout": 60, "recover_timeout": 120,
         "identifier": a.identifier, "recoveries": 0, "last_recovery": None,
-        "offset": 0, "sizelimit": 0}
+        "offset": 0, "sizelimit": 0, "partscan": False, "partitions": []}
     assert rows[0]["connections"] == 4 and rows[0]["pid"] == b.pid
     table = nbdloop(rt, "list").stdout.splitlines()
     assert [r.split()[0] for r in table] == ["NAME", "/dev/nbd2", "/dev/nbd10"]

@@ -32,6 +32,9 @@ def image_geometry(image: str, mode: str, readonly: bool) -> backing.Geometry:
 @block_size_option("Logical block size of the device: 512, 1024, 2048 or 4096 "
                    "[default: the image's direct-I/O alignment].")
 @click.option("--readonly", "-r", is_flag=True, help="Attach read-only.")
+@click.option("--partscan", "-P", is_flag=True,
+              help="Read the image's partition table now: its partitions appear as "
+                   "/dev/nbdNpM (losetup -P).")
 @click.option("--offset", "-o", type=SIZE, default=0, metavar="SIZE",
               help="The device starts at this byte of the image (losetup -o).")
 @click.option("--sizelimit", type=SIZE, default=0, metavar="SIZE",
@@ -50,8 +53,8 @@ def image_geometry(image: str, mode: str, readonly: bool) -> backing.Geometry:
               help="When the server dies, the kernel holds the device's requests this long "
                    "while a new server is started; 0: fail them at once, as nbd-client's "
                    "devices do.")
-def attach(image, mode, device, connections, block_size, readonly, offset, sizelimit, mlock,
-           stats_file, timeout, recover_timeout):
+def attach(image, mode, device, connections, block_size, readonly, partscan, offset, sizelimit,
+           mlock, stats_file, timeout, recover_timeout):
     """Serve IMAGE in the background and attach it to a kernel NBD device
     (like losetup -f --show); prints the device."""
     geometry = image_geometry(image, mode, readonly)
@@ -82,7 +85,7 @@ def attach(image, mode, device, connections, block_size, readonly, offset, sizel
                             block_size=block_size, serve_options=serve_options,
                             timeout=timeout, recover_timeout=recover_timeout,
                             offset=part.offset if part else 0,
-                            sizelimit=part.length if sizelimit else 0)
+                            sizelimit=part.length if sizelimit else 0, partscan=partscan)
     click.echo(att.device)
 
 
@@ -137,10 +140,11 @@ COLUMNS = {
     "MODE": (False, lambda r: r["mode"]),
     "PID": (True, lambda r: str(r["pid"])),
     "CONNS": (True, lambda r: str(r["connections"])),
+    "PARTS": (False, lambda r: ",".join(os.path.basename(p) for p in r["partitions"]) or "-"),
     "STATE": (False, state_text),
 }
 DEFAULT_COLUMNS = ["NAME", "SIZELIMIT", "OFFSET", "RO", "BACK-FILE", "DIO", "LOG-SEC",
-                   "MODE", "PID", "CONNS", "STATE"]
+                   "MODE", "PID", "CONNS", "PARTS", "STATE"]
 
 
 def parse_columns(ctx, param, value):

@@ -103,6 +103,7 @@ class Attachment:
     serve_options: list[str] = dataclasses.field(default_factory=list)
     offset: int = 0        # the slice of the image served (losetup's columns); 0: from
     sizelimit: int = 0     # its start, 0: to its end
+    partscan: bool = False         # attach -P: the partition table was read at attach
 
     @property
     def name(self) -> str:
@@ -165,6 +166,39 @@ def _kernel_lacks_nbd_module(release: str) -> bool:
     except FileNotFoundError:
         return False
     return p.returncode != 0
+
+
+BLKRRPART = 0x125F
+
+
+def read_partitions(device: str) -> None:
+    """Make the kernel read ``device``'s partition table now (attach -P):
+    the partitions are there when this returns.  The driver would read it
+    only at the next open of the device, which udev does but a machine
+    without it may never."""
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise AttachFailed(f"{device}: cannot open it to read its partitions: "
+                           f"{e.strerror}") from None
+    try:
+        fcntl.ioctl(fd, BLKRRPART)
+    except OSError as e:
+        raise AttachFailed(f"{device}: the kernel did not read its partition table: "
+                           f"{e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def partitions(device: str, sys_block: Path = SYS_BLOCK) -> list[str]:
+    """The partitions the kernel has of ``device``, as /dev paths, in order."""
+    name = os.path.basename(device)
+    try:
+        found = [p.name for p in (sys_block / name).iterdir()
+                 if re.fullmatch(re.escape(name) + r"p\d+", p.name)]
+    except OSError:
+        return []
+    return [f"/dev/{p}" for p in sorted(found, key=lambda p: int(p[len(name) + 1:]))]
 
 
 def device_connected(device: str, sys_block: Path = SYS_BLOCK) -> bool:
@@ -329,6 +363,7 @@ def describe(att: Attachment, sys_block: Path = SYS_BLOCK, now: float | None = N
     data["state"] = state
     data["reason"] = stale_reason(att) if state == "stale" else att.reason
     data["state_seconds"] = round((now or time.time()) - att.since, 1) if att.since else None
+    data["partitions"] = partitions(att.device, sys_block)
     return data
 
 
@@ -426,7 +461,8 @@ def attach(state_dir: Path, image: str, *, device: str | None = None,
            mode: str = "direct", readonly: bool = False, connections: int = 1,
            block_size: int = 4096, serve_options: Sequence[str] = (),
            timeout: int = DEFAULT_TIMEOUT, recover_timeout: int = DEFAULT_RECOVER_TIMEOUT,
-           offset: int = 0, sizelimit: int = 0, sys_block: Path = SYS_BLOCK) -> Attachment:
+           offset: int = 0, sizelimit: int = 0, partscan: bool = False,
+           sys_block: Path = SYS_BLOCK) -> Attachment:
     """Serve ``image`` and connect a kernel NBD device to it, through a new
     agent.  On any failure nothing is left behind: the agent stops the
     server and removes the record before it reports."""
@@ -455,7 +491,7 @@ def attach(state_dir: Path, image: str, *, device: str | None = None,
                          block_size=block_size, log=log, started=now_iso(),
                          timeout=timeout, recover_timeout=recover_timeout,
                          identifier=new_identifier(real), serve_options=list(serve_options),
-                         offset=offset, sizelimit=sizelimit)
+                         offset=offset, sizelimit=sizelimit, partscan=partscan)
         problem = agent.spawn(state_dir, att, list(serve_options))
         if problem is not None:
             try:
@@ -466,6 +502,12 @@ def attach(state_dir: Path, image: str, *, device: str | None = None,
         found = find(state_dir, device)
     if found is None:
         raise AttachFailed(f"{device}: the agent reported success but left no record")
+    if partscan:
+        try:
+            read_partitions(device)
+        except AttachFailed:
+            detach(state_dir, device, sys_block=sys_block)
+            raise
     return found
 
 

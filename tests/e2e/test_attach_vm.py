@@ -110,9 +110,24 @@ def test_failure_paths(attach_run, name):
     check(attach_run, name)
 
 
+def test_a_slice_of_an_image(attach_run):
+    """attach --offset --sizelimit: the device is that slice (its size, list's
+    OFFSET and SIZELIMIT); the pattern on both sides of it is intact after
+    mkfs and writes; the filesystem is found at the offset in the image; a
+    direct-mode offset off the alignment is refused in one line."""
+    check(attach_run, "slice")
+
+
+def test_partitions(attach_run):
+    """A GPT made with sfdisk on the device, ext4 and xfs on its two
+    partitions; detach of the mounted device refused; attach -P: both
+    partitions there at once, listed by list and list --json, and verified."""
+    check(attach_run, "partitions")
+
+
 def test_every_scenario_passed(attach_run):
     assert attach_run.ok, attach_run.message
-    assert len(scenarios(attach_run.console)) == 8
+    assert len(scenarios(attach_run.console)) == 10
 
 
 @pytest.fixture(scope="module")

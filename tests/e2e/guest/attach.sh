@@ -183,6 +183,88 @@ busy_device() {
     return 0
 }
 
+slice_attach() {
+    # A 64M filesystem in the middle of a 96M image whose other bytes hold
+    # a pattern: attach --offset --sizelimit, mkfs, mount, write; list
+    # shows the slice; detach; the pattern is intact and the filesystem is
+    # found where it should be in the image.
+    img=$NBDLOOP_DATA/slice.img
+    step slice-create
+    must nbdloop create "$img" 96M
+    must dd if=/dev/urandom of=/tmp/pattern bs=1M count=96 status=none
+    must dd if=/tmp/pattern of="$img" bs=1M conv=notrunc status=none
+    step slice-attach
+    dev=$(nbdloop attach "$img" --offset 16M --sizelimit 64M) || fail "attach exited $?"
+    [ "$(blockdev --getsize64 "$dev")" -eq $((64 << 20)) ] ||
+        fail "$dev has $(blockdev --getsize64 "$dev") bytes, not 64M"
+    must mkfs.ext4 -q -F "$dev"
+    must mount "$dev" /mnt/a
+    must put_files /mnt/a
+    sums /mnt/a > /tmp/sums-slice || fail "sha256sum failed"
+    nbdloop list -O NAME,OFFSET,SIZELIMIT,BACK-FILE -n > /tmp/list.txt || fail "list exited $?"
+    cat /tmp/list.txt
+    # shellcheck disable=SC2046 # four words
+    set -- $(cat /tmp/list.txt)
+    [ "$2 $3" = "$((16 << 20)) $((64 << 20))" ] || fail "list shows offset $2, sizelimit $3"
+    must umount /mnt/a
+    must nbdloop detach "$dev"
+    step slice-check
+    for range in "0 16" "80 16"; do
+        # shellcheck disable=SC2086 # two numbers
+        set -- $range
+        a=$(dd if="$img" bs=1M skip="$1" count="$2" status=none | sha256sum)
+        b=$(dd if=/tmp/pattern bs=1M skip="$1" count="$2" status=none | sha256sum)
+        [ "$a" = "$b" ] || fail "the image changed outside the slice, in MiB $1-$(($1 + $2))"
+    done
+    must dd if="$img" of=/tmp/inside.img bs=1M skip=16 count=64 status=none
+    must e2fsck -fn /tmp/inside.img
+    rm -f /tmp/inside.img /tmp/pattern
+    refused "not a multiple of the image's direct-I/O alignment" \
+        nbdloop attach "$img" --offset 1000
+}
+
+partitions() {
+    # Two partitions made with sfdisk on the device, a filesystem on each;
+    # detach, attach -P: both are there at once, list shows them, both
+    # mount and verify.
+    img=$NBDLOOP_DATA/parts.img
+    step parts-create
+    must nbdloop create "$img" 128M
+    dev=$(nbdloop attach "$img") || fail "attach exited $?"
+    printf 'label: gpt\n,48M\n,\n' | sfdisk -q "$dev" || fail "sfdisk exited $?"
+    [ -b "${dev}p2" ] || fail "sfdisk left no ${dev}p2"
+    must mkfs.ext4 -q -F "${dev}p1"
+    must mkfs.xfs -q -f "${dev}p2"
+    must mount "${dev}p1" /mnt/a
+    must mount "${dev}p2" /mnt/b
+    must put_files /mnt/a
+    must put_files /mnt/b
+    sums /mnt/a > /tmp/sums-p1 || fail "sha256sum failed"
+    sums /mnt/b > /tmp/sums-p2 || fail "sha256sum failed"
+    refused "mounted on /mnt/" nbdloop detach "$dev"
+    must umount /mnt/a
+    must umount /mnt/b
+    must nbdloop detach "$dev"
+    step parts-attach
+    dev=$(nbdloop attach "$img" -P) || fail "attach -P exited $?"
+    for p in 1 2; do
+        [ -b "${dev}p$p" ] || fail "attach -P: no ${dev}p$p"
+    done
+    nbdloop list -O NAME,PARTS -n > /tmp/list.txt || fail "list exited $?"
+    cat /tmp/list.txt
+    [ "$(cat /tmp/list.txt)" = "$dev ${dev#/dev/}p1,${dev#/dev/}p2" ] ||
+        fail "list shows partitions '$(cat /tmp/list.txt)'"
+    nbdloop list --json | grep -q "\"${dev}p2\"" || fail "list --json has no ${dev}p2"
+    step parts-verify
+    must mount "${dev}p1" /mnt/a
+    must mount "${dev}p2" /mnt/b
+    verify /mnt/a /tmp/sums-p1 || fail "partition 1 differs"
+    verify /mnt/b /tmp/sums-p2 || fail "partition 2 differs"
+    must umount /mnt/a
+    must umount /mnt/b
+    must nbdloop detach "$dev"
+}
+
 scenario direct-ext4 roundtrip direct ext4 64M
 scenario buffered-ext4-2conns roundtrip buffered ext4 64M --connections 2
 scenario direct-xfs-4096 roundtrip direct xfs 512M --block-size 4096
@@ -191,4 +273,6 @@ scenario two-images two_images
 scenario killed-server killed_server
 scenario mounted-detach mounted_device
 scenario busy-device busy_device
+scenario slice slice_attach
+scenario partitions partitions
 [ "$FAILED" -eq 0 ] || fail "$FAILED scenario(s) failed"
