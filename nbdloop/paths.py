@@ -5,6 +5,8 @@ Environment variables (all optional):
 - ``NBDLOOP_RUNTIME_DIR``: sockets, ready files and attachment records
   [default: ``/run/nbdloop`` for root, else ``$XDG_RUNTIME_DIR/nbdloop``, else
   ``/tmp/nbdloop-UID``].
+- ``NBDLOOP_ATTACHMENTS``: the table of attachments that ``attach --all``
+  reads [default: ``/etc/nbdloop/attachments``].
 - ``NBDLOOP_CACHE``: what is kept between runs, because it is slow to make:
   ``vm/`` (the VM's kernel and initramfs) and the benchmark's images
   [default: ``~/.cache/nbdloop``].
@@ -32,6 +34,7 @@ SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 RUNTIME_DIR_ENV = "NBDLOOP_RUNTIME_DIR"
 CACHE_ENV = "NBDLOOP_CACHE"
+ATTACHMENTS_ENV = "NBDLOOP_ATTACHMENTS"
 
 
 class PathError(Exception):
@@ -62,6 +65,11 @@ def state_dir() -> Path:
     d = runtime_dir() / "attached"
     d.mkdir(mode=0o700, exist_ok=True)
     return d
+
+
+def attachments_table() -> Path:
+    """The table of attachments (nbdloop.kernel.table)."""
+    return Path(os.environ.get(ATTACHMENTS_ENV) or "/etc/nbdloop/attachments")
 
 
 def cache_dir() -> Path:

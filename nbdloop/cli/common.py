@@ -3,6 +3,7 @@ types and the options that several commands take."""
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
@@ -24,6 +25,35 @@ class Failure(UsageError):
     """A failure at run time (a tool missing, the disk full): one line on
     stderr and exit status 1."""
     exit_code = 1
+
+
+#: The errors of the layers below, shown as one line.  The exit status is
+#: the error's ``exit_status``: 2 for bad usage or input (the default), 1 for
+#: a failure at run time (the server died, the kernel refused).  Named, not
+#: imported: an error can only be of a type whose module has been loaded.
+KNOWN_ERRORS = (
+    ("nbdloop.engine.backing", "ImageError"),
+    ("nbdloop.kernel.attach", "AttachError"),
+    ("nbdloop.kernel.netlink", "KernelError"),
+    ("nbdloop.kernel.table", "TableError"),
+    ("nbdloop.kernel.vmcheck", "VmCheckError"),
+    ("nbdloop.paths", "PathError"),
+    ("nbdloop.serve.cmdline", "ServeError"),
+    ("nbdloop.vm.tools", "VmError"),
+)
+
+
+def one_line_error(e: BaseException) -> tuple[int, str] | None:
+    """(exit status, message) of an error that nbdloop shows as one line:
+    click's usage errors and ours (2, or 1 for a failure at run time).
+    None for anything else, which is a bug."""
+    if isinstance(e, click.ClickException):
+        return e.exit_code, e.format_message()     # 2 for click's usage errors
+    for module, name in KNOWN_ERRORS:
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(e, getattr(loaded, name)):
+            return getattr(e, "exit_status", 2), str(e)
+    return None
 
 
 # ---- parameter types ----------------------------------------------------------

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from nbdloop import paths
 from nbdloop.cli.common import (SIZE, UsageError, block_size_option, connections_option,
-                                mode_option)
+                                mode_option, one_line_error)
 from nbdloop.engine import backing
 from nbdloop.kernel import attach as attach_mod
+from nbdloop.kernel import table
 from nbdloop.serve.cmdline import image_key, require_permissions, require_slice
 
 
@@ -23,8 +27,12 @@ def image_geometry(image: str, mode: str, readonly: bool) -> backing.Geometry:
     return geometry
 
 
+#: attach's own options, which a line of the table cannot hold.
+_NOT_IN_TABLE = {"image", "all_", "persist", "foreground", "from_table"}
+
+
 @click.command()
-@click.argument("image", type=click.Path())
+@click.argument("image", type=click.Path(), required=False)
 @mode_option("direct: O_DIRECT, no page cache; buffered: through the page cache.")
 @click.option("--device", metavar="/dev/nbdN",
               help="The NBD device to use [default: the first free one].")
@@ -53,10 +61,107 @@ def image_geometry(image: str, mode: str, readonly: bool) -> backing.Geometry:
               help="When the server dies, the kernel holds the device's requests this long "
                    "while a new server is started; 0: fail them at once, as nbd-client's "
                    "devices do.")
-def attach(image, mode, device, connections, block_size, readonly, partscan, offset, sizelimit,
-           mlock, stats_file, timeout, recover_timeout):
+@click.option("--all", "all_", is_flag=True,
+              help="Attach every image of the table of attachments that is not attached "
+                   "yet, each with its line's options.")
+@click.option("--persist", is_flag=True,
+              help="Also put IMAGE, with the options given here, in the table of "
+                   "attachments (replacing its line), so that attach --all attaches it.")
+@click.option("--from-table", is_flag=True,
+              help="Take IMAGE's options from its line in the table (what the systemd "
+                   "unit nbdloop@.service runs).")
+@click.option("--foreground", is_flag=True,
+              help="Stay in the foreground as the device's agent until detach, logging to "
+                   "stderr and telling systemd when the device is ready (Type=notify).  "
+                   "Takes over a device whose agent has died.")
+@click.pass_context
+def attach(ctx, image, all_, persist, from_table, foreground, **options):
     """Serve IMAGE in the background and attach it to a kernel NBD device
-    (like losetup -f --show); prints the device."""
+    (like losetup -f --show); prints the device.
+
+    The table of attachments is /etc/nbdloop/attachments ($NBDLOOP_ATTACHMENTS),
+    one line per image: IMAGE OPTIONS, the options as attach's long options
+    without dashes, comma-separated (mode=buffered,connections=2,partscan)."""
+    table_path = paths.attachments_table()
+    if all_:
+        if image or persist or from_table or foreground or _given(ctx, options):
+            raise click.UsageError("--all takes no IMAGE and no other option")
+        sys.exit(attach_all(ctx, table_path))
+    if image is None:
+        raise click.UsageError("Missing argument 'IMAGE' (or give --all)")
+    if from_table:
+        if persist or _given(ctx, options):
+            raise click.UsageError("--from-table takes its options from the table")
+        entry = table.find(table.read(table_path), image)
+        if entry is None:
+            raise table.TableError(f"{image}: not in {table_path}")
+        sub = _entry_context(ctx, entry, table_path)
+        options = {k: v for k, v in sub.params.items() if k not in _NOT_IN_TABLE}
+    if foreground:
+        sys.exit(attach_image(image, foreground=True, **options))
+    att = attach_image(image, **options)
+    if persist:
+        table.put(table_path, image, _table_options(ctx, options))
+    click.echo(att.device)
+
+
+def attach_all(ctx: click.Context, table_path: Path) -> int:
+    """attach --all: every entry not attached yet; one line for each that
+    fails.  Exit status: 0, or the worst of the failures'."""
+    attached = {a.image for a in attach_mod.load(paths.state_dir())}
+    status = 0
+    for entry in table.read(table_path):
+        if os.path.realpath(entry.image) in attached:
+            continue
+        try:
+            sub = _entry_context(ctx, entry, table_path)
+            params = {k: v for k, v in sub.params.items() if k not in _NOT_IN_TABLE}
+            att = attach_image(entry.image, **params)
+        except Exception as e:
+            known = one_line_error(e)
+            if known is None:
+                raise
+            click.echo(f"nbdloop: {entry.image}: {known[1]}", err=True)
+            status = max(status, known[0])
+            continue
+        click.echo(f"{entry.image} {att.device}")
+    return status
+
+
+def _entry_context(ctx: click.Context, entry: table.Entry, table_path: Path) -> click.Context:
+    """A table line parsed by attach's own options."""
+    try:
+        return attach.make_context("attach", entry.args(), parent=ctx.parent)
+    except click.ClickException as e:
+        raise table.TableError(f"{table_path}:{entry.line}: {e.format_message()}") from None
+
+
+def _given(ctx: click.Context, options: dict) -> bool:
+    return any(ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+               for name in options)
+
+
+def _table_options(ctx: click.Context, options: dict) -> list[str]:
+    """The options given on the command line, as a table line holds them."""
+    found = []
+    for param in ctx.command.params:
+        if param.name in _NOT_IN_TABLE or param.name not in options or \
+                ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+            continue
+        name = max(param.opts, key=len).lstrip("-")
+        value = options[param.name]
+        if param.is_flag:
+            if value:
+                found.append(name)
+        else:
+            found.append(f"{name}={os.path.abspath(value) if name == 'stats-file' else value}")
+    return found
+
+
+def attach_image(image, *, mode, device, connections, block_size, readonly, partscan, offset,
+                 sizelimit, mlock, stats_file, timeout, recover_timeout, foreground=False):
+    """Check IMAGE and the options, then attach (or, foreground, be the agent
+    until detach: returns its exit status)."""
     geometry = image_geometry(image, mode, readonly)
     part = (require_slice(geometry.size, geometry.align, mode, offset, sizelimit)
             if offset or sizelimit else None)
@@ -80,20 +185,67 @@ def attach(image, mode, device, connections, block_size, readonly, partscan, off
     serve_options = (["--mlock"] if mlock else []) + \
         (["--stats-file", os.path.abspath(stats_file)] if stats_file else []) + \
         (["--offset", str(part.offset), "--sizelimit", str(part.length)] if part else [])
-    att = attach_mod.attach(paths.state_dir(), image, device=device, mode=mode,
-                            readonly=readonly, connections=connections,
-                            block_size=block_size, serve_options=serve_options,
-                            timeout=timeout, recover_timeout=recover_timeout,
-                            offset=part.offset if part else 0,
-                            sizelimit=part.length if sizelimit else 0, partscan=partscan)
-    click.echo(att.device)
+    kw = dict(device=device, mode=mode, readonly=readonly, connections=connections,
+              block_size=block_size, serve_options=serve_options, timeout=timeout,
+              recover_timeout=recover_timeout, offset=part.offset if part else 0,
+              sizelimit=part.length if sizelimit else 0, partscan=partscan)
+    if foreground:
+        return attach_mod.attach_foreground(
+            paths.state_dir(), image,
+            on_ready=lambda att: click.echo(f"nbdloop: {image} attached to {att.device}",
+                                            err=True), **kw)
+    return attach_mod.attach(paths.state_dir(), image, **kw)
 
 
 @click.command()
-@click.argument("target", metavar="DEVICE|IMAGE")
-def detach(target):
+@click.argument("target", metavar="DEVICE|IMAGE", required=False)
+@click.option("--all", "all_", is_flag=True,
+              help="Detach every image of the table of attachments that is attached.")
+@click.option("--forget", is_flag=True,
+              help="Also remove the image's line from the table of attachments.")
+def detach(target, all_, forget):
     """Disconnect an attached device and stop its server."""
-    att, state = attach_mod.detach(paths.state_dir(), target)
+    table_path = paths.attachments_table()
+    if all_:
+        if target or forget:
+            raise click.UsageError("--all takes no DEVICE|IMAGE and no --forget")
+        sys.exit(detach_all(table_path))
+    if target is None:
+        raise click.UsageError("Missing argument 'DEVICE|IMAGE' (or give --all)")
+    try:
+        att, state = attach_mod.detach(paths.state_dir(), target)
+    except attach_mod.AttachError:
+        # Forgetting an image that is not attached is still forgetting it.
+        if not (forget and attach_mod.find(paths.state_dir(), target) is None
+                and table.remove(table_path, target)):
+            raise
+        click.echo(f"nbdloop: {target}: was not attached; removed from {table_path}", err=True)
+        return
+    _report_detach(att, state)
+    if forget:
+        table.remove(table_path, att.image)
+
+
+def detach_all(table_path: Path) -> int:
+    wanted = {os.path.realpath(e.image) for e in table.read(table_path)}
+    status = 0
+    for att in attach_mod.load(paths.state_dir()):
+        if att.image not in wanted:
+            continue
+        try:
+            att, state = attach_mod.detach(paths.state_dir(), att.device)
+        except Exception as e:
+            known = one_line_error(e)
+            if known is None:
+                raise
+            click.echo(f"nbdloop: {att.image}: {known[1]}", err=True)
+            status = max(status, known[0])
+            continue
+        _report_detach(att, state)
+    return status
+
+
+def _report_detach(att, state: str) -> None:
     if state == "stale":
         # serve's ready file, which a killed server could not remove.
         (paths.runtime_dir() / f"{image_key(att.image)}.{att.pid}.ready"

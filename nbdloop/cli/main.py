@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from nbdloop.cli.common import UsageError
+from nbdloop.cli.common import one_line_error
 
 #: Command name -> "module:attribute".
 COMMANDS = {
@@ -28,29 +28,6 @@ COMMANDS = {
     "vm-run": "nbdloop.cli.vm:vm_run",
     "bench": "nbdloop.cli.bench:bench_command",
 }
-
-#: The errors of the layers below, shown as one line.  The exit status is
-#: the error's ``exit_status``: 2 for bad usage or input (the default), 1 for
-#: a failure at run time (the server died, the kernel refused).  Named, not
-#: imported: an error can only be of a type whose module has been loaded.
-KNOWN_ERRORS = (
-    ("nbdloop.engine.backing", "ImageError"),
-    ("nbdloop.kernel.attach", "AttachError"),
-    ("nbdloop.kernel.netlink", "KernelError"),
-    ("nbdloop.kernel.vmcheck", "VmCheckError"),
-    ("nbdloop.paths", "PathError"),
-    ("nbdloop.serve.cmdline", "ServeError"),
-    ("nbdloop.vm.tools", "VmError"),
-)
-
-
-def is_known_error(e: BaseException) -> bool:
-    for module, name in KNOWN_ERRORS:
-        loaded = sys.modules.get(module)
-        if loaded is not None and isinstance(e, getattr(loaded, name)):
-            return True
-    return False
-
 
 class NbdloopGroup(click.Group):
     """Commands loaded when used; every error is one line on stderr, with
@@ -71,20 +48,15 @@ class NbdloopGroup(click.Group):
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
-        except click.ClickException as e:
-            if isinstance(e, UsageError):
-                e.show()
-                sys.exit(e.exit_code)
-            click.echo(f"nbdloop: {e.format_message()}", err=True)
-            sys.exit(2 if isinstance(e, click.UsageError) else e.exit_code)
         except click.Abort:
             click.echo("nbdloop: aborted", err=True)
             sys.exit(1)
         except Exception as e:
-            if not is_known_error(e):
-                raise
-            click.echo(f"nbdloop: {e}", err=True)
-            sys.exit(getattr(e, "exit_status", 2))
+            known = one_line_error(e)
+            if known is None:
+                raise       # a bug: its traceback is what helps
+            click.echo(f"nbdloop: {known[1]}", err=True)
+            sys.exit(known[0])
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)

@@ -35,10 +35,12 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -65,11 +67,12 @@ class Agent:
     """One device's agent; :meth:`run` is its whole life."""
 
     def __init__(self, state_dir: Path, att: Attachment, *, serve_options: list[str],
-                 report_fd: int | None = None) -> None:
+                 report: Callable[[str], None] | None = None) -> None:
         self.state_dir = state_dir
         self.att = att
         self.serve_options = serve_options
-        self.report_fd = report_fd
+        # Told once whether the device is connected: "ok" or "error N: why".
+        self._report = report
         self.index = int(att.name[3:])
         self.server: srv.ServerProcess | None = None
         self.pidfds: dict[int, str] = {}      # pidfd -> what it watches
@@ -101,6 +104,7 @@ class Agent:
                 self._open_netlink()
                 if not self.recover(self.att.reason or "the agent was restarted"):
                     return 1
+                self.report("ok")
             else:
                 self.connect_first()
             return self.watch()
@@ -389,13 +393,9 @@ class Agent:
         print(f"nbdloop agent: {message}", file=sys.stderr, flush=True)
 
     def report(self, message: str) -> None:
-        if self.report_fd is None:
-            return
-        try:
-            os.write(self.report_fd, message.encode() + b"\n")
-        finally:
-            os.close(self.report_fd)
-            self.report_fd = None
+        report, self._report = self._report, None
+        if report is not None:
+            report(message)
 
     def _on_signal(self, signum, frame) -> None:
         if signum == signal.SIGHUP:
@@ -450,6 +450,31 @@ def one_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _pipe_writer(fd: int) -> Callable[[str], None]:
+    def write(message: str) -> None:
+        try:
+            os.write(fd, message.encode() + b"\n")
+        finally:
+            os.close(fd)
+    return write
+
+
+def _reported_error(message: str) -> AttachError:
+    m = re.fullmatch(r"error ([12]): (.+)", message, re.DOTALL)
+    if m is None:
+        return AttachFailed(message or "the agent ended before the device was connected")
+    return (AttachError if m[1] == "2" else AttachFailed)(m[2])
+
+
+def notify(socket_path: str, message: str) -> None:
+    """sd_notify(3): one datagram to systemd's notification socket.  Our own
+    because that is all it is; python3-systemd would need libsystemd built
+    in."""
+    address = "\0" + socket_path[1:] if socket_path.startswith("@") else socket_path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        s.sendto(message.encode(), address)
+
+
 def spawn(state_dir: Path, att: Attachment, serve_options: list[str]) -> AttachError | None:
     """Fork the agent for ``att`` and wait until it has connected the device
     (None) or given up (why, as the error attach raises).  The agent leaves this
@@ -469,7 +494,8 @@ def spawn(state_dir: Path, att: Attachment, serve_options: list[str]) -> AttachE
                         os.close(fd)
                     except OSError:
                         pass
-            status = Agent(state_dir, att, serve_options=serve_options, report_fd=w).run()
+            status = Agent(state_dir, att, serve_options=serve_options,
+                           report=_pipe_writer(w)).run()
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else 1
         except BaseException:
@@ -481,10 +507,38 @@ def spawn(state_dir: Path, att: Attachment, serve_options: list[str]) -> AttachE
         message = f.read().decode(errors="replace").strip()
     if message == "ok":
         return None
-    m = re.fullmatch(r"error ([12]): (.+)", message, re.DOTALL)
-    if m is None:
-        return AttachFailed(message or "the agent ended before the device was connected")
-    return (AttachError if m[1] == "2" else AttachFailed)(m[2])
+    return _reported_error(message)
+
+
+def run_here(state_dir: Path, att: Attachment, serve_options: list[str],
+             on_ready: Callable[[], None], resume: bool = False) -> int:
+    """Be ``att``'s agent in this process, in the foreground (``attach
+    --foreground``: the main process of a systemd service, which supervises
+    it and logs what it says).  ``on_ready()`` once the device is connected;
+    then watch until detach.  Returns the agent's exit status; raises the
+    error attach would if the device was never connected.  ``resume``:
+    take over a device whose agent died (its record is ``att``)."""
+    told: list[str] = []
+    # Ours alone: the servers the agent starts must not inherit it.
+    notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
+
+    def report(message: str) -> None:
+        told.append(message)
+        if message == "ok":
+            on_ready()
+            if notify_socket:
+                notify(notify_socket, f"READY=1\nSTATUS={att.device}: {att.image}")
+
+    try:
+        status = Agent(state_dir, att, serve_options=serve_options, report=report).run(resume)
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 1
+    if not told:
+        raise AttachFailed(f"{att.device}: the agent could not take the device over: "
+                           f"{att.reason or 'no reason given'}")
+    if told[0] != "ok":
+        raise _reported_error(told[0])
+    return status
 
 
 def _detach_stdio(log: str) -> None:

@@ -22,6 +22,7 @@ nbd-client's devices do.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -30,8 +31,9 @@ import re
 import select
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -468,47 +470,92 @@ def attach(state_dir: Path, image: str, *, device: str | None = None,
     server and removes the record before it reports."""
     from nbdloop.kernel import agent
 
+    with locked(state_dir):
+        att, _ = _claim(state_dir, image, device=device, mode=mode, readonly=readonly,
+                        connections=connections, block_size=block_size,
+                        serve_options=serve_options, timeout=timeout,
+                        recover_timeout=recover_timeout, offset=offset,
+                        sizelimit=sizelimit, partscan=partscan, sys_block=sys_block)
+        problem = agent.spawn(state_dir, att, list(serve_options))
+        if problem is not None:
+            Path(att.log).unlink(missing_ok=True)
+            raise problem
+        found = find(state_dir, att.device)
+    if found is None:
+        raise AttachFailed(f"{att.device}: the agent reported success but left no record")
+    if partscan:
+        try:
+            read_partitions(found.device)
+        except AttachFailed:
+            detach(state_dir, found.device, sys_block=sys_block)
+            raise
+    return found
+
+
+def attach_foreground(state_dir: Path, image: str, *, on_ready: Callable[[Attachment], None],
+                      serve_options: Sequence[str] = (), sys_block: Path = SYS_BLOCK,
+                      **options) -> int:
+    """attach, with this process as the device's agent until detach (attach
+    --foreground: a systemd service's main process); ``on_ready(record)``
+    once the device is connected.  An image whose agent has died while its
+    device stays connected (the service's last main process, killed) is
+    taken over: its server is killed and replaced, as in a recovery, under
+    the mounted filesystem.  Returns the agent's exit status."""
+    from nbdloop.kernel import agent
+
+    with contextlib.ExitStack() as lock:
+        lock.enter_context(locked(state_dir))
+        att, adopted = _claim(state_dir, image, serve_options=serve_options,
+                              sys_block=sys_block, adopt=True, **options)
+        if adopted:
+            for pid in (att.pid, att.server_pid):
+                _terminate(pid, lambda pid=pid: _serves(pid, att), 10.0, signal.SIGKILL)
+            serve_options = att.serve_options
+
+        def ready() -> None:
+            lock.close()        # the agent's watch lasts until detach
+            if att.partscan and not adopted:
+                try:
+                    read_partitions(att.device)
+                except AttachFailed as e:
+                    print(f"nbdloop: warning: {e}", file=sys.stderr, flush=True)
+            on_ready(att)
+
+        return agent.run_here(state_dir, att, list(serve_options), ready, resume=adopted)
+
+
+def _claim(state_dir: Path, image: str, *, device: str | None = None, mode: str = "direct",
+           readonly: bool = False, connections: int = 1, block_size: int = 4096,
+           serve_options: Sequence[str] = (), timeout: int = DEFAULT_TIMEOUT,
+           recover_timeout: int = DEFAULT_RECOVER_TIMEOUT, offset: int = 0,
+           sizelimit: int = 0, partscan: bool = False, sys_block: Path = SYS_BLOCK,
+           adopt: bool = False) -> tuple[Attachment, bool]:
+    """Under the state lock: a new record for ``image`` on a free device, or
+    (``adopt``) the record of its connected device whose agent has died.
+    Returns it and whether it was adopted."""
     if block_size not in BLOCK_SIZES:
         raise AttachError(f"block size {block_size} is not one of "
                           f"{', '.join(map(str, BLOCK_SIZES))}")
     real = os.path.realpath(image)
-    with locked(state_dir):
-        for other in load(state_dir):
-            if other.image == real:
-                hint = (f" (its server has died: `nbdloop detach {other.device}` cleans up)"
-                        if state_of(other, sys_block) == "stale" else "")
-                raise AttachError(f"{image}: already attached to {other.device}{hint}")
-        device = choose_device(state_dir, device, sys_block)
-        name = check_device_name(device)
-        sock, pidfile, log = (str(state_dir / f"{name}.{s}") for s in ("sock", "pid", "log"))
-        for leftover in (sock, pidfile, log):
-            try:
-                os.unlink(leftover)
-            except FileNotFoundError:
-                pass
-        att = Attachment(device=device, image=real, mode=mode, readonly=readonly, socket=sock,
-                         pid=0, server_pid=0, connections=connections,
-                         block_size=block_size, log=log, started=now_iso(),
-                         timeout=timeout, recover_timeout=recover_timeout,
-                         identifier=new_identifier(real), serve_options=list(serve_options),
-                         offset=offset, sizelimit=sizelimit, partscan=partscan)
-        problem = agent.spawn(state_dir, att, list(serve_options))
-        if problem is not None:
-            try:
-                os.unlink(log)
-            except FileNotFoundError:
-                pass
-            raise problem
-        found = find(state_dir, device)
-    if found is None:
-        raise AttachFailed(f"{device}: the agent reported success but left no record")
-    if partscan:
-        try:
-            read_partitions(device)
-        except AttachFailed:
-            detach(state_dir, device, sys_block=sys_block)
-            raise
-    return found
+    for other in load(state_dir):
+        if other.image == real:
+            if adopt and not agent_alive(other) and device_connected(other.device, sys_block):
+                other.reason = f"its agent (pid {other.agent_pid}) had died"
+                return other, True
+            hint = (f" (its server has died: `nbdloop detach {other.device}` cleans up)"
+                    if state_of(other, sys_block) == "stale" else "")
+            raise AttachError(f"{image}: already attached to {other.device}{hint}")
+    device = choose_device(state_dir, device, sys_block)
+    name = check_device_name(device)
+    sock, pidfile, log = (str(state_dir / f"{name}.{s}") for s in ("sock", "pid", "log"))
+    for leftover in (sock, pidfile, log):
+        Path(leftover).unlink(missing_ok=True)
+    return Attachment(device=device, image=real, mode=mode, readonly=readonly, socket=sock,
+                      pid=0, server_pid=0, connections=connections,
+                      block_size=block_size, log=log, started=now_iso(),
+                      timeout=timeout, recover_timeout=recover_timeout,
+                      identifier=new_identifier(real), serve_options=list(serve_options),
+                      offset=offset, sizelimit=sizelimit, partscan=partscan), False
 
 
 def detach(state_dir: Path, target: str, *, sys_block: Path = SYS_BLOCK
@@ -517,17 +564,18 @@ def detach(state_dir: Path, target: str, *, sys_block: Path = SYS_BLOCK
     agent and server and forget it.  Returns the attachment and the state it
     was in.
 
-    A live attachment whose device is mounted or held is refused: the
-    kernel would disconnect it under the filesystem.  For a stale one the
-    disconnect is best effort (its server is gone, so the device is dead
-    anyway)."""
+    A connected device that is mounted or held is refused, whatever its
+    state: the kernel would disconnect it under the filesystem, and a stale
+    one may still be served (its agent died, not its server) and be taken
+    over (attach --foreground).  For a stale one the disconnect is best
+    effort."""
     with locked(state_dir):
         att = find(state_dir, target)
         if att is None:
             raise AttachError(f"{target}: not attached (see nbdloop list)")
         state = state_of(att, sys_block)
         if device_connected(att.device, sys_block):
-            where, held = users(att.device) if state != "stale" else ([], [])
+            where, held = users(att.device)
             if where or held:
                 why = f"mounted on {where[0]}" if where else f"held by {', '.join(held)}"
                 raise AttachError(f"{att.device} is {why}: unmount it first")
