@@ -27,9 +27,9 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# nbdloop on PATH, man pages, bash completion, the systemd unit (PREFIX=/usr/local).
 install: setup
-	ln -sf $(VENV)/bin/nbdloop /usr/local/bin/nbdloop
-	@echo "nbdloop is $$(command -v nbdloop)"
+	@./scripts/install.sh
 
 # The quick preset: direct mode against qemu-nbd, 3 interleaved rounds.
 BENCH_ARGS ?= --quick --modes direct --peers qemu-nbd --rounds 3 --runtime 5 --footprint 0

@@ -8,7 +8,7 @@ APT_PACKAGES="nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd
   liburing-dev python3-dev python3-venv python3-pip python3-setuptools
   python3-cffi libffi-dev gcc make fio qemu-utils qemu-system-x86 nbd-client
   socat busybox-static cpio kmod e2fsprogs xfsprogs fuse3 util-linux shellcheck
-  procps psmisc linux-perf fdisk"
+  procps psmisc linux-perf fdisk man-db systemd"
 
 missing=""
 for p in $APT_PACKAGES; do
@@ -38,6 +38,6 @@ stamp=.venv/.nbdloop-built
 if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py cffi_build -newer "$stamp" 2>/dev/null)" ] \
         || ! ls nbdloop/engine/_uring*.so >/dev/null 2>&1; then
     .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation \
-        --config-settings editable_mode=compat -e '.[test,bench]'
+        --config-settings editable_mode=compat -e '.[test,bench,doc]'
     touch "$stamp"
 fi

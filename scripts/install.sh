@@ -1,0 +1,21 @@
+#!/bin/sh
+# make install: nbdloop on PATH, its man pages (made now from the click
+# definitions, so they cannot drift from --help), bash completion (click's
+# own) and the systemd unit nbdloop@.service.  Under PREFIX (/usr/local).
+set -eu
+cd "$(dirname "$0")/.."
+PREFIX=${PREFIX:-/usr/local}
+bindir=$PREFIX/bin
+mandir=$PREFIX/share/man/man1
+compdir=$PREFIX/share/bash-completion/completions
+unitdir=$PREFIX/lib/systemd/system
+mkdir -p "$bindir" "$mandir" "$compdir" "$unitdir"
+ln -sf "$PWD/.venv/bin/nbdloop" "$bindir/nbdloop"
+.venv/bin/python scripts/manpages.py "$mandir"
+_NBDLOOP_COMPLETE=bash_source .venv/bin/nbdloop > "$compdir/nbdloop"
+sed "s|@BINDIR@|$bindir|g" systemd/nbdloop@.service > "$unitdir/nbdloop@.service"
+if [ "$PREFIX" = /usr/local ] && [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+fi
+echo "installed: $bindir/nbdloop, $(ls "$mandir" | grep -c '^nbdloop') man pages in $mandir,"
+echo "  bash completion in $compdir/nbdloop, $unitdir/nbdloop@.service"
