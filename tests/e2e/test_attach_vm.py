@@ -125,9 +125,26 @@ def test_partitions(attach_run):
     check(attach_run, "partitions")
 
 
+def test_the_table_of_attachments(attach_run):
+    """attach --persist writes the image's line; attach --all attaches each
+    line not attached, with its options, and nothing twice; detach --all;
+    detach --forget removes the line and no other."""
+    check(attach_run, "table")
+
+
+def test_the_systemd_units_commands(attach_run):
+    """nbdloop@.service's ExecStart (attach --foreground --from-table) sends
+    READY=1 once the device is connected; with its agent killed (SIGKILL),
+    the device keeps working and list says why it is stale; ExecStart again
+    (Restart=on-failure) takes the device over under the mounted filesystem,
+    recorded as a recovery, with no I/O error; ExecStop (detach) refuses the
+    mounted device, then ends the agent with status 0."""
+    check(attach_run, "unit-commands")
+
+
 def test_every_scenario_passed(attach_run):
     assert attach_run.ok, attach_run.message
-    assert len(scenarios(attach_run.console)) == 10
+    assert len(scenarios(attach_run.console)) == 12
 
 
 @pytest.fixture(scope="module")

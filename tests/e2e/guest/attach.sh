@@ -265,6 +265,102 @@ partitions() {
     must nbdloop detach "$dev"
 }
 
+wait_for() {
+    # wait_for FILE TEXT WHAT: until FILE holds TEXT, for 60 s
+    n=0
+    until grep -q "$2" "$1" 2> /dev/null; do
+        n=$((n + 1))
+        [ "$n" -lt 300 ] || fail "no $3 within 60 s"
+        sleep 0.2
+    done
+}
+
+table_attachments() {
+    # The table (/etc/nbdloop/attachments, on the guest's overlay): attach
+    # --persist writes a line, attach --all attaches what is not attached,
+    # detach --all and detach --forget.
+    tab=/etc/nbdloop/attachments
+    t1=$NBDLOOP_DATA/t1.img t2=$NBDLOOP_DATA/t2.img
+    rm -f "$tab"
+    step table-persist
+    must nbdloop create "$t1" 64M
+    must nbdloop create "$t2" 32M
+    d1=$(nbdloop attach "$t1" --persist --mode buffered --connections 2) || fail "attach exited $?"
+    cat "$tab"
+    grep -qx "$t1 mode=buffered,connections=2" "$tab" || fail "attach --persist wrote: $(cat "$tab")"
+    must nbdloop detach "$d1"
+    printf '%s partscan,recover-timeout=30\n' "$t2" >> "$tab"
+    step table-all
+    nbdloop attach --all > /tmp/all.out || fail "attach --all exited $?"
+    cat /tmp/all.out
+    [ "$(wc -l < /tmp/all.out)" -eq 2 ] || fail "attach --all attached: $(cat /tmp/all.out)"
+    nbdloop list --json > /tmp/list.json
+    python3 "$LISTCHECK" /tmp/list.json "$(sed -n "s|^$t1 ||p" /tmp/all.out)" "$t1" buffered 2 \
+        attached > /dev/null || fail "t1 is not attached as its line says"
+    grep -q '"recover_timeout": 30' /tmp/list.json || fail "t2 lost its line's options"
+    nbdloop attach --all > /tmp/all.out || fail "a second attach --all exited $?"
+    [ ! -s /tmp/all.out ] || fail "a second attach --all attached again: $(cat /tmp/all.out)"
+    step table-detach-all
+    must nbdloop detach --all
+    [ -z "$(nbdloop list)" ] || fail "detach --all left: $(nbdloop list)"
+    step table-forget
+    d2=$(nbdloop attach "$t2") || fail "attach exited $?"
+    must nbdloop detach --forget "$d2"
+    grep -q "$t2" "$tab" && fail "detach --forget left the line: $(cat "$tab")"
+    grep -q "$t1" "$tab" || fail "detach --forget removed another line"
+    return 0
+}
+
+unit_commands() {
+    # What nbdloop@.service runs, without booting systemd: ExecStart (attach
+    # --foreground --from-table) under a notification socket; the agent
+    # killed, and ExecStart again, as Restart=on-failure does: it takes the
+    # device over under the mounted filesystem; ExecStop (detach) ends it.
+    t1=$NBDLOOP_DATA/t1.img
+    export NOTIFY_SOCKET=/tmp/notify.sock
+    rm -f /tmp/notify.sock /tmp/notify.out
+    socat -u UNIX-RECV:/tmp/notify.sock OPEN:/tmp/notify.out,creat,append &
+    listener=$!
+    trap 'kill "$listener" 2> /dev/null' EXIT
+    sleep 0.5
+    step unit-start
+    nbdloop attach --foreground --from-table "$t1" 2> /tmp/fg1.err &
+    fg=$!
+    wait_for /tmp/notify.out READY=1 "READY=1 from the agent"
+    cat /tmp/notify.out; echo
+    dev=$(sed -n 's/^nbdloop: .* attached to \(.*\)$/\1/p' /tmp/fg1.err)
+    [ -n "$dev" ] || fail "the agent did not say its device: $(cat /tmp/fg1.err)"
+    must mkfs.ext4 -q -F "$dev"
+    must mount "$dev" /mnt/a
+    must put_files /mnt/a
+    sums /mnt/a > /tmp/sums-unit || fail "sha256sum failed"
+    step unit-agent-killed
+    must kill -9 "$fg"
+    nbdloop list > /tmp/list.txt
+    grep -q "stale: its agent (pid $fg) has died" /tmp/list.txt || fail "list says: $(cat /tmp/list.txt)"
+    must dd if="$dev" of=/dev/null bs=4096 count=16 iflag=direct status=none
+    : > /tmp/notify.out
+    nbdloop attach --foreground --from-table "$t1" 2> /tmp/fg2.err &
+    fg=$!
+    wait_for /tmp/notify.out READY=1 "READY=1 from the agent that took over"
+    nbdloop list --json > /tmp/list.json
+    python3 "$LISTCHECK" /tmp/list.json "$dev" "$t1" buffered 2 attached > /dev/null ||
+        fail "after the takeover: $(cat /tmp/list.json)"
+    grep -q '"cause": "its agent (pid [0-9]*) had died"' /tmp/list.json ||
+        fail "the takeover is not recorded as a recovery: $(grep -A3 last_recovery /tmp/list.json)"
+    must dd if=/dev/urandom of=/mnt/a/after bs=1M count=1 conv=fsync status=none
+    verify /mnt/a /tmp/sums-unit || fail "files differ after the takeover"
+    step unit-stop
+    refused "mounted on /mnt/a" nbdloop detach "$t1"
+    must umount /mnt/a
+    must nbdloop detach "$t1"
+    wait "$fg" || fail "the foreground agent exited $? after detach"
+    cat /tmp/fg2.err
+    [ -z "$(nbdloop list)" ] || fail "a record was left: $(nbdloop list)"
+    kernel_clean=$(dmesg | grep -c "I/O error.*${dev#/dev/}")
+    [ "$kernel_clean" -eq 0 ] || fail "the kernel logged I/O errors on $dev"
+}
+
 scenario direct-ext4 roundtrip direct ext4 64M
 scenario buffered-ext4-2conns roundtrip buffered ext4 64M --connections 2
 scenario direct-xfs-4096 roundtrip direct xfs 512M --block-size 4096
@@ -275,4 +371,6 @@ scenario mounted-detach mounted_device
 scenario busy-device busy_device
 scenario slice slice_attach
 scenario partitions partitions
+scenario table table_attachments
+scenario unit-commands unit_commands
 [ "$FAILED" -eq 0 ] || fail "$FAILED scenario(s) failed"
