@@ -119,7 +119,7 @@ def test_a_slice_of_an_image(attach_run):
 
 
 def test_partitions(attach_run):
-    """A GPT made with sfdisk on the device, ext4 and xfs on its two
+    """A GPT made with sfdisk on the device, ext4 on each of its two
     partitions; detach of the mounted device refused; attach -P: both
     partitions there at once, listed by list and list --json, and verified."""
     check(attach_run, "partitions")
