@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, require_root
 from nbdloop.kernel import table
 
 
@@ -73,6 +73,22 @@ def test_put_and_remove_keep_the_other_lines(tmp_path):
     spaced = tmp_path / "my disk.img"
     table.put(path, str(spaced), [])
     assert table.find(table.read(path), str(spaced)).image == str(spaced)
+
+
+def test_a_table_that_cannot_be_written_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(table.TableError, match=f"^{blocker}/attachments: Not a directory$"):
+        table.put(blocker / "attachments", "/a.img", [])
+    require_root()
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "none", str(readonly)], check=True)
+    try:
+        with pytest.raises(table.TableError, match="attachments: cannot write it: Read-only"):
+            table.put(readonly / "attachments", "/a.img", [])
+    finally:
+        subprocess.run(["umount", str(readonly)], check=True)
 
 
 def test_attach_all_says_which_line_is_wrong(tmp_path):

@@ -100,31 +100,39 @@ def attach(ctx, image, all_, persist, from_table, foreground, **options):
     if foreground:
         sys.exit(attach_image(image, foreground=True, **options))
     att = attach_image(image, **options)
+    click.echo(att.device)
     if persist:
         table.put(table_path, image, _table_options(ctx, options))
-    click.echo(att.device)
 
 
 def attach_all(ctx: click.Context, table_path: Path) -> int:
-    """attach --all: every entry not attached yet; one line for each that
-    fails.  Exit status: 0, or the worst of the failures'."""
+    """attach --all: every entry not attached yet."""
     attached = {a.image for a in attach_mod.load(paths.state_dir())}
+
+    def attach_entry(entry: table.Entry) -> None:
+        sub = _entry_context(ctx, entry, table_path)
+        params = {k: v for k, v in sub.params.items() if k not in _NOT_IN_TABLE}
+        click.echo(f"{entry.image} {attach_image(entry.image, **params).device}")
+
+    return each([e for e in table.read(table_path)
+                 if os.path.realpath(e.image) not in attached],
+                lambda e: e.image, attach_entry)
+
+
+def each(items: list, name, action) -> int:
+    """``action(item)`` for every item; a failure is one line on stderr
+    naming the item (``name(item)``), and the next one goes on.  Returns 0,
+    or the worst exit status of the failures."""
     status = 0
-    for entry in table.read(table_path):
-        if os.path.realpath(entry.image) in attached:
-            continue
+    for item in items:
         try:
-            sub = _entry_context(ctx, entry, table_path)
-            params = {k: v for k, v in sub.params.items() if k not in _NOT_IN_TABLE}
-            att = attach_image(entry.image, **params)
+            action(item)
         except Exception as e:
             known = one_line_error(e)
             if known is None:
                 raise
-            click.echo(f"nbdloop: {entry.image}: {known[1]}", err=True)
+            click.echo(f"nbdloop: {name(item)}: {known[1]}", err=True)
             status = max(status, known[0])
-            continue
-        click.echo(f"{entry.image} {att.device}")
     return status
 
 
@@ -227,22 +235,11 @@ def detach(target, all_, forget):
 
 
 def detach_all(table_path: Path) -> int:
+    """detach --all: every attached image that the table names."""
     wanted = {os.path.realpath(e.image) for e in table.read(table_path)}
-    status = 0
-    for att in attach_mod.load(paths.state_dir()):
-        if att.image not in wanted:
-            continue
-        try:
-            att, state = attach_mod.detach(paths.state_dir(), att.device)
-        except Exception as e:
-            known = one_line_error(e)
-            if known is None:
-                raise
-            click.echo(f"nbdloop: {att.image}: {known[1]}", err=True)
-            status = max(status, known[0])
-            continue
-        _report_detach(att, state)
-    return status
+    return each([a for a in attach_mod.load(paths.state_dir()) if a.image in wanted],
+                lambda a: a.image,
+                lambda a: _report_detach(*attach_mod.detach(paths.state_dir(), a.device)))
 
 
 def _report_detach(att, state: str) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 class TableError(Exception):
-    """A line of the table that cannot be read; one line, naming it."""
+    """A table that cannot be read (naming the line) or written; one line."""
 
     exit_status = 2
 
@@ -111,8 +111,11 @@ def _rewrite(path: Path, image: str, new: str | None) -> bool:
         lines.append(new)
     else:
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.rename(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.rename(path)
+    except OSError as e:
+        raise TableError(f"{path}: cannot write it: {e.strerror}") from None
     return True
