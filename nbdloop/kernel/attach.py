@@ -186,10 +186,20 @@ def read_partitions(device: str) -> None:
     try:
         fcntl.ioctl(fd, BLKRRPART)
     except OSError as e:
+        hint = ""
+        if _nbd_max_part() == 0:
+            hint = " (the nbd driver was loaded with max_part=0: reload it with max_part=16)"
         raise AttachFailed(f"{device}: the kernel did not read its partition table: "
-                           f"{e.strerror}") from None
+                           f"{e.strerror}{hint}") from None
     finally:
         os.close(fd)
+
+
+def _nbd_max_part() -> int | None:
+    try:
+        return int(Path("/sys/module/nbd/parameters/max_part").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def partitions(device: str, sys_block: Path = SYS_BLOCK) -> list[str]:
