@@ -56,6 +56,28 @@ def one_line_error(e: BaseException) -> tuple[int, str] | None:
     return None
 
 
+def warn_if_unsettled(image: str, mode: str, start: int, end: int) -> None:
+    """In direct mode, one line on stderr when ``[start, end)`` of the image
+    has holes or unwritten extents: an acknowledged write there is on the
+    disk, but the filesystem's record of it is not until a flush."""
+    if mode != "direct":
+        return
+    from nbdloop import extents
+    from nbdloop.sizes import format_size
+    try:
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return          # whoever opens it next says why
+    try:
+        n = extents.unsettled(fd, start, end)
+    finally:
+        os.close(fd)
+    if n:
+        click.echo(f"nbdloop: warning: {image}: {format_size(n)} of it is holes or unwritten "
+                   "extents, where a write in direct mode is durable only after a flush "
+                   "(nbdloop create --preallocate writes an image fully)", err=True)
+
+
 # ---- parameter types ----------------------------------------------------------
 
 class SizeType(click.ParamType):

@@ -16,7 +16,13 @@ from nbdloop.sizes import format_size
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.argument("size", type=SIZE)
 @click.option("--force", is_flag=True, help="Overwrite IMAGE if it exists.")
-def create(image: str, size: int, force: bool) -> None:
+@click.option("--preallocate", is_flag=True,
+              help="Write the whole image (zeros) instead of leaving it sparse, so that in "
+                   "direct mode every write lands where the filesystem already records "
+                   "data, and is durable once acknowledged.  fallocate is not enough: it "
+                   "leaves unwritten extents, whose conversion on the first write is "
+                   "metadata that only a flush makes durable.")
+def create(image: str, size: int, force: bool, preallocate: bool) -> None:
     """Make a sparse IMAGE of SIZE bytes: 512M (or 512MiB) is 512 x 1024^2,
     500MB is 500 x 1000^2, as in losetup and fallocate."""
     if size <= 0:
@@ -40,6 +46,8 @@ def create(image: str, size: int, force: bool) -> None:
                 raise UsageError(f"{image}: in use by a running server; not overwriting") from None
             os.ftruncate(fd, 0)
         os.ftruncate(fd, size)
+        if preallocate:
+            _write_zeros(fd, size)
     except OSError as e:
         os.close(fd)
         if not force:
@@ -49,4 +57,13 @@ def create(image: str, size: int, force: bool) -> None:
                              "filesystem (file too large)") from None
         raise Failure(f"{image}: {e.strerror}") from None
     os.close(fd)
-    click.echo(f"created {image}: {format_size(size)} ({size} bytes), sparse")
+    how = "fully written" if preallocate else "sparse"
+    click.echo(f"created {image}: {format_size(size)} ({size} bytes), {how}")
+
+
+def _write_zeros(fd: int, size: int, chunk: int = 8 << 20) -> None:
+    zeros = bytes(chunk)
+    offset = 0
+    while offset < size:
+        offset += os.pwrite(fd, memoryview(zeros)[:min(chunk, size - offset)], offset)
+    os.fdatasync(fd)

@@ -12,7 +12,7 @@ from click.core import ParameterSource
 
 from nbdloop import paths
 from nbdloop.cli.common import (SIZE, UsageError, block_size_option, connections_option,
-                                mode_option, one_line_error)
+                                mode_option, one_line_error, warn_if_unsettled)
 from nbdloop.engine import backing
 from nbdloop.kernel import attach as attach_mod
 from nbdloop.kernel import table
@@ -197,12 +197,20 @@ def attach_image(image, *, mode, device, connections, block_size, readonly, part
               block_size=block_size, serve_options=serve_options, timeout=timeout,
               recover_timeout=recover_timeout, offset=part.offset if part else 0,
               sizelimit=part.length if sizelimit else 0, partscan=partscan)
+    start = part.offset if part else 0
+
+    def warn() -> None:     # once attached: a failure is one line alone
+        if not geometry.block_device and not readonly:
+            warn_if_unsettled(image, mode, start, start + size)
+
     if foreground:
-        return attach_mod.attach_foreground(
-            paths.state_dir(), image,
-            on_ready=lambda att: click.echo(f"nbdloop: {image} attached to {att.device}",
-                                            err=True), **kw)
-    return attach_mod.attach(paths.state_dir(), image, **kw)
+        def ready(att) -> None:
+            click.echo(f"nbdloop: {image} attached to {att.device}", err=True)
+            warn()
+        return attach_mod.attach_foreground(paths.state_dir(), image, on_ready=ready, **kw)
+    att = attach_mod.attach(paths.state_dir(), image, **kw)
+    warn()
+    return att
 
 
 @click.command()

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from nbdloop import paths
-from nbdloop.cli.common import SIZE, mode_option, parse_cpus
+from nbdloop.cli.common import SIZE, mode_option, parse_cpus, warn_if_unsettled
 from nbdloop.engine import backing
 from nbdloop.serve.cmdline import (default_socket, image_key, nbdkit_argv, plugin_env,
                                    require_free_port, require_free_socket,
@@ -135,6 +135,9 @@ def serve(image, mode, readonly, threads, segment_size, export_name, offset, siz
 
     where = (f"unix:{sock}" if sock else f"nbd://{bind}:{port}") + (" with TLS" if tls_psk
                                                                      else "")
+    if not geometry.block_device and not readonly:
+        warn_if_unsettled(image, mode, part.offset if part else 0,
+                          part.offset + part.length if part else geometry.size)
     what = (f"{format_size(part.length)} at offset {part.offset} of "
             f"{format_size(geometry.size)}" if part else format_size(geometry.size))
     click.echo(f"nbdloop: serving {image} ({what}, {mode}, "
