@@ -93,13 +93,15 @@ def test_a_table_that_cannot_be_written_is_one_line(tmp_path):
 
 def test_attach_all_says_which_line_is_wrong(tmp_path):
     (tmp_path / "attachments").write_text(f"{tmp_path}/a.img mode=sideways\n"
-                                          f"{tmp_path}/b.img colour=blue\n")
+                                          f"{tmp_path}/b.img colour=blue\n"
+                                          f"{tmp_path}/c.img from-table\n")
     p = nbdloop(tmp_path, "attach", "--all")
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 2, p.stderr
+    assert len(lines) == 3, p.stderr
     assert f"{tmp_path}/a.img: " in lines[0] and ":1: " in lines[0] and "sideways" in lines[0]
     assert f"{tmp_path}/b.img: " in lines[1] and ":2: " in lines[1] and "--colour" in lines[1]
+    assert ":3: from-table is attach's own option" in lines[2]
     assert "Traceback" not in p.stderr
 
 

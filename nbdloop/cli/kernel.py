@@ -139,9 +139,15 @@ def each(items: list, name, action) -> int:
 def _entry_context(ctx: click.Context, entry: table.Entry, table_path: Path) -> click.Context:
     """A table line parsed by attach's own options."""
     try:
-        return attach.make_context("attach", entry.args(), parent=ctx.parent)
+        sub = attach.make_context("attach", entry.args(), parent=ctx.parent)
     except click.ClickException as e:
         raise table.TableError(f"{table_path}:{entry.line}: {e.format_message()}") from None
+    wrong = [k for k in _NOT_IN_TABLE - {"image"} if sub.params.get(k)]
+    if wrong:
+        name = wrong[0].rstrip("_").replace("_", "-")
+        raise table.TableError(f"{table_path}:{entry.line}: {name} is attach's own option, "
+                               "not one for a line of the table")
+    return sub
 
 
 def _given(ctx: click.Context, options: dict) -> bool:
