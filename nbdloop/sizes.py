@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import re
 
+#: A sector: what every image's and every device's size is a multiple of.
+SECTOR = 512
+
 _POWERS = "KMGTPE"
 _UNITS = {u: 1 << (10 * (i + 1)) for i, u in enumerate(_POWERS)}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([KMGTPE])(IB|B)?|B)?\s*$", re.IGNORECASE)

@@ -8,8 +8,7 @@ import os
 import click
 
 from nbdloop.cli.common import SIZE, Failure, UsageError
-from nbdloop.engine.backing import SECTOR
-from nbdloop.sizes import format_size
+from nbdloop.sizes import SECTOR, format_size
 
 
 @click.command()

@@ -177,17 +177,15 @@ def attach_image(image, *, mode, device, connections, block_size, readonly, part
     """Check IMAGE and the options, then attach (or, foreground, be the agent
     until detach: returns its exit status)."""
     geometry = image_geometry(image, mode, readonly)
-    part = (require_slice(geometry.size, geometry.align, mode, offset, sizelimit)
-            if offset or sizelimit else None)
+    part = require_slice(geometry.size, geometry.align, mode, offset, sizelimit)
     try:
         if block_size is None:
             block_size = attach_mod.default_block_size(geometry.align)
     except attach_mod.AttachError as e:
         raise UsageError(f"{image}: {e}") from None
-    size = part.length if part else geometry.size
-    if size % block_size:
-        raise UsageError(f"{image}: the device's size, {size}, is not a multiple of its "
-                         f"block size, {block_size} (give another --block-size)")
+    if part.length % block_size:
+        raise UsageError(f"{image}: the device's size, {part.length}, is not a multiple of "
+                         f"its block size, {block_size} (give another --block-size)")
     if device is not None:
         try:
             attach_mod.check_device_name(device)
@@ -198,16 +196,16 @@ def attach_image(image, *, mode, device, connections, block_size, readonly, part
         raise attach_mod.AttachFailed(problem)
     serve_options = (["--mlock"] if mlock else []) + \
         (["--stats-file", os.path.abspath(stats_file)] if stats_file else []) + \
-        (["--offset", str(part.offset), "--sizelimit", str(part.length)] if part else [])
+        (["--offset", str(part.offset), "--sizelimit", str(part.length)] if part.filtered
+         else [])
     kw = dict(device=device, mode=mode, readonly=readonly, connections=connections,
               block_size=block_size, serve_options=serve_options, timeout=timeout,
-              recover_timeout=recover_timeout, offset=part.offset if part else 0,
+              recover_timeout=recover_timeout, offset=part.offset,
               sizelimit=part.length if sizelimit else 0, partscan=partscan)
-    start = part.offset if part else 0
 
     def warn() -> None:     # once attached: a failure is one line alone
         if not geometry.block_device and not readonly:
-            warn_if_unsettled(image, mode, start, start + size)
+            warn_if_unsettled(image, mode, part.offset, part.end)
 
     if foreground:
         def ready(att) -> None:

@@ -98,8 +98,7 @@ def serve(image, mode, readonly, threads, segment_size, export_name, offset, siz
         require_free_port(bind, port)
     fd, geometry = backing.open_image(image, mode=mode, readonly=readonly)
     try:
-        part = (require_slice(geometry.size, geometry.align, mode, offset, sizelimit)
-                if offset or sizelimit else None)
+        part = require_slice(geometry.size, geometry.align, mode, offset, sizelimit)
     except BaseException:
         os.close(fd)
         raise
@@ -135,11 +134,12 @@ def serve(image, mode, readonly, threads, segment_size, export_name, offset, siz
 
     where = (f"unix:{sock}" if sock else f"nbd://{bind}:{port}") + (" with TLS" if tls_psk
                                                                      else "")
-    if not geometry.block_device and not readonly:
-        warn_if_unsettled(image, mode, part.offset if part else 0,
-                          part.offset + part.length if part else geometry.size)
+    # Under an agent, attach has said it once already: not again at every
+    # server start, a recovery's included.
+    if not geometry.block_device and not readonly and not agent:
+        warn_if_unsettled(image, mode, part.offset, part.end)
     what = (f"{format_size(part.length)} at offset {part.offset} of "
-            f"{format_size(geometry.size)}" if part else format_size(geometry.size))
+            f"{format_size(geometry.size)}" if part.filtered else format_size(geometry.size))
     click.echo(f"nbdloop: serving {image} ({what}, {mode}, "
                f"alignment {geometry.align}) on {where}", err=True)
     os.umask(0o077)  # the socket is 0600

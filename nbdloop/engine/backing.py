@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from nbdloop.engine import plan
 from nbdloop.engine import uring
 from nbdloop.engine.plan import Segment
+from nbdloop.sizes import SECTOR
 
 DEFAULT_SEG_SIZE = 128 * 1024
 DEFAULT_ENTRIES = 8
 MAX_REQUEST = 32 * 1024 * 1024
 FALLBACK_ALIGN = 4096
-SECTOR = 512
 
 # <linux/falloc.h>
 FALLOC_FL_KEEP_SIZE = 0x01

@@ -14,9 +14,7 @@ import stat
 from pathlib import Path
 
 from nbdloop import paths
-from nbdloop.sizes import format_size
-
-SECTOR = 512
+from nbdloop.sizes import SECTOR, format_size
 
 
 class ServeError(Exception):
@@ -73,18 +71,28 @@ def require_free_port(bind: str, port: int) -> None:
 @dataclasses.dataclass(frozen=True)
 class Slice:
     """The byte range of an image that is served (losetup's --offset and
-    --sizelimit), as nbdkit's offset filter takes it."""
+    --sizelimit), as nbdkit's offset filter takes it.  ``filtered``: the
+    options were given, so the filter serves it; else it is the whole
+    image, served as it is."""
 
     offset: int
     length: int
+    filtered: bool = True
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
 
 
 def require_slice(size: int, align: int, mode: str, offset: int, sizelimit: int) -> Slice:
     """The slice of an image of ``size`` bytes that ``--offset`` and
     ``--sizelimit`` name (0: to the end; past the end: to the end, as
-    losetup does).  Its length must be whole sectors (a device's size is).
-    In direct mode it must start and end on the direct-I/O alignment: a
-    read-modify-write of an edge block would rewrite bytes outside it."""
+    losetup does); neither: the whole image.  Its length must be whole
+    sectors (a device's size is).  In direct mode it must start and end on
+    the direct-I/O alignment: a read-modify-write of an edge block would
+    rewrite bytes outside it."""
+    if not offset and not sizelimit:
+        return Slice(0, size, filtered=False)
     if offset >= size:
         raise ServeError(f"--offset {offset} is not inside the image ({format_size(size)}, "
                          f"{size} bytes)")
@@ -126,7 +134,10 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
     """The nbdkit command line that serves ``image`` with our plugin.
     ``exit_with_parent``: nbdkit gets SIGTERM when the supervisor dies;
     off under a device's agent, which kills it instead (see supervise).
-    ``slice_``: serve only that range, through nbdkit's offset filter."""
+    ``slice_``: serve only that range, through nbdkit's offset filter
+    (unless it is the whole image, not filtered)."""
+    if slice_ is not None and not slice_.filtered:
+        slice_ = None
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise ServeError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
