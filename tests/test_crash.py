@@ -4,11 +4,10 @@ A libnbd client keeps many writes in flight (plain, FUA, and flushes among
 them) while the nbdkit process is SIGKILLed at a random moment.  A new server
 starts on the same image and every acknowledged write must read back intact.
 
-Every 512-byte sector a write covers carries its own identity:
-``MAGIC | offset | generation`` followed by filler derived from that header by
-BLAKE2b, so a sector that is torn, misplaced, stale or foreign is told apart
-from the one expected.  The generation is one number per write, rising for
-the whole test.
+Every 512-byte sector a write covers carries its own identity
+(tests/sectors.py), so a sector that is torn, misplaced, stale or foreign is
+told apart from the one expected.  The generation is one number per write,
+rising for the whole test.
 
 What is expected of each sector, precisely: writes in flight never overlap (a
 sector is not written again before its previous write has completed), so a
@@ -23,11 +22,9 @@ versions; then the version found becomes the new baseline.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import signal
-import struct
 import threading
 import time
 from array import array
@@ -35,27 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from sectors import HEADER, SECTOR, ZERO_SECTOR, identify, pattern, sector_bytes
 
 from nbdloop.serve.children import ServerError
 
-SECTOR = 512
 MiB = 1 << 20
-MAGIC = b"NBDLCRSH"
-HEADER = struct.Struct("<8sQQ")           # magic, byte offset, generation
-ZERO_SECTOR = bytes(SECTOR)
 QUEUE_DEPTH = 64
 ROUNDS = int(os.environ.get("NBDLOOP_CRASH_ROUNDS", "24"))
-
-
-def sector_bytes(offset: int, gen: int) -> bytes:
-    """The content that generation ``gen`` writes into the sector at ``offset``."""
-    header = HEADER.pack(MAGIC, offset, gen)
-    filler = hashlib.blake2b(header, digest_size=64).digest() * 8
-    return header + filler[:SECTOR - HEADER.size]
-
-
-def pattern(offset: int, sectors: int, gen: int) -> bytearray:
-    return bytearray(b"".join(sector_bytes(offset + i * SECTOR, gen) for i in range(sectors)))
 
 
 @dataclass
@@ -93,17 +76,14 @@ class Problem:
 def check_sector(data: bytes, offset: int, acked: int, unacked: int) -> str | None:
     """None if ``data`` is a version this sector may hold, else what is wrong."""
     allowed = {acked} | ({unacked} if unacked else set())
-    if data == ZERO_SECTOR:
-        return None if 0 in allowed else f"zeroes, expected generation {acked}"
-    magic, where, gen = HEADER.unpack_from(data)
-    if magic != MAGIC:
-        return f"foreign data, expected generation {max(allowed)}"
-    if where != offset:
-        return f"misplaced: holds the sector written at {where}"
-    if data != sector_bytes(where, gen):
-        return f"torn: header says generation {gen} but the content differs"
-    if gen not in allowed:
-        return f"generation {gen}, expected {' or '.join(map(str, sorted(allowed)))}"
+    found = identify(data, offset)
+    if isinstance(found, str):
+        return f"{found}, expected generation {max(allowed)}" if found == "foreign data" \
+            else found
+    if found == 0 and 0 not in allowed:
+        return f"zeroes, expected generation {acked}"
+    if found not in allowed:
+        return f"generation {found}, expected {' or '.join(map(str, sorted(allowed)))}"
     return None
 
 
