@@ -35,8 +35,8 @@ MODULE_ROOTS = ("virtio_pci", "virtio_net", "nbd", "crc32c_generic", "ext4", "xf
 #: dependencies: its disks (virtio_blk), the host's root over 9p (9pnet_virtio,
 #: the transport, is no dependency of 9p and so is named), overlayfs on top,
 #: nbd, and ext4 and xfs for the data disk and the NBD devices.
-PRODUCT_MODULE_ROOTS = ("virtio_pci", "virtio_blk", "nbd", "9pnet_virtio", "9p", "overlay",
-                        "crc32c_generic", "ext4", "xfs")
+PRODUCT_MODULE_ROOTS = ("virtio_pci", "virtio_blk", "virtio_console", "nbd", "9pnet_virtio",
+                        "9p", "overlay", "crc32c_generic", "ext4", "xfs")
 #: Module parameters of the product VM, given to insmod after the module's path.
 PRODUCT_MODULE_PARAMS = {"nbd": ("nbds_max=16", "max_part=8")}
 #: Host packages whose files go into the product initramfs.

@@ -48,12 +48,13 @@ from nbdloop.vm.initramfs import (
     CpioWriter,
     build_product_initramfs,
 )
-from nbdloop.vm.runner import GuestResult, _run_qemu, argv_lines, qemu_argv
+from nbdloop.vm.runner import GuestResult, PowerCut, _run_qemu, argv_lines, qemu_argv
 from nbdloop.vm.tools import VmError, require_tool, run
 
 __all__ = [
     "GUEST_DATA_DIR",
     "GUEST_REASON_FILE",
+    "GUEST_REPORT_PORT",
     "PRODUCT_INIT_SCRIPT",
     "SHADOWED_PATHS",
     "ProductAssets",
@@ -71,6 +72,11 @@ PRODUCT_INIT_SCRIPT = GUEST_SCRIPTS / "product-init.sh"
 GUEST_DATA_DIR = "/data"
 #: The file for the script's one-line failure reason; ``$NBDLOOP_REASON``.
 GUEST_REASON_FILE = "/run/nbdloop-vm/reason"
+#: The name of the virtio-serial port that :func:`run_product` writes to
+#: its ``report`` file: what the guest says there is on the host as it
+#: says it, so it outlives a power cut.  The guest finds the port by name
+#: in /sys/class/virtio-ports (tests/e2e/guest/product-lib.sh, report_port).
+GUEST_REPORT_PORT = "nbdloop.report"
 #: Where stage 1 puts stage 2's files in the overlay (its tmpfs).
 GUEST_RUN_DIR = "/.nbdloop"
 #: Host paths the guest mounts something else over: not visible in the guest.
@@ -288,6 +294,8 @@ def run_product(
     share: Sequence[str | Path] = (),
     assets: ProductAssets | None = None,
     echo: Callable[[bytes], None] | None = None,
+    report: Path | None = None,
+    power_cut: PowerCut | None = None,
 ) -> GuestResult:
     """Boot the product VM and run ``sh script args...`` in it; return its verdict.
 
@@ -307,6 +315,11 @@ def run_product(
     newline (they travel one a line). ``share`` names more host directories
     under /tmp or /run for the guest to see (read-only) at their own paths.
     ``echo`` gets the console as it comes.
+
+    ``report`` is a host file that gets what the guest writes to its
+    virtio-serial port :data:`GUEST_REPORT_PORT`, as it writes it (the file
+    is truncated first).  ``power_cut`` kills the VM at a moment it names;
+    the verdict then says so and ``cut_after`` is set.
     """
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
@@ -344,4 +357,12 @@ def run_product(
             "-initrd", initrd,
             "-append", KERNEL_CMDLINE,
         ]
-        return _run_qemu(cmd, timeout, echo)
+        if report is not None:
+            Path(report).write_bytes(b"")
+            report_link = os.path.join(tmp, "report")
+            os.symlink(os.path.abspath(report), report_link)
+            cmd += ["-device", "virtio-serial-pci,id=serial0",
+                    "-chardev", f"file,id=report,path={report_link}",
+                    "-device", ("virtserialport,bus=serial0.0,chardev=report,"
+                                f"name={GUEST_REPORT_PORT}")]
+        return _run_qemu(cmd, timeout, echo, power_cut)

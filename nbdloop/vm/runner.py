@@ -75,6 +75,17 @@ def argv_lines(argv: Sequence[str]) -> bytes:
 
 
 @dataclasses.dataclass(frozen=True)
+class PowerCut:
+    """Kill qemu with SIGKILL ``delay`` seconds after the guest prints the
+    line ``marker``: for the guest, a power cut.  Its page cache and the
+    writes its disk had not completed are gone; what the disk completed is
+    in the image (qemu writes it with O_DIRECT, on a host that stays up)."""
+
+    marker: str
+    delay: float
+
+
+@dataclasses.dataclass(frozen=True)
 class GuestResult:
     """What happened in one guest run."""
 
@@ -90,6 +101,8 @@ class GuestResult:
     timed_out: bool = False
     #: What the per-connection socat processes logged (errors only).
     socat_log: str = ""
+    #: Seconds from the guest's :class:`PowerCut` marker to the kill, if it came.
+    cut_after: float | None = None
 
     def tail(self, lines: int = 30) -> str:
         """Return the last ``lines`` lines of the console."""
@@ -208,9 +221,11 @@ def qemu_argv(qemu: str, *, cpus: int, memory_mb: int) -> list[str]:
 
 
 def _run_qemu(cmd: list[str], timeout: float,
-              echo: Callable[[bytes], None] | None = None) -> GuestResult:
+              echo: Callable[[bytes], None] | None = None,
+              power_cut: PowerCut | None = None) -> GuestResult:
     """Run qemu until it exits or ``timeout`` passes, collecting the console
-    (and handing each piece to ``echo`` as it comes, for a person watching)."""
+    (and handing each piece to ``echo`` as it comes, for a person watching);
+    with ``power_cut``, kill it when that says."""
     start = time.monotonic()
     proc = subprocess.Popen(
         cmd,
@@ -220,13 +235,30 @@ def _run_qemu(cmd: list[str], timeout: float,
         start_new_session=True,  # one process group: qemu and its socats
     )
     chunks: list[bytes] = []
+    armed: list[float] = []
+    cut: list[float] = []
+    marker = f"{power_cut.marker}\n".encode() if power_cut else None
+
+    def kill_now() -> None:
+        if proc.poll() is None:
+            cut.append(time.monotonic() - armed[0])
+            _kill(proc)
 
     def read_console() -> None:
         assert proc.stdout is not None
+        seen = b""
         while chunk := proc.stdout.read1(65536):
             chunks.append(chunk)
             if echo is not None:
                 echo(chunk)
+            if marker and not armed:
+                # The marker may straddle two reads, and the console ends lines with \r\n.
+                seen = (seen + chunk.replace(b"\r", b""))[-2 * len(marker):]
+                if marker in seen:
+                    armed.append(time.monotonic())
+                    timer = threading.Timer(power_cut.delay, kill_now)
+                    timer.daemon = True
+                    timer.start()
 
     reader = threading.Thread(target=read_console, daemon=True)
     reader.start()
@@ -237,18 +269,16 @@ def _run_qemu(cmd: list[str], timeout: float,
         timed_out = True
     finally:
         if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+            _kill(proc)
         reader.join(timeout=10)
         if proc.stdout is not None:
             proc.stdout.close()
     elapsed = time.monotonic() - start
     console = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n").replace("\r", "")
     verdicts = re.findall(rf"{VERDICT_MARKER} (.*)", console)
-    if timed_out:
+    if cut:
+        verdict = f"POWER CUT {cut[0]:.2f} s after {power_cut.marker}"
+    elif timed_out:
         verdict = f"FAIL timed out after {timeout:g} s"
     elif verdicts:
         verdict = verdicts[-1].strip()
@@ -259,5 +289,14 @@ def _run_qemu(cmd: list[str], timeout: float,
         verdict=verdict,
         console=console,
         elapsed=elapsed,
-        timed_out=timed_out,
+        timed_out=timed_out and not cut,
+        cut_after=cut[0] if cut else None,
     )
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
