@@ -362,8 +362,9 @@ def results_json(campaign: Campaign) -> dict:
             "runs": [asdict(r) for r in campaign.results]}
 
 
-def have(tool: str) -> bool:
-    return shutil.which(tool) is not None
+def have(tool: str, path: str | None = None) -> bool:
+    """Whether ``tool`` is on ``path`` (default: $PATH)."""
+    return shutil.which(tool, path=path) is not None
 
 
 # ---- availability -------------------------------------------------------------------
