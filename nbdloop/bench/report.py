@@ -1,12 +1,14 @@
 """The benchmark's report: results.json, results.md (tables of medians,
-ratios, latency and CPU) and the charts."""
+ratios, latency and CPU; the durability table) and the charts."""
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
 from pathlib import Path
 
+from nbdloop.bench.durability import Durability, PhaseResult
 from nbdloop.bench.run import Campaign, Footprint, Workload, medians, ratios, results_json
+from nbdloop.sizes import format_size
 
 
 def unit(w: Workload) -> str:
@@ -74,11 +76,16 @@ def markdown(campaign: Campaign, footprints: list[Footprint], skipped: dict[str,
     return "\n".join(lines) + "\n"
 
 
-def charts(campaign: Campaign, footprints: list[Footprint], out: Path) -> list[Path]:
-    """throughput.png (one panel per workload) and footprint.png."""
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def charts(campaign: Campaign, footprints: list[Footprint], out: Path) -> list[Path]:
+    """throughput.png (one panel per workload) and footprint.png."""
+    plt = _pyplot()
 
     names = [s.name for s in campaign.subjects]
     paths = []
@@ -130,21 +137,148 @@ def charts(campaign: Campaign, footprints: list[Footprint], out: Path) -> list[P
     return paths
 
 
-def write_reports(campaign: Campaign, footprints: list[Footprint], skipped: dict[str, str],
-                  out: Path, meta: dict) -> list[Path]:
+# ---- durability ---------------------------------------------------------------------
+
+SUBJECT_LABELS = {"control-pwrite": "control: pwrite", "control-odirect": "control: O_DIRECT pwrite"}
+PHASE_LABELS = {"fua": "FUA", "flush": "then FLUSH"}
+
+
+def _phase_label(p: PhaseResult) -> str:
+    label = PHASE_LABELS.get(p.phase, p.phase.upper())
+    return f"{label}, QD{p.depth}" if p.phase in PHASE_LABELS else label
+
+
+def _bytes(n: int | None) -> str:
+    return "-" if n is None else ("0" if n == 0 else format_size(n))
+
+
+def _landed(p: PhaseResult) -> str:
+    """When the phase's writes were found on the device, after their
+    acknowledgement."""
+    if not p.observed:
+        return "-"
+    if not p.missing_at_ack:
+        return "at ack"
+    if p.landed_after is None:
+        return "none"
+    lo, hi = p.landed_after
+    span = f"{lo:.1f} s" if f"{lo:.1f}" == f"{hi:.1f}" else f"{lo:.1f}-{hi:.1f} s"
+    return span + (" (not all)" if p.missing_at_end else "")
+
+
+def durability_markdown(d: Durability) -> str:
+    if d.error:
+        return f"Durability: the measurement failed: {d.error}\n"
+    counts = d.phases[0].sizes if d.phases else {}
+    mix = ", ".join(f"{n} of {format_size(int(size))}" for size, n in counts.items())
+    flusher = ""
+    if d.dirty_expire_centisecs is not None:
+        flusher = (f"  The kernel writes back a dirty page after "
+                   f"{d.dirty_expire_centisecs / 100:g} s (dirty_expire_centisecs), "
+                   f"looking every {(d.dirty_writeback_centisecs or 0) / 100:g} s "
+                   "(dirty_writeback_centisecs).")
+    intro = (f"Durability: bytes of acknowledged writes not yet on the block device under "
+             f"the image ({d.filesystem} on {d.device}, a loop device with direct I/O, read "
+             "with O_DIRECT at the image's FIEMAP offsets), each write probed at its "
+             f"acknowledgement; the QD1 and QD32 writes then every {d.interval:g} s until "
+             f"the last landed, for at most {d.window:g} s.  {d.writes_per_phase} writes a "
+             f"phase ({mix}), each at its own offset.{flusher}")
+    head = ("| subject | phase | writes | bytes | not on the device at ack | on the device "
+            f"after ack | not there after {d.window:g} s | before FLUSH | after FLUSH |")
+    lines = [intro, "", head, "|---|---|---|---|---|---|---|---|---|"]
+    for p in d.phases:
+        at_ack = _bytes(p.missing_at_ack)
+        if p.missing_at_ack:
+            at_ack += f" ({p.writes_missing_at_ack} writes)"
+        lines.append(f"| {SUBJECT_LABELS.get(p.subject, p.subject)} | {_phase_label(p)} | "
+                     f"{p.writes} | {format_size(p.bytes)} | {at_ack} | {_landed(p)} | "
+                     f"{_bytes(p.missing_at_end)} | {_bytes(p.missing_before_flush)} | "
+                     f"{_bytes(p.missing_after_flush)} |")
+    late = [p for p in d.phases if p.missing_at_end]
+    if late:
+        lines += ["", f"Not on the device when the {d.window:g} s window ended: " + "; ".join(
+            f"{SUBJECT_LABELS.get(p.subject, p.subject)} {_phase_label(p)}: "
+            f"{_bytes(p.missing_at_end)} of {p.writes_missing_at_end} writes" for p in late)
+            + "."]
+    return "\n".join(lines) + "\n"
+
+
+def durability_chart(d: Durability, out: Path) -> Path:
+    """durability.png: bytes at risk against seconds since acknowledgement,
+    one panel per mode (and one for the control)."""
+    plt = _pyplot()
+    groups: dict[str, list[PhaseResult]] = {}
+    for p in d.phases:
+        if p.observed:
+            group = "control (no server)" if p.subject.startswith("control") else p.subject
+            groups.setdefault(group, []).append(p)
+    cols = max(1, len(groups))
+    fig, axes = plt.subplots(1, cols, figsize=(4.4 * cols, 3.6), sharey=True, squeeze=False)
+    end = max(d.window, 1.0)
+    for ax, (group, phases) in zip(axes[0], groups.items()):
+        # Wide solid under thin dashed: the phases often land together.
+        for i, p in enumerate(phases):
+            label = (SUBJECT_LABELS.get(p.subject, p.subject) if group.startswith("control")
+                     else _phase_label(p))
+            xs = [t for t, _ in p.samples]
+            ys = [b / (1 << 20) for _, b in p.samples]
+            if ys[-1] == 0:         # landed writes stay landed
+                xs.append(end)
+                ys.append(0)
+            ax.step(xs, ys, where="post", label=label, linewidth=4 if i == 0 else 1.5,
+                    alpha=0.5 if i == 0 else 1.0, linestyle="-" if i == 0 else "--")
+        if d.dirty_expire_centisecs:
+            ax.axvline(d.dirty_expire_centisecs / 100, color="grey", linestyle=":",
+                       linewidth=1, label="dirty_expire_centisecs")
+        if not any(p.missing_at_ack for p in phases):
+            ax.text(0.5, 0.5, "every write on the device\nwhen acknowledged",
+                    transform=ax.transAxes, ha="center", va="center", fontsize=9,
+                    bbox={"facecolor": "white", "edgecolor": "none"})
+        ax.set_title(group, fontsize=10)
+        ax.set_xlabel("seconds since acknowledgement")
+        ax.set_xlim(0, end)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[0][0].set_ylabel("MiB not yet on the block device")
+    fig.suptitle("Acknowledged writes not yet on the block device under the image")
+    fig.tight_layout()
+    path = out / "durability.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_reports(campaign: Campaign | None, footprints: list[Footprint],
+                  skipped: dict[str, str], out: Path, meta: dict,
+                  durability: Durability | None = None) -> list[Path]:
+    """results.json, results.md and the charts of the fio campaign, of the
+    durability measurement, or of both."""
     out.mkdir(parents=True, exist_ok=True)
-    data = results_json(campaign)
+    data: dict = {}
+    md = ""
+    if campaign is not None:
+        data = results_json(campaign)
     data.update(meta)
     data["skipped"] = skipped
-    data["footprint"] = [asdict(f) | {"percent": f.percent} for f in footprints]
-    data["summary"] = {
-        w.name: {s.name: medians(campaign, s.name, w) for s in campaign.subjects}
-        for w in campaign.workloads}
-    for d in [s.name for s in campaign.subjects if s.name.startswith("nbdloop-direct")]:
-        key = "ratios" if d == "nbdloop-direct" else f"ratios:{d}"
-        data[key] = {s.name: ratios(campaign, d, s.name) for s in campaign.subjects if s.name != d}
+    if campaign is not None:
+        data["footprint"] = [asdict(f) | {"percent": f.percent} for f in footprints]
+        data["summary"] = {
+            w.name: {s.name: medians(campaign, s.name, w) for s in campaign.subjects}
+            for w in campaign.workloads}
+        for d in [s.name for s in campaign.subjects if s.name.startswith("nbdloop-direct")]:
+            key = "ratios" if d == "nbdloop-direct" else f"ratios:{d}"
+            data[key] = {s.name: ratios(campaign, d, s.name)
+                         for s in campaign.subjects if s.name != d}
+        md = markdown(campaign, footprints, skipped)
+    elif skipped:
+        md = "Skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()) + "\n"
+    if durability is not None:
+        data["durability"] = asdict(durability)
+        md += ("\n" if md else "") + durability_markdown(durability)
     paths = [out / "results.json", out / "results.md"]
     paths[0].write_text(json.dumps(data, indent=2) + "\n")
-    paths[1].write_text(markdown(campaign, footprints, skipped))
-    paths += charts(campaign, footprints, out)
+    paths[1].write_text(md)
+    if campaign is not None:
+        paths += charts(campaign, footprints, out)
+    if durability is not None and not durability.error:
+        paths.append(durability_chart(durability, out))
     return paths
