@@ -7,7 +7,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from nbdloop.bench.durability import Durability, PhaseResult
-from nbdloop.bench.run import Campaign, Footprint, Workload, medians, ratios, results_json
+from nbdloop.bench.run import (
+    Campaign,
+    Footprint,
+    Workload,
+    medians,
+    ratios,
+    results_json,
+)
 from nbdloop.sizes import format_size
 
 
@@ -17,11 +24,12 @@ def unit(w: Workload) -> str:
 
 def markdown(campaign: Campaign, footprints: list[Footprint], skipped: dict[str, str]) -> str:
     names = [s.name for s in campaign.subjects]
-    lines = [f"Medians of {campaign.rounds} interleaved round(s) (subject order reversed every "
+    intro = (f"Medians of {campaign.rounds} interleaved round(s) (subject order reversed every "
              f"other round), {campaign.runtime:g} s each after an unrecorded {campaign.warmup:g} s "
              f"warm-up; fio on CPUs {campaign.client_cpus or 'chosen by the scheduler'}; "
              f"image {campaign.size >> 20} MiB.  Ratios are medians of per-round ratios "
-             "(min-max in brackets).", ""]
+             "(min-max in brackets).")
+    lines = [intro, ""]
     lines.append("| workload | " + " | ".join(names) + " |")
     lines.append("|---|" + "---|" * len(names))
     for w in campaign.workloads:
@@ -42,12 +50,12 @@ def markdown(campaign: Campaign, footprints: list[Footprint], skipped: dict[str,
                 r = rat[o][w.name]
                 cells.append(f"**{r[0]:.2f}** ({r[1]:.2f}-{r[2]:.2f})" if r else "-")
             lines.append(f"| {w.label} | " + " | ".join(cells) + " |")
-    lines += ["", "Latency (mean / p99, microseconds), CPU seconds per GiB moved (the "
+    legend = ("Latency (mean / p99, microseconds), CPU seconds per GiB moved (the "
               "server's own, and the whole machine's: client, server and interrupts), "
-              "and the image's page-cache footprint after the run:", "",
-              "| workload | subject | mean | p99 | server CPU s/GiB | machine CPU s/GiB "
-              "| page cache |",
-              "|---|---|---|---|---|---|---|"]
+              "and the image's page-cache footprint after the run:")
+    head = ("| workload | subject | mean | p99 | server CPU s/GiB | machine CPU s/GiB "
+            "| page cache |")
+    lines += ["", legend, "", head, "|---|---|---|---|---|---|---|"]
     for w in campaign.workloads:
         for n in names:
             m = medians(campaign, n, w)
@@ -61,8 +69,8 @@ def markdown(campaign: Campaign, footprints: list[Footprint], skipped: dict[str,
             lines.append(f"| {w.label} | {n} | {m['lat_mean_us']:.0f} | "
                          f"{m['lat_p99_us']:.0f} | {cpu} | {mcpu} | {cache} |")
     if footprints:
-        lines += ["", "Page cache after writing then reading "
-                  f"{footprints[0].bytes_moved >> 20} MiB:", "",
+        moved = footprints[0].bytes_moved >> 20
+        lines += ["", f"Page cache after writing then reading {moved} MiB:", "",
                   "| subject | page cache | of the bytes moved |", "|---|---|---|"]
         for f in footprints:
             lines.append(f"| {f.subject} | {f.cache_bytes / (1 << 20):.1f} MiB | "
@@ -139,7 +147,8 @@ def charts(campaign: Campaign, footprints: list[Footprint], out: Path) -> list[P
 
 # ---- durability ---------------------------------------------------------------------
 
-SUBJECT_LABELS = {"control-pwrite": "control: pwrite", "control-odirect": "control: O_DIRECT pwrite"}
+SUBJECT_LABELS = {"control-pwrite": "control: pwrite",
+                  "control-odirect": "control: O_DIRECT pwrite"}
 PHASE_LABELS = {"fua": "FUA", "flush": "then FLUSH"}
 
 

@@ -113,7 +113,7 @@ def page_cache_bytes(path: str) -> int:
     """Bytes of ``path`` resident in the page cache, by util-linux's fincore
     (mincore(2) underneath)."""
     p = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", path],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, check=False)
     if p.returncode != 0:
         raise RuntimeError(f"fincore {path}: {p.stderr.strip() or f'exit {p.returncode}'}")
     return int(p.stdout.strip())
@@ -156,7 +156,7 @@ def run_fio(w: Workload, t: Target, runtime: float, size: int,
             client_cpus: str | None = None) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         argv = fio_argv(w, t, runtime, out.name, size, client_cpus)
-        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        p = subprocess.run(argv, capture_output=True, text=True, check=False,
                            timeout=runtime + 120)
         if p.returncode != 0:
             raise RuntimeError(f"fio failed ({p.returncode}): "
@@ -287,7 +287,7 @@ def measure(campaign: Campaign, subj: Subject, w: Workload, rnd: int) -> RunResu
             cpu1 = _cpu_seconds(target.server_pid) if target.server_pid else None
             busy1 = _machine_busy_seconds()
             cache = page_cache_bytes(campaign.image)
-    except Exception as e:  # a failed run is recorded, not fatal
+    except Exception as e:  # noqa: BLE001 - a failed run is recorded, not fatal
         return RunResult(subj.name, w.name, rnd, 0, 0, 0, 0, None, None, 0, None,
                          error=str(e).splitlines()[0] if str(e) else type(e).__name__)
     iops, mib, lat, p99, gib = summarize(job)
@@ -345,8 +345,7 @@ def prepare_image(path: str, size: int) -> None:
         return
     chunk = os.urandom(1 << 20)
     with open(path, "wb") as f:
-        for _ in range(size // len(chunk)):
-            f.write(chunk)
+        f.writelines(chunk for _ in range(size // len(chunk)))
         f.write(chunk[: size % len(chunk)])
         f.flush()
         os.fsync(f.fileno())
@@ -431,7 +430,8 @@ def footprint(subj: Subject, image: str, nbytes: int, size: int) -> Footprint:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 argv = fio_argv(w, target, 0, out.name, size)
                 argv = [a for a in argv if not a.startswith(("--runtime", "--time_based"))]
-                p = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+                p = subprocess.run(argv, capture_output=True, text=True, check=False,
+                                   timeout=600)
                 if p.returncode != 0:
                     raise RuntimeError(f"fio failed: {p.stderr.strip()[-200:]}")
         cache = page_cache_bytes(image)

@@ -178,7 +178,7 @@ def bench_command(image, size, modes, peers, workloads, runtime, rounds, out_dir
                                f"on {s.name}", err=True)
                     try:
                         footprints.append(bench.footprint(s, image, fp_bytes, size))
-                    except Exception as e:
+                    except Exception as e:  # noqa: BLE001 - reported, the rest goes on
                         click.echo(f"footprint on {s.name} failed: {e}", err=True)
     dur = None
     if not quick and modes_l:
