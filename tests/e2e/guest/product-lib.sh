@@ -75,3 +75,14 @@ sums() { (cd "$1" && find . -type f ! -name lost+found | sort | xargs sha256sum)
 verify() { (cd "$1" && sha256sum -c --quiet "$2"); }
 
 mkdir -p /mnt/a /mnt/b
+
+# report_port: the device of run_product's report port (its name is
+# GUEST_REPORT_PORT in nbdloop/vm/product.py), which reaches the host as
+# it is written and so outlives a power cut.  A virtio port has one opener
+# at a time: open it once (exec 9> "$(report_port)") and write to the fd.
+report_port() {
+    for port in /sys/class/virtio-ports/*; do
+        [ "$(cat "$port/name" 2> /dev/null)" = nbdloop.report ] && { echo "/dev/${port##*/}"; return 0; }
+    done
+    return 1
+}
