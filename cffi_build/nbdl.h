@@ -85,7 +85,9 @@ void nbdl_image_free (struct nbdl_image *img);
  * progress, and to the `idle` CPUs when its request is the only one (see
  * nbdloop/engine/placement.py).  A request longer than NBDL_PLACE_MAX_LEN leaves
  * its worker where it is: its cost is the bytes it moves, not the wake-ups
- * that placement saves (README.md, "Placement").  Returns 0 or -EINVAL. */
+ * that placement saves (README.md, "Placement").  It may be called again
+ * while serving, by one thread at a time: each worker then moves at its
+ * next request.  Returns 0 or -EINVAL. */
 #define NBDL_PLACE_MAX_LEN (256 * 1024)
 int nbdl_image_set_placement (struct nbdl_image *img, const int *busy, int nbusy,
                               const int *idle, int nidle, uint32_t busy_at);

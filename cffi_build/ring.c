@@ -60,24 +60,31 @@ int
 nbdl_image_set_placement (struct nbdl_image *img, const int *busy, int nbusy,
                           const int *idle, int nidle, uint32_t busy_at)
 {
+  cpu_set_t b, l;
   int i;
 
   if (nbusy <= 0 || nidle <= 0 || busy_at < 2)
     return -EINVAL;
-  CPU_ZERO (&img->busy);
-  CPU_ZERO (&img->idle);
+  CPU_ZERO (&b);
+  CPU_ZERO (&l);
   for (i = 0; i < nbusy; i++) {
     if (busy[i] < 0 || busy[i] >= CPU_SETSIZE)
       return -EINVAL;
-    CPU_SET (busy[i], &img->busy);
+    CPU_SET (busy[i], &b);
   }
   for (i = 0; i < nidle; i++) {
     if (idle[i] < 0 || idle[i] >= CPU_SETSIZE)
       return -EINVAL;
-    CPU_SET (idle[i], &img->idle);
+    CPU_SET (idle[i], &l);
   }
+  /* Workers may be reading the sets while the adaptive rule changes them
+   * (serialised by its caller); a worker that reads a set half old, half
+   * new is only placed once more, when it sees the new generation. */
+  img->busy = b;
+  img->idle = l;
   img->busy_at = busy_at;
   img->placement = 1;
+  __atomic_add_fetch (&img->placement_gen, 1, __ATOMIC_RELEASE);
   return 0;
 }
 
@@ -243,13 +250,15 @@ static void
 place_thread (struct nbdl_image *img, uint32_t n)
 {
   struct nbdl_thread *t = current_thread ();
+  uint32_t gen = __atomic_load_n (&img->placement_gen, __ATOMIC_ACQUIRE);
   int want;
 
   if (t == NULL)
     return;
-  if (t->placed_img != img->id) {
+  if (t->placed_img != img->id || t->placed_gen != gen) {
     t->placed = PLACED_NOWHERE;
     t->placed_img = img->id;
+    t->placed_gen = gen;
   }
   if (n >= img->busy_at)
     want = PLACED_BUSY;
