@@ -64,7 +64,8 @@ def test_the_packages_are_there():
     # The rules below would pass vacuously on an empty tree.
     names = set(modules())
     for expected in ("nbdloop.engine.plugin", "nbdloop.engine.backing", "nbdloop.engine.plan",
-                     "nbdloop.engine.uring", "nbdloop.engine.placement", "nbdloop.vm.runner",
+                     "nbdloop.engine.uring", "nbdloop.engine.placement",
+                     "nbdloop.engine.contention", "nbdloop.vm.runner",
                      "nbdloop.cli.main", "nbdloop.serve.supervise", "nbdloop.kernel.attach",
                      "nbdloop.bench.run", "nbdloop.paths", "nbdloop.sizes"):
         assert expected in names
@@ -83,15 +84,21 @@ def test_engine_imports_only_itself_sizes_and_the_stdlib(name):
                 f"{name} imports {imp}, which nbdkit's embedded Python may not have"
 
 
-def test_plan_is_pure():
-    path = modules("engine")["nbdloop.engine.plan"]
+@pytest.mark.parametrize("name, allowed", [
+    ("plan", {"__future__", "errno", "dataclasses"}),
+    ("contention", {"__future__", "statistics", "dataclasses", "collections"}),
+])
+def test_the_decision_logic_is_pure(name, allowed):
+    """plan (a request's segments) and contention (the placement rule):
+    no I/O, no clock, neither cffi nor nbdkit, so they are tested alone."""
+    path = modules("engine")[f"nbdloop.engine.{name}"]
     for imp in imports(path):
-        assert top(imp) in {"__future__", "errno", "dataclasses"}, \
-            f"plan imports {imp}: it must do no I/O and import neither cffi nor nbdkit"
+        assert top(imp) in allowed, \
+            f"{name} imports {imp}: it must do no I/O and import neither cffi nor nbdkit"
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
             assert node.func.id not in ("open", "print", "input"), \
-                f"plan calls {node.func.id}() at line {node.lineno}"
+                f"{name} calls {node.func.id}() at line {node.lineno}"
 
 
 def test_only_uring_imports_the_extension():

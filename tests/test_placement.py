@@ -113,7 +113,9 @@ def test_workers_move_with_the_load(image, serve, tmp_path):
                                "(this project's VM has one)")
     import nbd
     stats = tmp_path / "stats.json"
-    s = serve(image, "direct", extra=["--stats-file", str(stats)])
+    # irq: the fixed rule; auto might spread the pool away from this
+    # test's own client (test_contention.py).
+    s = serve(image, "direct", extra=["--stats-file", str(stats), "--placement", "irq"])
     assert "under load (CPU" in s.log.read_text()
     h = nbd.NBD()
     h.connect_uri(s.uri)
@@ -181,7 +183,7 @@ def test_long_requests_leave_workers_where_they_are(image, serve, tmp_path):
     big = 1 << 20
     assert big > uring.PLACE_MAX_LEN
     stats = tmp_path / "stats.json"
-    s = serve(image, "direct", extra=["--stats-file", str(stats)])
+    s = serve(image, "direct", extra=["--stats-file", str(stats), "--placement", "irq"])
     everything = frozenset(os.sched_getaffinity(s.server_pid))
     h = nbd.NBD()
     h.connect_uri(s.uri)

@@ -66,11 +66,12 @@ def validate_serve_options(image, mode, readonly, segment_size):
 @click.option("--mlock", is_flag=True,
               help="Lock the server's memory as it is touched (mlockall), so it never "
                    "waits on a page-in.")
-@click.option("--placement", type=click.Choice(["auto", "off"]), default="auto",
+@click.option("--placement", type=click.Choice(["auto", "irq", "off"]), default="auto",
               show_default=True,
-              help="auto: under load run the workers on CPUs that do not take the disk's "
-                   "interrupts, and give a lone request every CPU; off: leave them to the "
-                   "scheduler (README, Placement).")
+              help="irq: under load run the workers on CPUs that do not take the disk's "
+                   "interrupts, and give a lone request every CPU; auto: the same, but "
+                   "spread them over every CPU while other work (the client) crowds "
+                   "theirs; off: leave them to the scheduler (README, Placement).")
 @click.option("--cpus", callback=parse_cpus, metavar="LIST",
               help="Run the server on these CPUs only (like taskset: 0, 0-1, 0,2, 0-7:2); turns "
                    "placement off.  docs/BENCHMARKS.md measures when it pays.")
@@ -128,7 +129,7 @@ def serve(image, mode, readonly, threads, segment_size, export_name, offset, siz
                            threads=threads, segment_size=segment_size,
                            export_name=export_name, pidfile=str(ready), verbose=verbose,
                            stats_file=stats_file, tls_psk=tls_psk, mlock=mlock,
-                           placement=placement == "auto" and not cpus, sched=sched,
+                           placement="off" if cpus else placement, sched=sched,
                            exit_with_parent=not agent, slice_=part)
         return argv, (f,)
 

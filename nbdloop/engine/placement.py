@@ -8,17 +8,28 @@ measurements).  So the engine moves a worker onto the "busy" CPUs when
 several requests are in progress and gives it back every CPU the server may
 use ("idle") when it is alone.
 
-This module only finds the sets, and parses and prints the kernel's CPU-list
+This module finds the sets, and parses and prints the kernel's CPU-list
 syntax for everyone; it does no I/O beyond reading sysfs and /proc, and it
 gives up (returns None) whenever the answer is not clear: no block device
 under the image, interrupts on every CPU (multi-queue NVMe), one CPU only.
+
+With ``--placement auto`` the busy set is not fixed: :class:`Adaptive` feeds
+the rule of :mod:`nbdloop.engine.contention` with samples :class:`Watch`
+reads from /proc, and spreads the pool over every allowed CPU when other
+work (the client) crowds its own; ``--placement irq`` keeps it fixed.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from nbdloop.engine.contention import Rule, Sample
 
 
 @dataclass(frozen=True)
@@ -170,3 +181,166 @@ def choose(path: str, allowed: set[int] | None = None, **kw) -> Placement | None
     if not irq or not busy:
         return None
     return Placement(busy=frozenset(busy), idle=frozenset(allowed), irq=frozenset(irq))
+
+
+# ---- the adaptive rule's samples, and the rule run from the request path ----------
+
+_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)   # user nice system irq softirq steal, in /proc/stat
+_IDLE_FIELDS = (3, 4)               # idle iowait
+
+
+def cpu_times(text: str) -> dict[int, tuple[int, int]]:
+    """Per CPU of /proc/stat: (busy, idle) clock ticks so far."""
+    out = {}
+    for line in text.splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        ticks = [int(f) for f in fields]
+        out[int(name[3:])] = (sum(ticks[i] for i in _BUSY_FIELDS if i < len(ticks)),
+                              sum(ticks[i] for i in _IDLE_FIELDS if i < len(ticks)))
+    return out
+
+
+def thread_times(schedstat: str, stat: str) -> tuple[int, int, int]:
+    """(ns run, ns waited for a CPU, the CPU it last ran on) of one thread,
+    from its /proc/.../schedstat and stat."""
+    run, wait, _ = schedstat.split()
+    # The command name may hold spaces and parentheses; what follows the
+    # last ')' starts at field 3 (state), so field 39 (processor) is [36].
+    cpu = int(stat[stat.rindex(")") + 2:].split()[36])
+    return int(run), int(wait), cpu
+
+
+class Watch:
+    """The samples the contention rule is fed, read from /proc: each of this
+    process's threads' run time and run delay (``/proc/self/task/*/schedstat``)
+    and the CPU it last ran on (its ``stat``: where its run time is counted),
+    and each CPU's busy and idle ticks (``/proc/stat``).  The files stay
+    open and are re-read with pread, so a sample costs a few system calls
+    per thread."""
+
+    def __init__(self, cpus: set[int], proc: Path = Path("/proc"), pid: str = "self") -> None:
+        self.cpus = frozenset(cpus)
+        self.proc = proc
+        self._tasks_dir = proc / pid / "task"     # another pid: to record its samples
+        self._stat_fd = os.open(proc / "stat", os.O_RDONLY | os.O_CLOEXEC)
+        self._tasks: dict[int, tuple[int, int]] = {}
+        self._threads: dict[int, tuple[int, int]] = {}
+        self._cpus: dict[int, tuple[int, int]] = {}
+        self._when: float | None = None
+
+    def close(self) -> None:
+        for fds in self._tasks.values():
+            for fd in fds:
+                os.close(fd)
+        self._tasks.clear()
+        if self._stat_fd >= 0:
+            os.close(self._stat_fd)
+            self._stat_fd = -1
+
+    def _read(self, fd: int) -> str:
+        return os.pread(fd, 65536, 0).decode()
+
+    def _task_fds(self, tid: int) -> tuple[int, int] | None:
+        fds = self._tasks.get(tid)
+        if fds is None:
+            task = self._tasks_dir / str(tid)
+            try:
+                first = os.open(task / "schedstat", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+            try:
+                fds = (first, os.open(task / "stat", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                os.close(first)
+                return None
+            self._tasks[tid] = fds
+        return fds
+
+    def sample(self, now: float) -> Sample | None:
+        """What happened since the last call (None at the first)."""
+        run = wait = 0.0
+        pool: dict[int, float] = {}
+        alive = set()
+        for name in os.listdir(self._tasks_dir):
+            tid = int(name)
+            fds = self._task_fds(tid)
+            if fds is None:
+                continue
+            try:
+                r, w, cpu = thread_times(self._read(fds[0]), self._read(fds[1]))
+            except (OSError, ValueError, IndexError):
+                continue        # the thread has just ended
+            alive.add(tid)
+            r0, w0 = self._threads.get(tid, (r, w))
+            self._threads[tid] = (r, w)
+            run += (r - r0) / 1e9
+            wait += (w - w0) / 1e9
+            pool[cpu] = pool.get(cpu, 0.0) + (r - r0) / 1e9
+        for tid in set(self._tasks) - alive:
+            for fd in self._tasks.pop(tid):
+                os.close(fd)
+            self._threads.pop(tid, None)
+        times = cpu_times(self._read(self._stat_fd))
+        before, self._cpus = self._cpus, times
+        when, self._when = self._when, now
+        if when is None or now <= when:
+            return None
+        seconds = now - when
+        busy = {}
+        for cpu in self.cpus:
+            b1, i1 = times.get(cpu, (0, 0))
+            b0, i0 = before.get(cpu, (b1, i1))
+            ticks = (b1 - b0) + (i1 - i0)
+            busy[cpu] = seconds * (b1 - b0) / ticks if ticks > 0 else 0.0
+        return Sample(seconds=seconds, run=run, wait=wait, busy=busy, pool=pool)
+
+
+class Adaptive:
+    """The contention rule run from the request path: every ``every``
+    requests a worker looks at the clock, and once ``interval`` has passed
+    (and no other worker is at it) it takes a sample, feeds the rule and,
+    if the rule says so, gives the engine the pool's new CPUs.  A request
+    costs a counter; a sample, a few system calls per thread."""
+
+    def __init__(self, where: Placement, apply: Callable[[set[int], set[int]], None],
+                 log: Callable[[str], None], *, interval: float = 0.15, every: int = 64,
+                 watch: Watch | None = None, **rule) -> None:
+        self.where = where
+        self.rule = Rule(home=where.busy, allowed=where.idle, **rule)
+        self.watch = watch or Watch(set(where.idle))
+        self._apply = apply
+        self._log = log
+        self._interval = interval
+        self._every = every
+        self._count = 0
+        self._counted = 0
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def tick(self) -> None:
+        self._count += 1        # under the GIL; a lost increment only delays a sample
+        if self._count % self._every:
+            return
+        now = time.monotonic()
+        if now - self._last < self._interval or not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._last = now
+            sample = self.watch.sample(now)
+            requests, self._counted = self._count - self._counted, self._count
+            if sample is None:
+                return
+            sample = dataclasses.replace(sample, requests=requests)
+            cpus = self.rule.feed(now, sample)
+            if cpus is not None:
+                self._apply(set(cpus), set(self.where.idle))
+                self._log(f"workers {self.rule.state}: CPU {format_cpu_list(cpus)} under load: "
+                          f"{self.rule.changes[-1][2]} (the pool waited "
+                          f"{sample.waiting():.0%} of its time, {sample.rate():.0f} requests/s)")
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        self.watch.close()

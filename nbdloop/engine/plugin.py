@@ -9,8 +9,10 @@ of it, inherited from ``nbdloop serve``), ``mode`` (direct|buffered),
 ``readonly``, ``segment-size``, ``entries``, ``export-name``, ``pin``, and
 ``stats-file`` (the engine's counters are written there as JSON whenever a
 connection closes), ``io-flusher`` (PR_SET_IO_FLUSHER, default on) and
-``mlock`` (mlockall, default off), ``placement`` (under load, keep workers
-off the CPUs that take the disk's interrupts; default on), ``sched``
+``mlock`` (mlockall, default off), ``placement`` (auto: under load keep
+workers off the CPUs that take the disk's interrupts, and spread them over
+every CPU when other work crowds theirs, the default; irq: only the first;
+off: neither), ``sched``
 (batch: workers run under SCHED_BATCH, the default; normal: left as they are),
 ``outlive-parent`` (no death signal when the supervisor dies, for a device's
 agent to decide; default off).
@@ -36,9 +38,10 @@ API_VERSION = 2
 builtins_open = builtins.open   # this module's open() is nbdkit's callback
 
 # Module state is the configuration, written only by config() on the main
-# thread before any connection, and the Backing, set once in get_ready().
-# The Backing is shared by all connections and is thread safe (see its
-# docstring); nothing else is shared, so no Python lock is needed.  The one
+# thread before any connection, and the Backing and the adaptive placement,
+# each set once in get_ready().  The Backing is shared by all connections
+# and is thread safe (see its docstring); the placement takes its own lock
+# when it samples; nothing else is shared.  The one
 # other change to the interpreter is made once, at import: the traceback
 # formatter that nbdkit logs errors with (_one_line_for_failed_requests).
 _config = {
@@ -54,12 +57,14 @@ _config = {
     "io-flusher": True,
     "outlive-parent": False,
     "mlock": False,
-    "placement": True,
+    "placement": "auto",
     "sched": "batch",
 }
 _backing = None
+_adaptive = None
 # Keys whose value is one of a few words.
-_CHOICES = {"mode": ("direct", "buffered"), "sched": ("batch", "normal")}
+_CHOICES = {"mode": ("direct", "buffered"), "sched": ("batch", "normal"),
+            "placement": ("auto", "irq", "off")}
 
 
 def _bool(value):
@@ -121,7 +126,7 @@ def thread_model():
 def config(key, value):
     if key not in _config:
         raise ValueError(f"unknown parameter {key!r}")
-    if key in ("readonly", "pin", "io-flusher", "mlock", "placement", "outlive-parent"):
+    if key in ("readonly", "pin", "io-flusher", "mlock", "outlive-parent"):
         _config[key] = _bool(value)
     elif key == "segment-size":
         _config[key] = parse_size(value)
@@ -141,7 +146,7 @@ def config_complete():
 
 
 def get_ready():
-    global _backing
+    global _backing, _adaptive
     # Before any worker thread exists, so that they all inherit it.
     if _config["io-flusher"]:
         try:
@@ -169,21 +174,28 @@ def get_ready():
     except ImageError as e:
         raise RuntimeError(str(e)) from None
     _backing.engine.set_sched_batch(_config["sched"] == "batch")
-    if _config["placement"]:
+    if _config["placement"] != "off":
         where = placement.choose(_config["file"])
         if where is not None:
             _backing.engine.set_placement(set(where.busy), set(where.idle))
             busy, idle, irq = map(placement.format_cpu_list,
                                   (where.busy, where.idle, where.irq))
-            print(f"nbdloop: workers run on CPU {busy} under load (CPU {irq} takes the "
-                  f"disk's interrupts) and anywhere on CPU {idle} when alone",
-                  file=sys.stderr, flush=True)
+            _log(f"workers run on CPU {busy} under load (CPU {irq} takes the disk's "
+                 f"interrupts) and anywhere on CPU {idle} when alone")
+            if _config["placement"] == "auto":
+                _adaptive = placement.Adaptive(where, _backing.engine.set_placement, _log)
+
+
+def _log(message):
+    print(f"nbdloop: {message}", file=sys.stderr, flush=True)
 
 
 def cleanup():
     # Also at exit: a server stopped right after its last client left (as
     # detach does) may never run that connection's close().
     _write_stats()
+    if _adaptive is not None:
+        _adaptive.close()
     if _backing is not None:
         _backing.close()
 
@@ -274,11 +286,15 @@ def can_extents(h):
 @_reports_errno
 def pread(h, buf, offset, flags):
     h.pread(buf, offset)
+    if _adaptive is not None:
+        _adaptive.tick()
 
 
 @_reports_errno
 def pwrite(h, buf, offset, flags):
     h.pwrite(buf, offset, flags & nbdkit.FLAG_FUA != 0)
+    if _adaptive is not None:
+        _adaptive.tick()
 
 
 @_reports_errno

@@ -129,7 +129,7 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
                 segment_size: int, export_name: str, pidfile: str | None,
                 verbose: bool = False, stats_file: str | None = None,
                 tls_psk: str | None = None, mlock: bool = False,
-                placement: bool = True, sched: str = "batch",
+                placement: str = "auto", sched: str = "batch",
                 exit_with_parent: bool = True, slice_: Slice | None = None) -> list[str]:
     """The nbdkit command line that serves ``image`` with our plugin.
     ``exit_with_parent``: nbdkit gets SIGTERM when the supervisor dies;
@@ -171,8 +171,8 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
         argv.append("mlock=1")
     if not exit_with_parent:
         argv.append("outlive-parent=1")
-    if not placement:
-        argv.append("placement=0")
+    if placement != "auto":
+        argv.append(f"placement={placement}")
     if sched != "batch":
         argv.append(f"sched={sched}")
     if slice_ is not None:

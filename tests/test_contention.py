@@ -1,0 +1,284 @@
+"""The adaptive placement rule (nbdloop.engine.contention), fed samples:
+made-up ones for each case, and ones recorded on this machine's kind with
+fio held on each CPU (tests/data/contention/, scripts/record-contention.py).
+Then the rule in a real server, with a CPU hog on the pool's CPU."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, require
+from nbdloop.engine import placement
+from nbdloop.engine.contention import HOME, SPREAD, Rule, Sample
+
+DATA = ROOT / "tests" / "data" / "contention"
+STEP = 0.15          # seconds between samples, as the server takes them
+HOME_CPUS, ALL = frozenset({0}), frozenset({0, 1})
+
+
+def sample(pool: dict[int, float], other: dict[int, float], wait: float, rate: float = 0.0,
+           seconds: float = STEP) -> Sample:
+    """An interval in which the pool ran ``pool[cpu]`` of each CPU and other
+    work ``other[cpu]`` (shares), the pool waited ``wait`` of its runnable
+    time and served ``rate`` requests a second."""
+    run = sum(pool.values()) * seconds
+    busy = {c: min(1.0, pool.get(c, 0.0) + other.get(c, 0.0)) * seconds for c in ALL}
+    return Sample(seconds=seconds, run=run, wait=run * wait / (1 - wait),
+                  busy=busy, pool={c: v * seconds for c, v in pool.items()},
+                  requests=round(rate * seconds))
+
+
+#: The pool at home with its 16 workers queueing behind each other, and the
+#: client on the other CPU: it waits, but there is no room elsewhere.
+CLIENT_AWAY = sample({0: 0.90}, {1: 0.75}, wait=0.9, rate=50000)
+#: The client on the pool's CPU: the pool waits and CPU 1 idles.
+CROWDED = sample({0: 0.85}, {0: 0.10, 1: 0.30}, wait=0.8, rate=20000)
+#: Spread, the client still on CPU 0: more served.
+SPREAD_BETTER = sample({0: 0.40, 1: 0.60}, {0: 0.50, 1: 0.30}, wait=0.4, rate=32000)
+#: Spread, but serving less than home did.
+SPREAD_WORSE = sample({0: 0.50, 1: 0.45}, {0: 0.10, 1: 0.45}, wait=0.5, rate=15000)
+#: Home again, with the client gone to CPU 1: more served than spread.
+HOME_BETTER = sample({0: 0.90}, {1: 0.75}, wait=0.9, rate=52000)
+#: An idle pool (a client doing little) beside a busy CPU.
+IDLE = sample({0: 0.02}, {0: 0.90}, wait=0.9, rate=100)
+
+
+def feed(rule: Rule, samples, start: float = 0.0) -> list[frozenset[int] | None]:
+    return [rule.feed(start + i * STEP, s) for i, s in enumerate(samples)]
+
+
+def run_for(rule: Rule, seconds: float, pick, start: float = 0.0) -> float:
+    """Feed ``pick(rule)`` every STEP for ``seconds``; returns the end time."""
+    t = start
+    while t < start + seconds - 1e-9:
+        rule.feed(t, pick(rule))
+        t += STEP
+    return t
+
+
+def test_the_client_on_the_pools_cpu_spreads_the_pool():
+    rule = Rule(HOME_CPUS, ALL)
+    out = feed(rule, [CROWDED] * 5)
+    assert out[:2] == [None, None]           # two samples are not enough
+    assert out[2] == ALL and rule.state == SPREAD
+    assert out[3:] == [None, None]           # and it stays
+    assert [c[:2] for c in rule.changes] == [(2 * STEP, SPREAD)]
+
+
+def test_contention_elsewhere_keeps_the_pool_home():
+    """Waiting alone (the pool's own threads queue at home) is not enough."""
+    rule = Rule(HOME_CPUS, ALL)
+    assert feed(rule, [CLIENT_AWAY] * 100) == [None] * 100
+    assert rule.state == HOME
+
+
+def test_no_load_no_move():
+    rule = Rule(HOME_CPUS, ALL)
+    assert feed(rule, [IDLE] * 100) == [None] * 100
+
+
+def test_spread_stays_while_it_serves_more():
+    rule = Rule(HOME_CPUS, ALL, probe=4.0)
+    t = run_for(rule, 1.0, lambda r: CROWDED if r.state == HOME else SPREAD_BETTER)
+    assert rule.state == SPREAD
+    run_for(rule, 3.0, lambda r: SPREAD_BETTER, start=t)
+    assert rule.state == SPREAD and len(rule.changes) == 1
+
+
+def test_spread_that_serves_less_comes_home_and_holds():
+    rule = Rule(HOME_CPUS, ALL, dwell=1.0, probe=4.0)
+    t = run_for(rule, 0.6, lambda r: CROWDED)
+    assert rule.state == SPREAD
+    t = run_for(rule, 1.5, lambda r: SPREAD_WORSE if r.state == SPREAD else CROWDED, start=t)
+    assert rule.state == HOME and rule.changes[-1][2] == "spread served less than home"
+    came_home = rule.changes[-1][0]
+    # Still crowded at home, but held there for the probe time.
+    t = run_for(rule, 3.0, lambda r: CROWDED if r.state == HOME else SPREAD_WORSE, start=t)
+    assert rule.state == HOME and rule.changes[-1][0] == came_home
+    # Then it tries spreading again, finds it worse again, and holds longer.
+    t = run_for(rule, 3.0, lambda r: CROWDED if r.state == HOME else SPREAD_WORSE, start=t)
+    assert len(rule.changes) == 4 and rule._probe == 16.0
+
+
+def test_a_client_that_moves_away_brings_the_pool_home():
+    rule = Rule(HOME_CPUS, ALL, dwell=1.0, probe=4.0)
+    t = run_for(rule, 1.0, lambda r: CROWDED if r.state == HOME else SPREAD_BETTER)
+    assert rule.state == SPREAD
+    spread_at = rule.changes[-1][0]
+    # The client moves to CPU 1: spread still serves well, until the trial
+    # at home shows home serves more; then the pool stays home.
+    t = run_for(rule, 6.0, lambda r: HOME_BETTER if r.state == HOME else SPREAD_BETTER,
+                start=t)
+    assert rule.state == HOME
+    assert rule.changes[-1][2] == "a trial at home"
+    assert rule.changes[-1][0] - spread_at >= 4.0
+    t = run_for(rule, 10.0, lambda r: HOME_BETTER if r.state == HOME else SPREAD_BETTER,
+                start=t)
+    assert rule.state == HOME and len(rule.changes) == 2
+    # And when the client comes back, the pool leaves again.
+    run_for(rule, 2.0, lambda r: CROWDED if r.state == HOME else SPREAD_BETTER, start=t)
+    assert rule.state == SPREAD
+
+
+def test_a_client_that_stays_makes_the_trials_rarer():
+    rule = Rule(HOME_CPUS, ALL, dwell=1.0, probe=4.0, max_probe=16.0)
+    run_for(rule, 60.0, lambda r: CROWDED if r.state == HOME else SPREAD_BETTER)
+    trials = [t for t, state, why in rule.changes if why == "a trial at home"]
+    assert len(trials) >= 2
+    gaps = [b - a for a, b in zip(trials, trials[1:])]
+    assert all(b >= a - 1e-6 for a, b in zip(gaps, gaps[1:])) and gaps[-1] > gaps[0]
+    # Spread nearly all the time: each trial costs one dwell at home.
+    assert len(rule.changes) <= 1 + 2 * len(trials)
+
+
+def test_swinging_samples_cannot_make_it_flap():
+    """Samples that each argue for the state the pool is not in: changes
+    stay at least a dwell apart and the time spent per state grows."""
+    rule = Rule(HOME_CPUS, ALL, dwell=1.0, probe=2.0, max_probe=16.0)
+    run_for(rule, 120.0, lambda r: CROWDED if r.state == HOME else SPREAD_WORSE)
+    times = [t for t, _, _ in rule.changes]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert len(times) >= 4                   # it does react
+    assert min(gaps) >= 1.0 - 1e-9
+    assert max(gaps) >= 8.0
+    assert len(times) <= 20
+
+
+def test_two_pools_on_one_cpu_settle():
+    """Two servers (or two pools) with the same home CPU, each the other's
+    other work, on a toy machine that shares each CPU between what runs on
+    it: both spread, and neither flaps."""
+    a, b = Rule(HOME_CPUS, ALL), Rule(HOME_CPUS, ALL)
+    demand = 0.9                              # each pool could use 0.9 of a CPU
+
+    def machine(me: Rule, them: Rule) -> Sample:
+        def where(r: Rule) -> dict[int, float]:
+            return {0: demand} if r.state == HOME else {0: demand / 2, 1: demand / 2}
+        mine, theirs = where(me), where(them)
+        got, other = {}, {}
+        for c in ALL:
+            want = mine.get(c, 0.0) + theirs.get(c, 0.0)
+            scale = min(1.0, 1.0 / want) if want else 1.0
+            got[c] = mine.get(c, 0.0) * scale
+            other[c] = theirs.get(c, 0.0) * scale
+        served = sum(got.values()) / demand
+        return sample(got, other, wait=min(0.9, 0.3 + (1 - served)), rate=40000 * served)
+
+    t = 0.0
+    while t < 60.0:
+        sa, sb = machine(a, b), machine(b, a)
+        a.feed(t, sa)
+        b.feed(t, sb)
+        t += STEP
+    assert a.state == b.state == SPREAD
+    for r in (a, b):
+        times = [c[0] for c in r.changes]
+        assert len(times) <= 9
+        assert all(y - x >= 1.0 - 1e-9 for x, y in zip(times, times[1:]))
+
+
+def test_the_rule_refuses_a_home_outside_the_allowed_cpus():
+    with pytest.raises(ValueError):
+        Rule(frozenset({2}), ALL)
+    with pytest.raises(ValueError):
+        Rule(ALL, ALL)
+
+
+def recorded(name: str) -> list[Sample]:
+    data = json.loads((DATA / f"{name}.json").read_text())
+    return [Sample(seconds=s["seconds"], run=s["run"], wait=s["wait"],
+                   busy={int(k): v for k, v in s["busy"].items()},
+                   pool={int(k): v for k, v in s["pool"].items()}) for s in data["samples"]]
+
+
+def test_recorded_client_on_the_pools_cpu_spreads():
+    """Samples of a real server under `--placement irq` (the pool held on
+    CPU 0) with fio held on CPU 0: the rule would spread within a second."""
+    rule = Rule(HOME_CPUS, ALL)
+    feed(rule, recorded("client-on-pool-cpu"))
+    assert rule.changes and rule.changes[0][1] == SPREAD
+    assert rule.changes[0][0] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["client-on-irq-cpu", "client-free"])
+def test_recorded_client_elsewhere_stays_home(name):
+    """fio held on the interrupt CPU, or left free (the scheduler then
+    keeps it off the pool's busy CPU): no change."""
+    rule = Rule(HOME_CPUS, ALL)
+    feed(rule, recorded(name))
+    assert rule.changes == []
+
+
+def test_cpu_and_thread_times_parse_what_the_kernel_writes():
+    stat = ("cpu  10 0 20 300 4 0 5 0 0 0\n"
+            "cpu0 6 0 10 100 2 0 3 0 0 0\n"
+            "cpu1 4 0 10 200 2 0 2 0 0 0\nintr 1 2 3\n")
+    assert placement.cpu_times(stat) == {0: (19, 102), 1: (16, 202)}
+    schedstat = "123456 7890 12\n"
+    fields = ["S"] + ["0"] * 35 + ["1"] + ["0"] * 15
+    stat_line = "4242 (nbdkit (worker) x) " + " ".join(fields) + "\n"
+    assert placement.thread_times(schedstat, stat_line) == (123456, 7890, 1)
+
+
+def test_watch_sees_this_process_run():
+    watch = placement.Watch(set(os.sched_getaffinity(0)))
+    try:
+        assert watch.sample(time.monotonic()) is None
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            pass
+        s = watch.sample(time.monotonic())
+    finally:
+        watch.close()
+    assert s is not None and 0.2 < s.seconds < 5
+    assert s.run >= 0.2 and sum(s.pool.values()) == pytest.approx(s.run)
+    assert sum(s.busy.values()) >= 0.1
+
+
+def hog(cpu: int) -> subprocess.Popen:
+    return subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-c",
+                             "while True: pass"])
+
+
+def test_a_real_server_spreads_off_a_crowded_cpu_and_comes_back(image, serve):
+    """nbdloop serve (auto) under 32 reads in flight, with a CPU hog on the
+    pool's CPU: the log says it spread; with the hog moved to the other CPU,
+    that it came home."""
+    where = placement.choose(str(image))
+    require(where is not None and len(where.idle) == 2,
+            "two CPUs, one of which takes the disk's interrupts (this project's VM)")
+    import nbd
+    from conftest import preads_in_flight
+    s = serve(image, "direct")
+    h = nbd.NBD()
+    h.connect_uri(s.uri)
+    for i in range(16):
+        h.pwrite(os.urandom(1 << 20), i << 20)
+    h.flush()
+    (home,), (away,) = where.busy, where.idle - where.busy
+    p = hog(home)
+    try:
+        for _ in range(40):
+            preads_in_flight(h, 4096, depth=32, rounds=50)
+            if "workers spread" in s.log.read_text():
+                break
+    finally:
+        p.kill()
+        p.wait()
+    assert "workers spread" in s.log.read_text(), s.log.read_text()[-2000:]
+    p = hog(away)
+    try:
+        for _ in range(80):
+            preads_in_flight(h, 4096, depth=32, rounds=50)
+            if "workers home" in s.log.read_text():
+                break
+    finally:
+        p.kill()
+        p.wait()
+    h.shutdown()
+    assert "workers home" in s.log.read_text(), s.log.read_text()[-2000:]
