@@ -189,9 +189,11 @@ def summarize(job: dict) -> tuple[float, float, float, float, float]:
 # ---- subjects --------------------------------------------------------------------
 
 def nbdloop_subject(image: str, workdir: str, mode: str, cpus: str | None = None,
-                    **kw) -> Subject:
-    name = f"nbdloop-{mode}" + (f"-cpu{cpus}" if cpus else "")
-    extra = ["--cpus", cpus] if cpus else []
+                    placement: str | None = None, **kw) -> Subject:
+    name = (f"nbdloop-{mode}" + (f"-cpu{cpus}" if cpus else "")
+            + (f"-{placement}" if placement else ""))
+    extra = (["--cpus", cpus] if cpus else []) + (["--placement", placement] if placement
+                                                   else [])
 
     @contextlib.contextmanager
     def start() -> Iterator[Target]:
@@ -372,15 +374,19 @@ PEERS = ("qemu-nbd", "nbdkit-file", "loop-dio", "raw")
 
 
 def make_subjects(image: str, workdir: str, modes: list[str], peers: list[str],
-                  pin: str | None = None) -> tuple[list[Subject], dict[str, str]]:
+                  pin: str | None = None, placements: tuple[str, ...] = (),
+                  ) -> tuple[list[Subject], dict[str, str]]:
     """The subjects to measure, and the reason each skipped one was skipped.
-    ``pin`` adds nbdloop direct mode run with ``--cpus pin``."""
+    ``pin`` adds nbdloop direct mode run with ``--cpus pin``; each of
+    ``placements`` adds it run with that ``--placement``."""
     subjects: list[Subject] = []
     skipped: dict[str, str] = {}
     for m in modes:
         subjects.append(nbdloop_subject(image, workdir, m))
     if pin:
         subjects.append(nbdloop_subject(image, workdir, "direct", cpus=pin))
+    for p in placements:
+        subjects.append(nbdloop_subject(image, workdir, "direct", placement=p))
     for p in peers:
         if p == "qemu-nbd":
             if have("qemu-nbd"):

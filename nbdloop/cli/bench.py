@@ -75,6 +75,9 @@ def _durability(modes: list[str], writes: int, window: float) -> durability.Dura
 @click.option("--pin", metavar="CPUS", default=None,
               help="Also measure nbdloop direct mode pinned to these CPUs "
                    "(nbdloop serve --cpus).")
+@click.option("--placements", default=None, metavar="LIST",
+              help="Also measure nbdloop direct mode with each of these --placement "
+                   "rules (irq, off), beside the default (auto).")
 @click.option("--client-cpus", metavar="CPUS", default=None, callback=parse_cpus,
               help="Run fio on these CPUs (e.g. 1 or 0-3) for every subject, so that "
                    "where the scheduler puts the client does not decide the result.")
@@ -98,8 +101,8 @@ def _durability(modes: list[str], writes: int, window: float) -> durability.Dura
               help="Writes in each phase of the durability measurement (mostly 4K, some "
                    "64K and 1M).")
 def bench_command(image, size, modes, peers, workloads, runtime, rounds, out_dir, quick,
-                  pin, client_cpus, footprint_size, durability_only, durability_window,
-                  durability_writes):
+                  pin, placements, client_cpus, footprint_size, durability_only,
+                  durability_window, durability_writes):
     """Measure nbdloop against qemu-nbd, nbdkit's file plugin, the kernel loop
     device (--direct-io=on) and the raw file, in interleaved rounds; then
     (not with --quick) how long each mode leaves acknowledged writes off
@@ -110,6 +113,11 @@ def bench_command(image, size, modes, peers, workloads, runtime, rounds, out_dir
         if m not in ("direct", "buffered"):
             raise click.BadParameter(f"{m!r} is not a mode (direct, buffered)",
                                      param_hint="--modes")
+    placements_l = _csv(placements) or []
+    for p in placements_l:
+        if p not in ("irq", "off"):
+            raise click.BadParameter(f"{p!r} is not a placement to compare (irq, off)",
+                                     param_hint="--placements")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(out_dir) if out_dir else Path("bench-results") / stamp
     if durability_only:
@@ -153,7 +161,8 @@ def bench_command(image, size, modes, peers, workloads, runtime, rounds, out_dir
     fp_bytes = min(fp_bytes, size)
 
     with tempfile.TemporaryDirectory(prefix="nbdloop-bench-") as wd:
-        subjects, skipped = bench.make_subjects(image, wd, modes_l, peers_l, pin=pin)
+        subjects, skipped = bench.make_subjects(image, wd, modes_l, peers_l, pin=pin,
+                                                placements=tuple(placements_l))
         for name, why in skipped.items():
             click.echo(f"skipping {name}: {why}", err=True)
         campaign = bench.Campaign(image=image, subjects=subjects, rounds=rounds, runtime=runtime,
