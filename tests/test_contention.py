@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -240,9 +241,20 @@ def test_watch_sees_this_process_run():
     assert sum(s.busy.values()) >= 0.1
 
 
-def hog(cpu: int) -> subprocess.Popen:
-    return subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-c",
-                             "while True: pass"])
+def load_until(h, log: Path, phrase: str, hog_cpu: int, give_up: float = 60.0) -> str:
+    """32 reads in flight, and a CPU hog on ``hog_cpu``, until the server's
+    log says ``phrase`` (or ``give_up`` seconds pass); returns the log."""
+    from conftest import preads_in_flight
+    hog = subprocess.Popen(["taskset", "-c", str(hog_cpu), sys.executable, "-c",
+                            "while True: pass"])
+    try:
+        end = time.monotonic() + give_up
+        while phrase not in log.read_text() and time.monotonic() < end:
+            preads_in_flight(h, 4096, depth=32, rounds=50)
+    finally:
+        hog.kill()
+        hog.wait()
+    return log.read_text()
 
 
 def test_a_real_server_spreads_off_a_crowded_cpu_and_comes_back(image, serve):
@@ -253,7 +265,6 @@ def test_a_real_server_spreads_off_a_crowded_cpu_and_comes_back(image, serve):
     require(where is not None and len(where.idle) == 2,
             "two CPUs, one of which takes the disk's interrupts (this project's VM)")
     import nbd
-    from conftest import preads_in_flight
     s = serve(image, "direct")
     h = nbd.NBD()
     h.connect_uri(s.uri)
@@ -261,24 +272,8 @@ def test_a_real_server_spreads_off_a_crowded_cpu_and_comes_back(image, serve):
         h.pwrite(os.urandom(1 << 20), i << 20)
     h.flush()
     (home,), (away,) = where.busy, where.idle - where.busy
-    p = hog(home)
-    try:
-        for _ in range(40):
-            preads_in_flight(h, 4096, depth=32, rounds=50)
-            if "workers spread" in s.log.read_text():
-                break
-    finally:
-        p.kill()
-        p.wait()
-    assert "workers spread" in s.log.read_text(), s.log.read_text()[-2000:]
-    p = hog(away)
-    try:
-        for _ in range(80):
-            preads_in_flight(h, 4096, depth=32, rounds=50)
-            if "workers home" in s.log.read_text():
-                break
-    finally:
-        p.kill()
-        p.wait()
+    log = load_until(h, s.log, "workers spread", hog_cpu=home)
+    assert "workers spread" in log, log[-2000:]
+    log = load_until(h, s.log, "workers home", hog_cpu=away)
     h.shutdown()
-    assert "workers home" in s.log.read_text(), s.log.read_text()[-2000:]
+    assert "workers home" in log, log[-2000:]

@@ -24,6 +24,16 @@ port=$(report_port) || fail "no virtio port named nbdloop.report"
 exec 9> "$port" || fail "cannot open $port"
 echo "BOOT $BOOT" >&9
 
+# wait_for FILE WHY: until FILE exists; fail with WHY after a minute.
+wait_for() {
+    n=0
+    while [ ! -e "$1" ]; do
+        n=$((n + 1))
+        [ "$n" -lt 600 ] || fail "$2"
+        sleep 0.1
+    done
+}
+
 # fs_writer MODE DIR: files of 1 B to 256 KiB, each fsynced then reported,
 # until the power goes.
 fs_writer() {
@@ -94,12 +104,7 @@ for mode in $MODES; do
         --pidfile "/run/cut-$mode.pid" > "/tmp/serve.$mode" 2>&1 &
 done
 for mode in $MODES; do
-    n=0
-    while [ ! -s "/run/cut-$mode.pid" ]; do
-        n=$((n + 1))
-        [ "$n" -lt 300 ] || fail "nbdloop serve of $mode did not start: $(tail -n 3 "/tmp/serve.$mode")"
-        sleep 0.2
-    done
+    wait_for "/run/cut-$mode.pid" "nbdloop serve of $mode did not start: $(tail -n 3 "/tmp/serve.$mode")"
 done
 # What the writers write into must be on the disk before the power can go.
 sync
@@ -109,14 +114,9 @@ for mode in $MODES; do
         "/tmp/started.block.$mode" > "/tmp/block.$mode" 2>&1 &
     fs_writer "$mode" "/mnt/$mode" &
 done
-n=0
 for mode in $MODES; do
     for kind in block fs; do
-        while [ ! -e "/tmp/started.$kind.$mode" ]; do
-            n=$((n + 1))
-            [ "$n" -lt 600 ] || fail "the $kind writer of $mode did not start: $(cat "/tmp/block.$mode")"
-            sleep 0.1
-        done
+        wait_for "/tmp/started.$kind.$mode" "the $kind writer of $mode did not start"
     done
 done
 echo "NBDLOOP-POWERCUT-ARMED"
