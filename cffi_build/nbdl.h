@@ -141,6 +141,25 @@ int nbdl_outlive_parent (void);
 /* mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT); 0 or -errno. */
 int nbdl_mlockall (void);
 
+/* One thread of this process, for the adaptive placement rule
+ * (nbdloop/engine/contention.py): nanoseconds run and waited for a CPU
+ * (its schedstat), and the CPU it last ran on. */
+struct nbdl_task_times {
+  int32_t tid;
+  int32_t cpu;
+  uint64_t run_ns;
+  uint64_t wait_ns;
+};
+
+/* Fill tasks[] (at most max_tasks) from /proc/self/task/<tid>/schedstat and
+ * stat, and busy[] and idle[] (clock ticks so far, CPUs 0 to max_cpus - 1;
+ * busy counts user, nice, system, irq, softirq and steal, idle counts idle
+ * and iowait) from /proc/stat.  One call for all of it, without the GIL:
+ * read from Python, each file's read would hand the GIL over and back
+ * among the waiting workers.  Returns the number of tasks, or -errno. */
+int nbdl_sample_times (struct nbdl_task_times *tasks, int max_tasks,
+                       uint64_t *busy, uint64_t *idle, int max_cpus);
+
 /* Pin the calling thread's Python thread state now (if the image pins),
  * without doing any I/O. */
 int nbdl_pin_thread (struct nbdl_image *img);

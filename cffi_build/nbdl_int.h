@@ -59,6 +59,7 @@ struct nbdl_image {
   int placement;
   uint32_t busy_at;
   cpu_set_t busy, idle;
+  int same_sets;             /* busy == idle: the pool is spread */
   uint32_t placement_gen;    /* atomic: bumped when the sets change */
   uint32_t inflight;         /* atomic: nbdl_rw calls in progress */
   int sched_batch;           /* new worker threads switch to SCHED_BATCH */

@@ -82,6 +82,7 @@ nbdl_image_set_placement (struct nbdl_image *img, const int *busy, int nbusy,
    * new is only placed once more, when it sees the new generation. */
   img->busy = b;
   img->idle = l;
+  img->same_sets = CPU_EQUAL (&b, &l);
   img->busy_at = busy_at;
   img->placement = 1;
   __atomic_add_fetch (&img->placement_gen, 1, __ATOMIC_RELEASE);
@@ -268,6 +269,11 @@ place_thread (struct nbdl_image *img, uint32_t n)
     return;
   if (want == t->placed)
     return;
+  /* Spread (busy == idle): once placed, crossing a threshold moves nothing. */
+  if (t->placed != PLACED_NOWHERE && img->same_sets) {
+    t->placed = want;
+    return;
+  }
   if (sched_setaffinity (0, sizeof (cpu_set_t),
                          want == PLACED_BUSY ? &img->busy : &img->idle) == 0) {
     t->placed = want;

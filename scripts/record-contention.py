@@ -46,7 +46,8 @@ def main() -> None:
         with server:
             fio = threading.Thread(target=bench.run_fio, args=(
                 w, bench.Target(uri=server.uri), args.seconds, size, args.client_cpus))
-            watch = placement.Watch(set(where.idle), pid=str(server.server_pid))
+            pid = server.server_pid
+            watch = placement.Watch(set(where.idle), read=lambda: placement.read_times(pid))
             watch.sample(time.monotonic())
             fio.start()
             samples = []
@@ -56,7 +57,6 @@ def main() -> None:
                 if s is not None:
                     samples.append({"seconds": s.seconds, "run": s.run, "wait": s.wait,
                                     "busy": s.busy, "pool": s.pool})
-            watch.close()
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "host": platform.node(), "kernel": platform.release(),
             "home": sorted(where.busy), "allowed": sorted(where.idle),

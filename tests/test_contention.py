@@ -226,16 +226,17 @@ def test_cpu_and_thread_times_parse_what_the_kernel_writes():
     assert placement.thread_times(schedstat, stat_line) == (123456, 7890, 1)
 
 
-def test_watch_sees_this_process_run():
-    watch = placement.Watch(set(os.sched_getaffinity(0)))
-    try:
-        assert watch.sample(time.monotonic()) is None
-        end = time.monotonic() + 0.3
-        while time.monotonic() < end:
-            pass
-        s = watch.sample(time.monotonic())
-    finally:
-        watch.close()
+@pytest.mark.parametrize("how", ["engine", "python"])
+def test_watch_sees_this_process_run(how):
+    """The engine's reader (one C call, in the server) and the Python one
+    (for another process) see this process spin for 0.3 s."""
+    read = None if how == "engine" else placement.read_times
+    watch = placement.Watch(set(os.sched_getaffinity(0)), read=read)
+    assert watch.sample(time.monotonic()) is None
+    end = time.monotonic() + 0.3
+    while time.monotonic() < end:
+        pass
+    s = watch.sample(time.monotonic())
     assert s is not None and 0.2 < s.seconds < 5
     assert s.run >= 0.2 and sum(s.pool.values()) == pytest.approx(s.run)
     assert sum(s.busy.values()) >= 0.1

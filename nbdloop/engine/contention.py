@@ -80,9 +80,9 @@ class Rule:
     loaded: float = 0.2            # the pool must run this share of a CPU to count
     confirm: int = 3
     dwell: float = 1.0
-    margin: float = 0.05
-    probe: float = 4.0
-    max_probe: float = 32.0
+    margin: float = 0.1
+    probe: float = 8.0
+    max_probe: float = 64.0
     state: str = HOME
     #: (time, state, why) of every change, for the log and the tests.
     changes: list[tuple[float, str, str]] = field(default_factory=list)

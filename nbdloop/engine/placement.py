@@ -13,9 +13,9 @@ syntax for everyone; it does no I/O beyond reading sysfs and /proc, and it
 gives up (returns None) whenever the answer is not clear: no block device
 under the image, interrupts on every CPU (multi-queue NVMe), one CPU only.
 
-With ``--placement auto`` the busy set is not fixed: :class:`Adaptive` feeds
-the rule of :mod:`nbdloop.engine.contention` with samples :class:`Watch`
-reads from /proc, and spreads the pool over every allowed CPU when other
+With ``--placement auto`` the busy set is not fixed: :class:`Adaptive`, a
+thread of the server, feeds the rule of :mod:`nbdloop.engine.contention`
+with samples :class:`Watch` reads from /proc, and spreads the pool over every allowed CPU when other
 work (the client) crowds its own; ``--placement irq`` keeps it fixed.
 """
 from __future__ import annotations
@@ -212,77 +212,55 @@ def thread_times(schedstat: str, stat: str) -> tuple[int, int, int]:
     return int(run), int(wait), cpu
 
 
-class Watch:
-    """The samples the contention rule is fed, read from /proc: each of this
-    process's threads' run time and run delay (``/proc/self/task/*/schedstat``)
-    and the CPU it last ran on (its ``stat``: where its run time is counted),
-    and each CPU's busy and idle ticks (``/proc/stat``).  The files stay
-    open and are re-read with pread, so a sample costs a few system calls
-    per thread."""
+Times = tuple[list[tuple[int, int, int, int]], dict[int, tuple[int, int]]]
 
-    def __init__(self, cpus: set[int], proc: Path = Path("/proc"), pid: str = "self") -> None:
+
+def read_times(pid: int | str = "self", proc: Path = Path("/proc")) -> Times:
+    """What :func:`nbdloop.engine.uring.sample_times` reads, read from
+    Python, for a process other than this one (scripts/record-contention.py
+    records a server's samples from outside)."""
+    threads = []
+    tasks = proc / str(pid) / "task"
+    for name in os.listdir(tasks):
+        try:
+            run, wait, cpu = thread_times((tasks / name / "schedstat").read_text(),
+                                          (tasks / name / "stat").read_text())
+        except (OSError, ValueError, IndexError):
+            continue            # the thread has just ended
+        threads.append((int(name), cpu, run, wait))
+    return threads, cpu_times((proc / "stat").read_text())
+
+
+class Watch:
+    """The samples the contention rule is fed: each of the process's
+    threads' run time and run delay, attributed to the CPU it last ran on,
+    and each allowed CPU's busy share, as differences between two reads of
+    ``read`` (default :func:`nbdloop.engine.uring.sample_times`: this
+    process, read without holding the GIL)."""
+
+    def __init__(self, cpus: set[int], read: Callable[[], Times] | None = None) -> None:
         self.cpus = frozenset(cpus)
-        self.proc = proc
-        self._tasks_dir = proc / pid / "task"     # another pid: to record its samples
-        self._stat_fd = os.open(proc / "stat", os.O_RDONLY | os.O_CLOEXEC)
-        self._tasks: dict[int, tuple[int, int]] = {}
+        if read is None:
+            from nbdloop.engine import uring
+            read = uring.sample_times
+        self._read = read
         self._threads: dict[int, tuple[int, int]] = {}
         self._cpus: dict[int, tuple[int, int]] = {}
         self._when: float | None = None
 
-    def close(self) -> None:
-        for fds in self._tasks.values():
-            for fd in fds:
-                os.close(fd)
-        self._tasks.clear()
-        if self._stat_fd >= 0:
-            os.close(self._stat_fd)
-            self._stat_fd = -1
-
-    def _read(self, fd: int) -> str:
-        return os.pread(fd, 65536, 0).decode()
-
-    def _task_fds(self, tid: int) -> tuple[int, int] | None:
-        fds = self._tasks.get(tid)
-        if fds is None:
-            task = self._tasks_dir / str(tid)
-            try:
-                first = os.open(task / "schedstat", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                return None
-            try:
-                fds = (first, os.open(task / "stat", os.O_RDONLY | os.O_CLOEXEC))
-            except OSError:
-                os.close(first)
-                return None
-            self._tasks[tid] = fds
-        return fds
-
     def sample(self, now: float) -> Sample | None:
         """What happened since the last call (None at the first)."""
+        threads, times = self._read()
         run = wait = 0.0
         pool: dict[int, float] = {}
-        alive = set()
-        for name in os.listdir(self._tasks_dir):
-            tid = int(name)
-            fds = self._task_fds(tid)
-            if fds is None:
-                continue
-            try:
-                r, w, cpu = thread_times(self._read(fds[0]), self._read(fds[1]))
-            except (OSError, ValueError, IndexError):
-                continue        # the thread has just ended
-            alive.add(tid)
+        seen = {}
+        for tid, cpu, r, w in threads:
             r0, w0 = self._threads.get(tid, (r, w))
-            self._threads[tid] = (r, w)
+            seen[tid] = (r, w)
             run += (r - r0) / 1e9
             wait += (w - w0) / 1e9
             pool[cpu] = pool.get(cpu, 0.0) + (r - r0) / 1e9
-        for tid in set(self._tasks) - alive:
-            for fd in self._tasks.pop(tid):
-                os.close(fd)
-            self._threads.pop(tid, None)
-        times = cpu_times(self._read(self._stat_fd))
+        self._threads = seen
         before, self._cpus = self._cpus, times
         when, self._when = self._when, now
         if when is None or now <= when:
@@ -298,49 +276,55 @@ class Watch:
 
 
 class Adaptive:
-    """The contention rule run from the request path: every ``every``
-    requests a worker looks at the clock, and once ``interval`` has passed
-    (and no other worker is at it) it takes a sample, feeds the rule and,
-    if the rule says so, gives the engine the pool's new CPUs.  A request
-    costs a counter; a sample, a few system calls per thread."""
+    """The contention rule at work in the server: a thread of its own takes
+    a sample every ``interval`` seconds (every ``idle_interval`` while no
+    request comes), feeds the rule and, if the rule says so, gives the
+    engine the pool's new CPUs.  Nothing of it runs per request: the
+    request count is the engine's own counter, and the thread holds the
+    GIL only to do the arithmetic (the reading is one C call without it)."""
 
     def __init__(self, where: Placement, apply: Callable[[set[int], set[int]], None],
-                 log: Callable[[str], None], *, interval: float = 0.15, every: int = 64,
+                 log: Callable[[str], None], requests: Callable[[], int], *,
+                 interval: float = 0.15, idle_interval: float = 1.0,
                  watch: Watch | None = None, **rule) -> None:
         self.where = where
         self.rule = Rule(home=where.busy, allowed=where.idle, **rule)
         self.watch = watch or Watch(set(where.idle))
         self._apply = apply
         self._log = log
+        self._requests = requests
         self._interval = interval
-        self._every = every
-        self._count = 0
-        self._counted = 0
-        self._last = 0.0
-        self._lock = threading.Lock()
+        self._idle_interval = idle_interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def tick(self) -> None:
-        self._count += 1        # under the GIL; a lost increment only delays a sample
-        if self._count % self._every:
-            return
-        now = time.monotonic()
-        if now - self._last < self._interval or not self._lock.acquire(blocking=False):
-            return
-        try:
-            self._last = now
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="nbdloop-placement",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        counted = self._requests()
+        wait = self._interval
+        while not self._stop.wait(wait):
+            now = time.monotonic()
             sample = self.watch.sample(now)
-            requests, self._counted = self._count - self._counted, self._count
-            if sample is None:
-                return
-            sample = dataclasses.replace(sample, requests=requests)
-            cpus = self.rule.feed(now, sample)
-            if cpus is not None:
-                self._apply(set(cpus), set(self.where.idle))
-                self._log(f"workers {self.rule.state}: CPU {format_cpu_list(cpus)} under load: "
-                          f"{self.rule.changes[-1][2]} (the pool waited "
-                          f"{sample.waiting():.0%} of its time, {sample.rate():.0f} requests/s)")
-        finally:
-            self._lock.release()
+            count = self._requests()
+            requests, counted = count - counted, count
+            wait = self._interval if requests else self._idle_interval
+            if sample is not None:
+                self.step(now, dataclasses.replace(sample, requests=requests))
 
-    def close(self) -> None:
-        self.watch.close()
+    def step(self, now: float, sample: Sample) -> None:
+        """Feed one sample to the rule and act on its answer."""
+        cpus = self.rule.feed(now, sample)
+        if cpus is not None:
+            self._apply(set(cpus), set(self.where.idle))
+            self._log(f"workers {self.rule.state}: CPU {format_cpu_list(cpus)} under load: "
+                      f"{self.rule.changes[-1][2]} (the pool waited "
+                      f"{sample.waiting():.0%} of its time, {sample.rate():.0f} requests/s)")

@@ -38,10 +38,10 @@ API_VERSION = 2
 builtins_open = builtins.open   # this module's open() is nbdkit's callback
 
 # Module state is the configuration, written only by config() on the main
-# thread before any connection, and the Backing and the adaptive placement,
-# each set once in get_ready().  The Backing is shared by all connections
-# and is thread safe (see its docstring); the placement takes its own lock
-# when it samples; nothing else is shared.  The one
+# thread before any connection, and the Backing and the adaptive placement
+# (a thread of its own), each set once in get_ready().  The Backing is
+# shared by all connections and is thread safe (see its docstring);
+# nothing else is shared.  The one
 # other change to the interpreter is made once, at import: the traceback
 # formatter that nbdkit logs errors with (_one_line_for_failed_requests).
 _config = {
@@ -183,7 +183,9 @@ def get_ready():
             _log(f"workers run on CPU {busy} under load (CPU {irq} takes the disk's "
                  f"interrupts) and anywhere on CPU {idle} when alone")
             if _config["placement"] == "auto":
-                _adaptive = placement.Adaptive(where, _backing.engine.set_placement, _log)
+                _adaptive = placement.Adaptive(where, _backing.engine.set_placement, _log,
+                                               lambda: uring.stats()["requests"])
+                _adaptive.start()
 
 
 def _log(message):
@@ -195,7 +197,7 @@ def cleanup():
     # detach does) may never run that connection's close().
     _write_stats()
     if _adaptive is not None:
-        _adaptive.close()
+        _adaptive.stop()
     if _backing is not None:
         _backing.close()
 
@@ -286,15 +288,11 @@ def can_extents(h):
 @_reports_errno
 def pread(h, buf, offset, flags):
     h.pread(buf, offset)
-    if _adaptive is not None:
-        _adaptive.tick()
 
 
 @_reports_errno
 def pwrite(h, buf, offset, flags):
     h.pwrite(buf, offset, flags & nbdkit.FLAG_FUA != 0)
-    if _adaptive is not None:
-        _adaptive.tick()
 
 
 @_reports_errno

@@ -13,7 +13,7 @@ from nbdloop.engine.plan import NOT_RUN, Segment
 
 __all__ = ["OP_READ", "OP_WRITE", "OP_WRITE_ZEROES", "LOCK_NONE", "LOCK_SHARED",
            "LOCK_EXCLUSIVE", "PLACE_MAX_LEN", "check", "dio_alignment", "stats",
-           "set_io_flusher", "lock_memory", "release_thread", "Engine"]
+           "sample_times", "set_io_flusher", "lock_memory", "release_thread", "Engine"]
 
 OP_READ = lib.NBDL_OP_READ
 OP_WRITE = lib.NBDL_OP_WRITE
@@ -58,6 +58,24 @@ def stats() -> dict[str, int]:
     out = ffi.new("struct nbdl_stats *")
     lib.nbdl_stats(out)
     return {name: getattr(out, name) for name in _STAT_FIELDS}
+
+
+_MAX_TASKS = 1024      # nbdkit's workers: 16 a connection by default
+_MAX_CPUS = 1024
+
+
+def sample_times() -> tuple[list[tuple[int, int, int, int]], dict[int, tuple[int, int]]]:
+    """This process's threads as (tid, last CPU, ns run, ns waited for a
+    CPU), and each CPU's (busy, idle) clock ticks so far; read in one call
+    that does not hold the GIL (nbdl_sample_times)."""
+    tasks = ffi.new("struct nbdl_task_times[]", _MAX_TASKS)
+    busy = ffi.new("uint64_t[]", _MAX_CPUS)
+    idle = ffi.new("uint64_t[]", _MAX_CPUS)
+    n = check(lib.nbdl_sample_times(tasks, _MAX_TASKS, busy, idle, _MAX_CPUS),
+              "reading /proc/self/task and /proc/stat")
+    threads = [(t.tid, t.cpu, t.run_ns, t.wait_ns) for t in tasks[0:n]]
+    cpus = {c: (busy[c], idle[c]) for c in range(_MAX_CPUS) if busy[c] or idle[c]}
+    return threads, cpus
 
 
 def set_io_flusher() -> None:
