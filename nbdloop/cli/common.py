@@ -2,6 +2,7 @@
 types and the options that several commands take."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -69,6 +70,11 @@ def warn_if_unsettled(image: str, mode: str, start: int, end: int) -> None:
     except OSError:
         return          # whoever opens it next says why
     try:
+        # An image written a moment ago is still being written back, and
+        # ext4 shows blocks under writeback as unwritten extents until it
+        # completes: settle them first, or a written image looks holey.
+        with contextlib.suppress(OSError):
+            os.fdatasync(fd)
         n = extents.unsettled(fd, start, end)
     finally:
         os.close(fd)

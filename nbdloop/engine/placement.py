@@ -183,7 +183,7 @@ def choose(path: str, allowed: set[int] | None = None, **kw) -> Placement | None
     return Placement(busy=frozenset(busy), idle=frozenset(allowed), irq=frozenset(irq))
 
 
-# ---- the adaptive rule's samples, and the rule run from the request path ----------
+# ---- the adaptive rule: its samples, and the thread that feeds it ------------------
 
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)   # user nice system irq softirq steal, in /proc/stat
 _IDLE_FIELDS = (3, 4)               # idle iowait
