@@ -48,18 +48,12 @@ class Sample:
     run: float                      # CPU seconds the pool's threads ran
     wait: float                     # seconds they were runnable, waiting for a CPU
     busy: Mapping[int, float]       # per CPU: seconds busy with anything
-    pool: Mapping[int, float]       # per CPU: seconds the pool ran there
+    pool: Mapping[int, float]       # per CPU: seconds the pool ran there (for the record)
     requests: int = 0               # requests served
 
     def waiting(self) -> float:
         total = self.run + self.wait
         return self.wait / total if total > 0 else 0.0
-
-    def other(self, cpu: int) -> float:
-        """The share of ``cpu`` busy with work that is not the pool's."""
-        if self.seconds <= 0:
-            return 0.0
-        return max(0.0, self.busy.get(cpu, 0.0) - self.pool.get(cpu, 0.0)) / self.seconds
 
     def free(self, cpu: int) -> float:
         if self.seconds <= 0:
