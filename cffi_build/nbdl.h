@@ -143,16 +143,15 @@ int nbdl_mlockall (void);
 
 /* One thread of this process, for the adaptive placement rule
  * (nbdloop/engine/contention.py): nanoseconds run and waited for a CPU
- * (its schedstat), and the CPU it last ran on. */
+ * (its schedstat). */
 struct nbdl_task_times {
   int32_t tid;
-  int32_t cpu;
   uint64_t run_ns;
   uint64_t wait_ns;
 };
 
-/* Fill tasks[] (at most max_tasks) from /proc/self/task/<tid>/schedstat and
- * stat, and busy[] and idle[] (clock ticks so far, CPUs 0 to max_cpus - 1;
+/* Fill tasks[] (at most max_tasks) from /proc/self/task/<tid>/schedstat,
+ * and busy[] and idle[] (clock ticks so far, CPUs 0 to max_cpus - 1;
  * busy counts user, nice, system, irq, softirq and steal, idle counts idle
  * and iowait) from /proc/stat.  One call for all of it, without the GIL:
  * read from Python, each file's read would hand the GIL over and back

@@ -118,8 +118,7 @@ nbdl_sample_times (struct nbdl_task_times *tasks, int max_tasks,
     return -errno;
   while (n < max_tasks && (de = readdir (dir)) != NULL) {
     unsigned long long run, wait;
-    int tid = atoi (de->d_name), field;
-    char *p;
+    int tid = atoi (de->d_name);
 
     if (tid <= 0)
       continue;
@@ -127,17 +126,7 @@ nbdl_sample_times (struct nbdl_task_times *tasks, int max_tasks,
     if (read_proc (path, buf, sizeof buf) <= 0 ||
         sscanf (buf, "%llu %llu", &run, &wait) != 2)
       continue;          /* the thread has just ended */
-    snprintf (path, sizeof path, "/proc/self/task/%d/stat", tid);
-    if (read_proc (path, buf, sizeof buf) <= 0 || (p = strrchr (buf, ')')) == NULL)
-      continue;
-    /* The name may hold spaces and ')'; after the last ')' comes field 3
-     * (state), and the CPU is field 39. */
-    for (field = 2; field < 39 && p != NULL; field++)
-      p = strchr (p + 1, ' ');
-    if (p == NULL)
-      continue;
     tasks[n].tid = tid;
-    tasks[n].cpu = atoi (p + 1);
     tasks[n].run_ns = run;
     tasks[n].wait_ns = wait;
     n++;

@@ -56,7 +56,7 @@ def main() -> None:
                 s = watch.sample(time.monotonic())
                 if s is not None:
                     samples.append({"seconds": s.seconds, "run": s.run, "wait": s.wait,
-                                    "busy": s.busy, "pool": s.pool})
+                                    "busy": s.busy})
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "host": platform.node(), "kernel": platform.release(),
             "home": sorted(where.busy), "allowed": sorted(where.idle),

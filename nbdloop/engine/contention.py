@@ -48,7 +48,6 @@ class Sample:
     run: float                      # CPU seconds the pool's threads ran
     wait: float                     # seconds they were runnable, waiting for a CPU
     busy: Mapping[int, float]       # per CPU: seconds busy with anything
-    pool: Mapping[int, float]       # per CPU: seconds the pool ran there (for the record)
     requests: int = 0               # requests served
 
     def waiting(self) -> float:

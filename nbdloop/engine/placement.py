@@ -15,8 +15,9 @@ under the image, interrupts on every CPU (multi-queue NVMe), one CPU only.
 
 With ``--placement auto`` the busy set is not fixed: :class:`Adaptive`, a
 thread of the server, feeds the rule of :mod:`nbdloop.engine.contention`
-with samples :class:`Watch` reads from /proc, and spreads the pool over every allowed CPU when other
-work (the client) crowds its own; ``--placement irq`` keeps it fixed.
+with samples :class:`Watch` reads from /proc, and spreads the pool over
+every allowed CPU when it waits for a CPU while another idles (the client
+crowds its own); ``--placement irq`` keeps it fixed.
 """
 from __future__ import annotations
 
@@ -202,17 +203,13 @@ def cpu_times(text: str) -> dict[int, tuple[int, int]]:
     return out
 
 
-def thread_times(schedstat: str, stat: str) -> tuple[int, int, int]:
-    """(ns run, ns waited for a CPU, the CPU it last ran on) of one thread,
-    from its /proc/.../schedstat and stat."""
+def thread_times(schedstat: str) -> tuple[int, int]:
+    """(ns run, ns waited for a CPU) of one thread, from its /proc/.../schedstat."""
     run, wait, _ = schedstat.split()
-    # The command name may hold spaces and parentheses; what follows the
-    # last ')' starts at field 3 (state), so field 39 (processor) is [36].
-    cpu = int(stat[stat.rindex(")") + 2:].split()[36])
-    return int(run), int(wait), cpu
+    return int(run), int(wait)
 
 
-Times = tuple[list[tuple[int, int, int, int]], dict[int, tuple[int, int]]]
+Times = tuple[list[tuple[int, int, int]], dict[int, tuple[int, int]]]
 
 
 def read_times(pid: int | str = "self", proc: Path = Path("/proc")) -> Times:
@@ -223,18 +220,17 @@ def read_times(pid: int | str = "self", proc: Path = Path("/proc")) -> Times:
     tasks = proc / str(pid) / "task"
     for name in os.listdir(tasks):
         try:
-            run, wait, cpu = thread_times((tasks / name / "schedstat").read_text(),
-                                          (tasks / name / "stat").read_text())
-        except (OSError, ValueError, IndexError):
+            run, wait = thread_times((tasks / name / "schedstat").read_text())
+        except (OSError, ValueError):
             continue            # the thread has just ended
-        threads.append((int(name), cpu, run, wait))
+        threads.append((int(name), run, wait))
     return threads, cpu_times((proc / "stat").read_text())
 
 
 class Watch:
-    """The samples the contention rule is fed: each of the process's
-    threads' run time and run delay, attributed to the CPU it last ran on,
-    and each allowed CPU's busy share, as differences between two reads of
+    """The samples the contention rule is fed: the process's threads' run
+    time and run delay, and each allowed CPU's busy share, as differences
+    between two reads of
     ``read`` (default :func:`nbdloop.engine.uring.sample_times`: this
     process, read without holding the GIL)."""
 
@@ -252,14 +248,12 @@ class Watch:
         """What happened since the last call (None at the first)."""
         threads, times = self._read()
         run = wait = 0.0
-        pool: dict[int, float] = {}
         seen = {}
-        for tid, cpu, r, w in threads:
+        for tid, r, w in threads:
             r0, w0 = self._threads.get(tid, (r, w))
             seen[tid] = (r, w)
             run += (r - r0) / 1e9
             wait += (w - w0) / 1e9
-            pool[cpu] = pool.get(cpu, 0.0) + (r - r0) / 1e9
         self._threads = seen
         before, self._cpus = self._cpus, times
         when, self._when = self._when, now
@@ -272,7 +266,7 @@ class Watch:
             b0, i0 = before.get(cpu, (b1, i1))
             ticks = (b1 - b0) + (i1 - i0)
             busy[cpu] = seconds * (b1 - b0) / ticks if ticks > 0 else 0.0
-        return Sample(seconds=seconds, run=run, wait=wait, busy=busy, pool=pool)
+        return Sample(seconds=seconds, run=run, wait=wait, busy=busy)
 
 
 class Adaptive:

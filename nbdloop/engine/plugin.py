@@ -41,9 +41,9 @@ builtins_open = builtins.open   # this module's open() is nbdkit's callback
 # thread before any connection, and the Backing and the adaptive placement
 # (a thread of its own), each set once in get_ready().  The Backing is
 # shared by all connections and is thread safe (see its docstring);
-# nothing else is shared.  The one
-# other change to the interpreter is made once, at import: the traceback
-# formatter that nbdkit logs errors with (_one_line_for_failed_requests).
+# nothing else is shared.  The one other change to the interpreter is made
+# once, at import: the traceback formatter that nbdkit logs errors with
+# (_one_line_for_failed_requests).
 _config = {
     "file": None,
     "fd": None,
