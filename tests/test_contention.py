@@ -238,6 +238,41 @@ def test_watch_sees_this_process_run(how):
     assert sum(s.busy.values()) >= 0.1
 
 
+def test_the_sampler_reads_nothing_while_idle_and_starts_afresh():
+    """While no request comes only the request counter is read; the first
+    sample fed to the rule after a pause begins after the requests did, so
+    the idle time does not dilute it (that delayed the rule by a second)."""
+    reads, fed, served = [], [], [0]
+
+    def read():
+        reads.append(time.monotonic())
+        n = len(reads)
+        return [(1, n * 10**7, n * 10**7)], {0: (n, n), 1: (n, n)}
+
+    where = placement.Placement(busy=HOME_CPUS, idle=ALL, irq=ALL - HOME_CPUS)
+    a = placement.Adaptive(where, lambda busy, idle: None, lambda message: None,
+                           lambda: served[0], interval=0.01,
+                           watch=placement.Watch(set(ALL), read=read))
+    a.step = lambda now, s: fed.append((now, s))
+    a.start()
+    try:
+        time.sleep(0.2)
+        assert reads == [] and fed == []
+        began = time.monotonic()
+        for _ in range(200):
+            served[0] += 100
+            time.sleep(0.005)
+            if len(fed) >= 3:
+                break
+    finally:
+        a.stop()
+    assert len(fed) >= 3, fed
+    assert reads[0] >= began
+    now, first = fed[0]
+    assert now - first.seconds >= began
+    assert all(s.requests > 0 for _, s in fed)
+
+
 def load_until(h, log: Path, phrase: str, hog_cpu: int, give_up: float = 60.0) -> str:
     """32 reads in flight, and a CPU hog on ``hog_cpu``, until the server's
     log says ``phrase`` (or ``give_up`` seconds pass); returns the log."""

@@ -271,15 +271,17 @@ class Watch:
 
 class Adaptive:
     """The contention rule at work in the server: a thread of its own takes
-    a sample every ``interval`` seconds (every ``idle_interval`` while no
-    request comes), feeds the rule and, if the rule says so, gives the
-    engine the pool's new CPUs.  Nothing of it runs per request: the
-    request count is the engine's own counter, and the thread holds the
-    GIL only to do the arithmetic (the reading is one C call without it)."""
+    a sample every ``interval`` seconds, feeds the rule and, if the rule
+    says so, gives the engine the pool's new CPUs.  Nothing of it runs per
+    request: the request count is the engine's own counter, and the thread
+    holds the GIL only to do the arithmetic (the reading is one C call
+    without it).  While no request comes it reads only that counter, and
+    the first sample after a pause starts afresh: one that spanned the
+    pause would count the load as light and delay the rule by a sample."""
 
     def __init__(self, where: Placement, apply: Callable[[set[int], set[int]], None],
                  log: Callable[[str], None], requests: Callable[[], int], *,
-                 interval: float = 0.15, idle_interval: float = 1.0,
+                 interval: float = 0.15,
                  watch: Watch | None = None, **rule) -> None:
         self.where = where
         self.rule = Rule(home=where.busy, allowed=where.idle, **rule)
@@ -288,7 +290,6 @@ class Adaptive:
         self._log = log
         self._requests = requests
         self._interval = interval
-        self._idle_interval = idle_interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -304,15 +305,21 @@ class Adaptive:
 
     def _run(self) -> None:
         counted = self._requests()
-        wait = self._interval
-        while not self._stop.wait(wait):
+        paused = True
+        while not self._stop.wait(self._interval):
+            count = self._requests()
+            if paused and count == counted:
+                continue
             now = time.monotonic()
             sample = self.watch.sample(now)
+            if paused:
+                counted, paused = count, False     # the sample is only the new baseline
+                continue
             count = self._requests()
             requests, counted = count - counted, count
-            wait = self._interval if requests else self._idle_interval
             if sample is not None:
                 self.step(now, dataclasses.replace(sample, requests=requests))
+            paused = requests == 0
 
     def step(self, now: float, sample: Sample) -> None:
         """Feed one sample to the rule and act on its answer."""
