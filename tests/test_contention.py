@@ -254,23 +254,32 @@ def test_the_sampler_reads_nothing_while_idle_and_starts_afresh():
                            lambda: served[0], interval=0.01,
                            watch=placement.Watch(set(ALL), read=read))
     a.step = lambda now, s: fed.append((now, s))
+    def load() -> tuple[float, int]:
+        began, before = time.monotonic(), len(fed)
+        for _ in range(200):
+            served[0] += 100
+            time.sleep(0.005)
+            if len(fed) >= before + 3:
+                break
+        return began, before
+
     a.start()
     try:
         time.sleep(0.2)
         assert reads == [] and fed == []
-        began = time.monotonic()
-        for _ in range(200):
-            served[0] += 100
-            time.sleep(0.005)
-            if len(fed) >= 3:
-                break
+        began, _ = load()
+        time.sleep(0.2)                     # a pause: the sample that sees it, then nothing
+        paused_reads = len(reads)
+        time.sleep(0.2)
+        assert len(reads) == paused_reads
+        again, before = load()
     finally:
         a.stop()
-    assert len(fed) >= 3, fed
     assert reads[0] >= began
-    now, first = fed[0]
-    assert now - first.seconds >= began
-    assert all(s.requests > 0 for _, s in fed)
+    for start, first in ((began, 0), (again, before)):
+        assert len(fed) >= first + 3, fed
+        now, s = fed[first]
+        assert now - s.seconds >= start and s.requests > 0
 
 
 def load_until(h, log: Path, phrase: str, hog_cpu: int, give_up: float = 60.0) -> str:

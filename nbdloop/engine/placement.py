@@ -307,16 +307,15 @@ class Adaptive:
         counted = self._requests()
         paused = True
         while not self._stop.wait(self._interval):
-            count = self._requests()
-            if paused and count == counted:
+            if paused and self._requests() == counted:
                 continue
             now = time.monotonic()
             sample = self.watch.sample(now)
-            if paused:
-                counted, paused = count, False     # the sample is only the new baseline
-                continue
             count = self._requests()
             requests, counted = count - counted, count
+            if paused:
+                paused = False      # the sample is only the new baseline
+                continue
             if sample is not None:
                 self.step(now, dataclasses.replace(sample, requests=requests))
             paused = requests == 0
