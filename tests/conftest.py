@@ -75,6 +75,23 @@ def run(argv, **kw) -> subprocess.CompletedProcess:
     return p
 
 
+def umount(mnt: Path, wait: float = 30.0) -> None:
+    """Unmount ``mnt``, retrying while the kernel says it is busy.
+
+    After an io_uring ring is freed, an io-wq worker can still hold the
+    request that last used the image, and with it the file, for a moment;
+    the mount is busy until the worker lets go (the same delay that the
+    teardown of tests/test_engine.py's machine notes for the flock)."""
+    deadline = time.monotonic() + wait
+    while True:
+        p = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
+        if p.returncode == 0:
+            return
+        if "busy" not in p.stderr or time.monotonic() > deadline:
+            raise AssertionError(f"umount {mnt} exited {p.returncode}: {p.stderr.strip()}")
+        time.sleep(0.05)
+
+
 def nbdsh(uri: str, code: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run nbdsh with this interpreter (Debian's, which has python3-libnbd),
     whatever python3 comes first on PATH."""
@@ -135,7 +152,7 @@ def fourk_fs(tmp_path):
         try:
             yield mnt
         finally:
-            run(["umount", str(mnt)])
+            umount(mnt)
     finally:
         run(["losetup", "-d", dev])
 
