@@ -68,6 +68,7 @@ struct nbdl_stats {
   uint64_t unplaced;   /* requests too long to move their worker */
   uint64_t threads;    /* threads that called into the engine */
   uint64_t io_flushers; /* ... of which PR_GET_IO_FLUSHER said 1 */
+  uint64_t wait_slices; /* waits for completions that timed out with none */
 };
 
 struct nbdl_image;

@@ -322,36 +322,97 @@ prep_rw (struct nbdl_ring *r, int write, char *addr, uint32_t len,
   sqe->user_data = user_data;
 }
 
-/* Submit the n prepared SQEs and wait for all of their completions,
- * storing each result in res[user_data] and its arrival in order[...];
- * user_data is below nslots.  Returns 0, or -errno if the SQEs could not
- * all be submitted; then every slot still marked NBDL_NOT_RUN gets that
- * error and the ring is marked broken (unsubmitted SQEs are stuck in it),
- * to be dropped by the caller once it no longer uses the bounce slots. */
+/* A wait for completions returns after at most WAIT_SLICE_S seconds and is
+ * entered again.  Entering again runs any completion work the kernel queued
+ * for this thread without waking it, so a lost wakeup costs a slice instead
+ * of hanging the request; a wave that still has nothing after
+ * STALL_REPORT_SLICES slices says so on stderr, and again as often after. */
+#define WAIT_SLICE_S 1
+#define STALL_REPORT_SLICES 10
+
+/* Store each completion now in the CQ ring in res[user_data] and its
+ * arrival in order[...]; returns how many of them were ours (user_data
+ * below nslots: liburing's own timeout CQEs are not). */
+static unsigned
+take_cqes (struct nbdl_ring *r, unsigned nslots, int64_t *res,
+           uint32_t *order, uint32_t *next_order)
+{
+  struct io_uring_cqe *cqe;
+  unsigned head, seen = 0, ours = 0;
+
+  io_uring_for_each_cqe (&r->ring, head, cqe) {
+    uint64_t i = cqe->user_data;
+    if (i < nslots) {
+      res[i] = cqe->res;
+      order[i] = (*next_order)++;
+      ours++;
+    }
+    seen++;
+  }
+  io_uring_cq_advance (&r->ring, seen);
+  return ours;
+}
+
+/* Submit the n prepared SQEs and wait for all of their completions (see
+ * take_cqes); user_data is below nslots.  Returns 0, or -errno if the SQEs
+ * could not all be submitted; then every slot still marked NBDL_NOT_RUN
+ * gets that error and the ring is marked broken (unsubmitted SQEs are stuck
+ * in it), to be dropped by the caller once it no longer uses the bounce
+ * slots. */
 static int
 submit_and_reap (struct nbdl_ring *r, unsigned n, unsigned nslots,
                  int64_t *res, uint32_t *order, uint32_t *next_order)
 {
-  unsigned submitted = 0, reaped = 0;
+  /* Without IORING_FEAT_EXT_ARG liburing would time a wait with an SQE of
+   * its own, and a full SQ ring has no room for one: wait unbounded. */
+  int bounded = (r->ring.features & IORING_FEAT_EXT_ARG) != 0;
+  struct __kernel_timespec slice = { .tv_sec = WAIT_SLICE_S, .tv_nsec = 0 };
+  unsigned submitted = 0, reaped = 0, idle = 0;
   int ret = 0, tries = 0;
 
   STAT_ADD (sqes, n);
   STAT_ADD (waves, 1);
   while (submitted < n) {
-    ret = io_uring_submit_and_wait (&r->ring, n - submitted);
-    if (ret > 0) {
-      submitted += ret;
+    struct io_uring_cqe *cqe;
+    unsigned now;
+
+    /* One system call submits and waits; its return value mixes the two,
+     * so what was submitted is read from the SQ ring instead. */
+    if (bounded)
+      ret = io_uring_submit_and_wait_timeout (&r->ring, &cqe, n, &slice, NULL);
+    else
+      ret = io_uring_submit_and_wait (&r->ring, n - submitted);
+    now = n - io_uring_sq_ready (&r->ring);
+    /* liburing says ETIME only when no CQE came; with everything
+     * submitted, that was a whole slice of waiting. */
+    if (ret == -ETIME && now == n) {
+      STAT_ADD (wait_slices, 1);
+      idle++;
+    }
+    if (now > submitted) {
+      submitted = now;
       continue;
     }
-    if ((ret == -EINTR || ret == -EAGAIN || ret == 0) && ++tries < 1000)
+    if ((ret >= 0 || ret == -EINTR || ret == -EAGAIN || ret == -ETIME) && ++tries < 1000)
       continue;
+    if (ret >= 0)
+      ret = -EIO;
     break;
   }
+  reaped += take_cqes (r, nslots, res, order, next_order);
   while (reaped < submitted) {
     struct io_uring_cqe *cqe;
-    unsigned head, seen = 0;
-    int w = io_uring_wait_cqe (&r->ring, &cqe);
+    int w = io_uring_wait_cqes (&r->ring, &cqe, submitted - reaped,
+                                bounded ? &slice : NULL, NULL);
 
+    if (w == -ETIME) {
+      STAT_ADD (wait_slices, 1);
+      if (++idle % STALL_REPORT_SLICES == 0)
+        fprintf (stderr, "nbdloop: %u of %u I/O submissions not completed "
+                 "after %u s; still waiting\n", submitted - reaped, submitted,
+                 idle * WAIT_SLICE_S);
+      continue;
+    }
     if (w == -EINTR || w == -EAGAIN)
       continue;
     if (w < 0) {
@@ -359,16 +420,8 @@ submit_and_reap (struct nbdl_ring *r, unsigned n, unsigned nslots,
       fprintf (stderr, "nbdloop: io_uring_wait_cqe: %s\n", strerror (-w));
       abort ();
     }
-    io_uring_for_each_cqe (&r->ring, head, cqe) {
-      uint64_t i = cqe->user_data;
-      if (i < nslots) {
-        res[i] = cqe->res;
-        order[i] = (*next_order)++;
-      }
-      seen++;
-    }
-    io_uring_cq_advance (&r->ring, seen);
-    reaped += seen;
+    idle = 0;
+    reaped += take_cqes (r, nslots, res, order, next_order);
   }
   if (submitted < n) {
     unsigned i;
@@ -376,9 +429,9 @@ submit_and_reap (struct nbdl_ring *r, unsigned n, unsigned nslots,
      * their user_data slots still hold NBDL_NOT_RUN. */
     for (i = 0; i < nslots; i++)
       if (res[i] == NBDL_NOT_RUN)
-        res[i] = ret < 0 ? ret : -EIO;
+        res[i] = ret;
     r->broken = 1;
-    return ret < 0 ? ret : -EIO;
+    return ret;
   }
   return 0;
 }

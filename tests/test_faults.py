@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_root, require_tools, run
+from conftest import read_stats, require_root, require_tools, run
 
 from nbdloop.serve.children import ServerProcess
 
@@ -233,6 +233,49 @@ def run_aio(h, commands, depth: int = 32) -> list[int]:
                                  "requests in flight: the server hung")
     assert None not in results
     return results  # type: ignore[return-value]
+
+
+def test_a_store_slower_than_a_wait_slice(faulty_store, serve, mode, tmp_path):
+    """Reads from the store take 2.5 s (nbdkit's delay filter): longer than
+    one of the engine's bounded waits for a completion, so a read waits
+    more than once, which the engine's wait_slices counter shows, and then
+    returns the data written before, several requests in flight at once."""
+    import nbd
+    store = faulty_store("--filter=delay", "delay-read=2500ms")
+    stats_file = tmp_path / "stats.json"
+    s = serve(store.path, mode, extra=["--stats-file", str(stats_file)])
+    h = connect(s.uri)
+    data = block(20, 4 * MiB)
+    h.pwrite(data, 0)
+    h.flush()
+    drop_cache(store.path)
+    sizes = [4096, 512, 64 * KiB, MiB]          # the last in several segments
+    offs = [0, 100 * 512 + 512, MiB + 4096, 2 * MiB]
+    bufs = [nbd.Buffer(n) for n in sizes]
+    errs = run_aio(h, [lambda cb, b=b, o=o: h.aio_pread(b, o, completion=cb)
+                       for b, o in zip(bufs, offs)])
+    assert errs == [0] * len(sizes)
+    for b, o, n in zip(bufs, offs, sizes):
+        assert b.to_bytearray() == data[o:o + n], o
+    h.shutdown()
+    stats = read_stats(stats_file)
+    assert stats["wait_slices"] >= 1, stats
+
+
+def test_a_stalled_store_is_reported_and_still_waited_for(faulty_store, serve, tmp_path):
+    """A read that takes 11 s: the server's log says, after ten seconds,
+    that a submission has not completed, and the read then returns its data
+    (the engine never gives up on a submission: the kernel may still be
+    using the buffer)."""
+    store = faulty_store("--filter=delay", "delay-read=11")
+    s = serve(store.path, "direct")
+    h = connect(s.uri)
+    data = block(21, 64 * KiB)
+    h.pwrite(data, 0)
+    h.flush()
+    assert h.pread(len(data), 0) == data
+    log = s.log.read_text(errors="replace")
+    assert re.search(r"nbdloop: 1 of 1 I/O submissions not completed after 10 s", log), log
 
 
 FAULT_ROUNDS = 4
