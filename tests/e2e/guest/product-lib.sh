@@ -3,7 +3,7 @@
 # (nbdloop.vm.product): steps, failures, scenarios that fail on their own.
 # Sourced; $NBDLOOP_REASON and $NBDLOOP_DATA come from the guest's init.
 STEP=start
-step() { STEP=$1; echo "NBDLOOP-STEP: $1"; }
+step() { STEP=$1; read -r at _ < /proc/uptime; echo "NBDLOOP-STEP: $1 at $at"; }
 fail() {
     echo "NBDLOOP-STEP-FAILED: $STEP: $*"
     echo "step $STEP: $*" > "$NBDLOOP_REASON"
