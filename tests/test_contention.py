@@ -46,6 +46,10 @@ SPREAD_WORSE = sample({0: 0.50, 1: 0.45}, {0: 0.10, 1: 0.45}, wait=0.5, rate=150
 HOME_BETTER = sample({0: 0.90}, {1: 0.75}, wait=0.9, rate=52000)
 #: An idle pool (a client doing little) beside a busy CPU.
 IDLE = sample({0: 0.02}, {0: 0.90}, wait=0.9, rate=100)
+#: 32 requests in flight and a CPU hog on the pool's CPU: the pool runs a
+#: tenth of it, its workers queued behind the hog, while CPU 1 idles
+#: (measured with tests/test_contention.py's hog on a 2-CPU machine).
+STARVED = sample({0: 0.10}, {0: 0.90, 1: 0.05}, wait=0.98, rate=3000)
 
 
 def feed(rule: Rule, samples, start: float = 0.0) -> list[frozenset[int] | None]:
@@ -68,6 +72,13 @@ def test_the_client_on_the_pools_cpu_spreads_the_pool():
     assert out[2] == ALL and rule.state == SPREAD
     assert out[3:] == [None, None]           # and it stays
     assert [c[:2] for c in rule.changes] == [(2 * STEP, SPREAD)]
+
+
+def test_a_pool_starved_on_its_cpu_spreads():
+    """Running little is not idling: what counts is what the pool wants."""
+    rule = Rule(HOME_CPUS, ALL)
+    out = feed(rule, [STARVED] * 5)
+    assert out[2] == ALL and rule.state == SPREAD
 
 
 def test_contention_elsewhere_keeps_the_pool_home():
@@ -289,9 +300,10 @@ def load_until(h, log: Path, phrase: str, hog_cpu: int, give_up: float = 60.0) -
     hog = subprocess.Popen(["taskset", "-c", str(hog_cpu), sys.executable, "-c",
                             "while True: pass"])
     try:
-        end = time.monotonic() + give_up
-        while phrase not in log.read_text() and time.monotonic() < end:
+        began = time.monotonic()
+        while phrase not in log.read_text() and time.monotonic() < began + give_up:
             preads_in_flight(h, 4096, depth=32, rounds=50)
+        print(f"\nhog on CPU {hog_cpu}: {phrase!r} after {time.monotonic() - began:.1f} s")
     finally:
         hog.kill()
         hog.wait()

@@ -70,7 +70,7 @@ class Rule:
     allowed: frozenset[int]
     wait_share: float = 0.2
     room: float = 0.45
-    loaded: float = 0.2            # the pool must run this share of a CPU to count
+    loaded: float = 0.5            # CPU seconds a second the pool must want to count
     confirm: int = 3
     dwell: float = 1.0
     margin: float = 0.1
@@ -99,9 +99,16 @@ class Rule:
         """Where the pool runs under load in the current state."""
         return self.home if self.state == HOME else self.allowed
 
+    def is_loaded(self, s: Sample) -> bool:
+        """The pool wants a CPU: its threads ran, or waited to run, for
+        ``loaded`` of the interval between them.  Waiting counts: a pool that
+        a busy thread on its CPU starves runs little (a tenth of the CPU, its
+        workers queued behind it), and it is the one that most needs to move."""
+        return s.run + s.wait >= self.loaded * s.seconds
+
     def crowded(self, s: Sample) -> bool:
         """The pool waits while a CPU outside home has room."""
-        return (s.run >= self.loaded * s.seconds and s.waiting() > self.wait_share
+        return (self.is_loaded(s) and s.waiting() > self.wait_share
                 and max(s.free(c) for c in self.allowed - self.home) > self.room)
 
     def _rate(self, last: int | None = None) -> float:
@@ -124,7 +131,7 @@ class Rule:
     def feed(self, now: float, s: Sample) -> frozenset[int] | None:
         """Take one sample at time ``now`` (seconds, any monotonic origin);
         return the pool's new CPUs if it should move, else None."""
-        loaded = s.run >= self.loaded * s.seconds
+        loaded = self.is_loaded(s)
         if loaded and s.requests:
             self._rates = (self._rates + [s.rate()])[-20:]
         # Before the first change there is nothing to dwell on.
