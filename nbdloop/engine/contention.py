@@ -100,8 +100,8 @@ class Rule:
         return self.home if self.state == HOME else self.allowed
 
     def is_loaded(self, s: Sample) -> bool:
-        """The pool wants a CPU: its threads ran, or waited to run, for
-        ``loaded`` of the interval between them.  Waiting counts: a pool that
+        """The pool wants a CPU: its threads, summed, ran or waited to run for
+        at least ``loaded`` seconds a second.  Waiting counts: a pool that
         a busy thread on its CPU starves runs little (a tenth of the CPU, its
         workers queued behind it), and it is the one that most needs to move."""
         return s.run + s.wait >= self.loaded * s.seconds
