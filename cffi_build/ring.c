@@ -325,8 +325,9 @@ prep_rw (struct nbdl_ring *r, int write, char *addr, uint32_t len,
 /* A wait for completions returns after at most WAIT_SLICE_S seconds and is
  * entered again.  Entering again runs any completion work the kernel queued
  * for this thread without waking it, so a lost wakeup costs a slice instead
- * of hanging the request; a wave that still has nothing after
- * STALL_REPORT_SLICES slices says so on stderr, and again as often after. */
+ * of hanging the request; a wave that gets no completion for
+ * STALL_REPORT_SLICES slices in a row says so on stderr, and again as often
+ * after (a completion starts the count over). */
 #define WAIT_SLICE_S 1
 #define STALL_REPORT_SLICES 10
 
