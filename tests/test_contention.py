@@ -67,18 +67,27 @@ def run_for(rule: Rule, seconds: float, pick, start: float = 0.0) -> float:
 
 def test_the_client_on_the_pools_cpu_spreads_the_pool():
     rule = Rule(HOME_CPUS, ALL)
-    out = feed(rule, [CROWDED] * 5)
-    assert out[:2] == [None, None]           # two samples are not enough
-    assert out[2] == ALL and rule.state == SPREAD
-    assert out[3:] == [None, None]           # and it stays
-    assert [c[:2] for c in rule.changes] == [(2 * STEP, SPREAD)]
+    out = feed(rule, [CLIENT_AWAY] * 10 + [CROWDED] * 5)
+    assert out[:12] == [None] * 12           # two crowded samples are not enough
+    assert out[12] == ALL and rule.state == SPREAD
+    assert out[13:] == [None, None]          # and it stays
+    assert [c[:2] for c in rule.changes] == [(12 * STEP, SPREAD)]
+
+
+def test_home_is_measured_before_the_pool_leaves():
+    """Crowded from the first sample: the pool waits until it knows what
+    home serves (``settle`` samples), or it could not tell a worse spread."""
+    rule = Rule(HOME_CPUS, ALL)
+    out = feed(rule, [CROWDED] * 10)
+    assert out[:rule.settle - 1] == [None] * (rule.settle - 1)
+    assert out[rule.settle - 1] == ALL
 
 
 def test_a_pool_starved_on_its_cpu_spreads():
     """Running little is not idling: what counts is what the pool wants."""
     rule = Rule(HOME_CPUS, ALL)
-    out = feed(rule, [STARVED] * 5)
-    assert out[2] == ALL and rule.state == SPREAD
+    out = feed(rule, [STARVED] * 10)
+    assert out[rule.settle - 1] == ALL and rule.state == SPREAD
 
 
 def test_contention_elsewhere_keeps_the_pool_home():
@@ -103,7 +112,7 @@ def test_spread_stays_while_it_serves_more():
 
 def test_spread_that_serves_less_comes_home_and_holds():
     rule = Rule(HOME_CPUS, ALL, dwell=1.0, probe=4.0)
-    t = run_for(rule, 0.6, lambda r: CROWDED)
+    t = run_for(rule, 1.2, lambda r: CROWDED)
     assert rule.state == SPREAD
     t = run_for(rule, 1.5, lambda r: SPREAD_WORSE if r.state == SPREAD else CROWDED, start=t)
     assert rule.state == HOME and rule.changes[-1][2] == "spread served less than home"
@@ -118,7 +127,7 @@ def test_spread_that_serves_less_comes_home_and_holds():
 
 def test_a_client_that_moves_away_brings_the_pool_home():
     rule = Rule(HOME_CPUS, ALL, dwell=1.0, probe=4.0)
-    t = run_for(rule, 1.0, lambda r: CROWDED if r.state == HOME else SPREAD_BETTER)
+    t = run_for(rule, 1.2, lambda r: CROWDED if r.state == HOME else SPREAD_BETTER)
     assert rule.state == SPREAD
     spread_at = rule.changes[-1][0]
     # The client moves to CPU 1: spread still serves well, until the trial
@@ -181,12 +190,18 @@ def test_two_pools_on_one_cpu_settle():
         return sample(got, other, wait=min(0.9, 0.3 + (1 - served)), rate=40000 * served)
 
     t = 0.0
+    spread = {id(a): 0, id(b): 0}
+    steps = 0
     while t < 60.0:
         sa, sb = machine(a, b), machine(b, a)
         a.feed(t, sa)
         b.feed(t, sb)
         t += STEP
-    assert a.state == b.state == SPREAD
+        steps += 1
+        for r in (a, b):
+            spread[id(r)] += r.state == SPREAD
+    # Both spread, home only for the trials, which grow rarer.
+    assert all(n >= 0.85 * steps for n in spread.values())
     for r in (a, b):
         times = [c[0] for c in r.changes]
         assert len(times) <= 9
@@ -209,11 +224,12 @@ def recorded(name: str) -> list[Sample]:
 
 def test_recorded_client_on_the_pools_cpu_spreads():
     """Samples of a real server under `--placement irq` (the pool held on
-    CPU 0) with fio held on CPU 0: the rule would spread within a second."""
+    CPU 0) with fio held on CPU 0: the rule would spread once it has
+    measured home, within a second and a half."""
     rule = Rule(HOME_CPUS, ALL)
     feed(rule, recorded("client-on-pool-cpu"))
     assert rule.changes and rule.changes[0][1] == SPREAD
-    assert rule.changes[0][0] <= 1.0
+    assert rule.changes[0][0] <= 1.5
 
 
 @pytest.mark.parametrize("name", ["client-on-irq-cpu", "client-free"])
@@ -236,16 +252,17 @@ def test_cpu_and_thread_times_parse_what_the_kernel_writes():
 @pytest.mark.parametrize("how", ["engine", "python"])
 def test_watch_sees_this_process_run(how):
     """The engine's reader (one C call, in the server) and the Python one
-    (for another process) see this process spin for 0.3 s."""
+    (for another process) see this process spin for 0.3 s of CPU time
+    (not of wall time, which a busy host steals from)."""
     read = None if how == "engine" else placement.read_times
     watch = placement.Watch(set(os.sched_getaffinity(0)), read=read)
     assert watch.sample(time.monotonic()) is None
-    end = time.monotonic() + 0.3
-    while time.monotonic() < end:
+    start, end = time.thread_time(), time.monotonic() + 5
+    while time.thread_time() - start < 0.3 and time.monotonic() < end:
         pass
     s = watch.sample(time.monotonic())
-    assert s is not None and 0.2 < s.seconds < 5
-    assert s.run >= 0.2
+    assert s is not None and 0.2 < s.seconds < 6
+    assert s.run >= 0.25
     assert sum(s.busy.values()) >= 0.1
 
 

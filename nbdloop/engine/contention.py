@@ -16,13 +16,26 @@ samples.
 
 - **Home to spread**: the pool waits for a CPU (its threads' run delay is
   more than ``wait_share`` of their runnable time) while a CPU outside
-  home has room (idle more than ``room``), in ``confirm`` samples in a row.
+  home has room (idle more than ``room``), in ``confirm`` samples in a row,
+  and home's rate is known: ``settle`` loaded samples were taken there.
   The pool's own threads queue behind each other at home, so waiting alone
   says little; an idle CPU beside a waiting pool is the sign.
 - **Spread to home**: the CPUs outside home turn out worse: after ``dwell``
-  seconds spread, the pool serves fewer requests per second than it did at
-  home just before, by more than ``margin``.  It then stays home for
-  ``probe`` seconds whatever the samples say, and ``probe`` doubles.
+  seconds and ``settle`` samples spread, the pool serves fewer requests per
+  second than it did at home just before, by more than ``margin``.  It then
+  stays home for ``probe`` seconds whatever the samples say, and ``probe``
+  doubles.
+- **Rates** are medians of loaded samples: spread, of those since it
+  left home (``settle`` at least, about a second); home, of the crowded
+  ones that made it leave (``confirm`` to ``settle`` of them: a client that
+  has just come onto the pool's CPU must not be judged by what home served
+  before it came).  The first sample after a change, in which the workers
+  are still moving, does not count.  A short baseline is the one to fear: the first
+  samples of a run serve least (the client and the workers are starting),
+  and a spread measured against them looks good whatever it serves.  The
+  margin is small because the pool should be within a few per cent of the
+  better of its two places; the longer comparison keeps noise from
+  deciding.
 - **A client that moves**: after ``probe`` seconds spread the pool goes home
   for a trial of ``dwell`` seconds; if home serves more by ``margin`` it
   stays (and ``probe`` is reset), otherwise it spreads again at once and
@@ -72,8 +85,9 @@ class Rule:
     room: float = 0.45
     loaded: float = 0.5            # CPU seconds a second the pool must want to count
     confirm: int = 3
+    settle: int = 7
     dwell: float = 1.0
-    margin: float = 0.1
+    margin: float = 0.03
     probe: float = 8.0
     max_probe: float = 64.0
     state: str = HOME
@@ -84,6 +98,8 @@ class Rule:
     _until: float = field(default=float("-inf"), repr=False)   # home held until then
     _trial: bool = field(default=False, repr=False)            # home on trial
     _rates: list[float] = field(default_factory=list, repr=False)
+    _moving: bool = field(default=False, repr=False)           # the first sample after a change
+    _seen: int = field(default=0, repr=False)                  # loaded samples since then
     _home_rate: float = field(default=0.0, repr=False)
     _spread_rate: float = field(default=0.0, repr=False)
 
@@ -117,14 +133,17 @@ class Rule:
 
     def _change(self, now: float, state: str, why: str) -> frozenset[int]:
         if self.state == HOME:
-            # What home serves now, under the conditions that made it leave.
-            self._home_rate = self._rate(self.confirm)
+            # What home serves under the conditions that make it leave: the
+            # samples of the crowded streak, up to ``settle`` of them.
+            self._home_rate = self._rate(max(1, min(self._agree, self.settle)))
         else:
             self._spread_rate = self._rate()
         self.state = state
         self._since = now
         self._agree = 0
         self._rates = []
+        self._moving = True
+        self._seen = 0
         self.changes.append((now, state, why))
         return self.cpus
 
@@ -132,23 +151,28 @@ class Rule:
         """Take one sample at time ``now`` (seconds, any monotonic origin);
         return the pool's new CPUs if it should move, else None."""
         loaded = self.is_loaded(s)
-        if loaded and s.requests:
-            self._rates = (self._rates + [s.rate()])[-20:]
+        if loaded and self._moving:
+            self._moving = False
+        elif loaded:
+            self._seen += 1
+            if s.requests:
+                self._rates = (self._rates + [s.rate()])[-20:]
         # Before the first change there is nothing to dwell on.
         stayed = float("inf") if self._since is None else now - self._since
+        known = self._seen >= self.settle
         if self.state == HOME:
-            if self._trial and stayed >= self.dwell:
+            if self._trial and stayed >= self.dwell and known:
                 self._trial = False
                 if self._rate() < self._spread_rate * (1 + self.margin):
                     self._probe = min(2 * self._probe, self.max_probe)
                     return self._change(now, SPREAD, "home served no more than spread")
                 self._probe = self.probe
             self._agree = self._agree + 1 if self.crowded(s) else 0
-            if (self._agree >= self.confirm and stayed >= self.dwell and now >= self._until
-                    and not self._trial):
+            if (self._agree >= self.confirm and known and stayed >= self.dwell
+                    and now >= self._until and not self._trial):
                 return self._change(now, SPREAD, "the pool waits while another CPU idles")
             return None
-        if not loaded or stayed < self.dwell or not self._rates:
+        if not loaded or stayed < self.dwell or not known:
             return None
         if self._home_rate and self._rate() < self._home_rate * (1 - self.margin):
             self._until = now + self._probe
