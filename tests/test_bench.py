@@ -51,6 +51,9 @@ def test_bench_quick_writes_results(tmp_path):
     md = (out / "results.md").read_text()
     assert "| 4k randread QD32" in md and "nbdloop-direct / peer" in md
     assert "| machine CPU s/GiB |" in md
+    # Steal is a share of the machine's time, and every run has a reading.
+    assert all(r["steal"] is not None and 0 <= r["steal"] < 1 for r in runs)
+    assert "Steal, the share of the machine's CPU time" in md
     for png in ("throughput.png", "footprint.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

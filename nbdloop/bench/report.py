@@ -3,6 +3,7 @@ ratios, latency and CPU; the durability table) and the charts."""
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +31,14 @@ def markdown(campaign: Campaign, footprints: list[Footprint], skipped: dict[str,
              f"image {campaign.size >> 20} MiB.  Ratios are medians of per-round ratios "
              "(min-max in brackets).")
     lines = [intro, ""]
+    steals = [r for r in campaign.results if r.steal is not None and not r.error]
+    if steals:
+        worst = max(steals, key=lambda r: r.steal)
+        lines += [f"Steal, the share of the machine's CPU time its hypervisor gave to others: "
+                  f"median {100 * statistics.median(r.steal for r in steals):.1f} % of a run, "
+                  f"at most {100 * worst.steal:.1f} % ({worst.subject}, {worst.workload}, "
+                  f"round {worst.round + 1}).  Ratios from runs that lost much of it say "
+                  "little.", ""]
     lines.append("| workload | " + " | ".join(names) + " |")
     lines.append("|---|" + "---|" * len(names))
     for w in campaign.workloads:

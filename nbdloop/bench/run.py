@@ -94,6 +94,9 @@ class RunResult:
     # without a server process (loop-dio, raw).
     machine_cpu_s: float | None = None
     machine_cpu_s_per_gib: float | None = None
+    # The share of the machine's CPU time the hypervisor gave to others
+    # during the run (steal): a run that lost much of it says little.
+    steal: float | None = None
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -102,11 +105,12 @@ def _cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
-def _machine_busy_seconds() -> float:
-    """CPU seconds all CPUs have spent busy since boot: user, nice, system,
-    irq and softirq (not idle, iowait or steal)."""
+def _machine_times() -> tuple[float, float, float]:
+    """CPU seconds all CPUs have spent since boot: busy (user, nice, system,
+    irq and softirq), stolen by the hypervisor, and in all."""
     t = psutil.cpu_times()
-    return t.user + t.nice + t.system + t.irq + t.softirq
+    busy = t.user + t.nice + t.system + t.irq + t.softirq
+    return busy, t.steal, busy + t.steal + t.idle + t.iowait
 
 
 def page_cache_bytes(path: str) -> int:
@@ -282,12 +286,12 @@ def measure(campaign: Campaign, subj: Subject, w: Workload, rnd: int) -> RunResu
         with subj.start() as target:
             if campaign.warmup > 0:
                 run_fio(w, target, campaign.warmup, campaign.size, campaign.client_cpus)
-            busy0 = _machine_busy_seconds()
+            busy0, steal0, all0 = _machine_times()
             cpu0 = _cpu_seconds(target.server_pid) if target.server_pid else None
             job = run_fio(w, target, campaign.runtime, campaign.size,
                           campaign.client_cpus)["jobs"][0]
             cpu1 = _cpu_seconds(target.server_pid) if target.server_pid else None
-            busy1 = _machine_busy_seconds()
+            busy1, steal1, all1 = _machine_times()
             cache = page_cache_bytes(campaign.image)
     except Exception as e:  # noqa: BLE001 - a failed run is recorded, not fatal
         return RunResult(subj.name, w.name, rnd, 0, 0, 0, 0, None, None, 0, None,
@@ -297,7 +301,8 @@ def measure(campaign: Campaign, subj: Subject, w: Workload, rnd: int) -> RunResu
     busy = busy1 - busy0
     return RunResult(subj.name, w.name, rnd, iops, mib, lat, p99, cpu,
                      (cpu / gib) if cpu is not None and gib else None, gib, cache,
-                     machine_cpu_s=busy, machine_cpu_s_per_gib=busy / gib if gib else None)
+                     machine_cpu_s=busy, machine_cpu_s_per_gib=busy / gib if gib else None,
+                     steal=(steal1 - steal0) / (all1 - all0) if all1 > all0 else None)
 
 
 def metric(r: RunResult, w: Workload) -> float:
