@@ -15,11 +15,12 @@ import pytest
 
 from conftest import ROOT, require
 from nbdloop.engine import placement
-from nbdloop.engine.contention import HOME, SPREAD, Rule, Sample
+from nbdloop.engine.contention import AWAY, HOME, SPREAD, Rule, Sample
 
 DATA = ROOT / "tests" / "data" / "contention"
 STEP = 0.15          # seconds between samples, as the server takes them
 HOME_CPUS, ALL = frozenset({0}), frozenset({0, 1})
+OTHER = ALL - HOME_CPUS
 
 
 def sample(pool: dict[int, float], other: dict[int, float], wait: float, rate: float = 0.0,
@@ -38,11 +39,13 @@ def sample(pool: dict[int, float], other: dict[int, float], wait: float, rate: f
 CLIENT_AWAY = sample({0: 0.90}, {1: 0.75}, wait=0.9, rate=50000)
 #: The client on the pool's CPU: the pool waits and CPU 1 idles.
 CROWDED = sample({0: 0.85}, {0: 0.10, 1: 0.30}, wait=0.8, rate=20000)
-#: Spread, the client still on CPU 0: more served.
-SPREAD_BETTER = sample({0: 0.40, 1: 0.60}, {0: 0.50, 1: 0.30}, wait=0.4, rate=32000)
-#: Spread, but serving less than home did.
-SPREAD_WORSE = sample({0: 0.50, 1: 0.45}, {0: 0.10, 1: 0.45}, wait=0.5, rate=15000)
-#: Home again, with the client gone to CPU 1: more served than spread.
+#: Away on CPU 1, the client still on CPU 0: more served.
+AWAY_BETTER = sample({1: 0.90}, {0: 0.70, 1: 0.05}, wait=0.8, rate=32000)
+#: Away, but serving less than home did.
+AWAY_WORSE = sample({1: 0.60}, {0: 0.30, 1: 0.35}, wait=0.5, rate=15000)
+#: Away, waiting while home idles (the client has gone).
+AWAY_CROWDED = sample({1: 0.90}, {0: 0.05, 1: 0.05}, wait=0.8, rate=20000)
+#: Home again, with the client gone to CPU 1: more served than away.
 HOME_BETTER = sample({0: 0.90}, {1: 0.75}, wait=0.9, rate=52000)
 #: An idle pool (a client doing little) beside a busy CPU.
 IDLE = sample({0: 0.02}, {0: 0.90}, wait=0.9, rate=100)
@@ -65,29 +68,29 @@ def run_for(rule: Rule, seconds: float, pick, start: float = 0.0) -> float:
     return t
 
 
-def test_the_client_on_the_pools_cpu_spreads_the_pool():
+def test_the_client_on_the_pools_cpu_moves_the_pool_away():
     rule = Rule(HOME_CPUS, ALL)
     out = feed(rule, [CLIENT_AWAY] * 10 + [CROWDED] * 5)
     assert out[:12] == [None] * 12           # two crowded samples are not enough
-    assert out[12] == ALL and rule.state == SPREAD
+    assert out[12] == OTHER and rule.state == AWAY
     assert out[13:] == [None, None]          # and it stays
-    assert [c[:2] for c in rule.changes] == [(12 * STEP, SPREAD)]
+    assert [c[:2] for c in rule.changes] == [(12 * STEP, AWAY)]
 
 
 def test_home_is_measured_before_the_pool_leaves():
     """Crowded from the first sample: the pool waits until it knows what
-    home serves (``settle`` samples), or it could not tell a worse spread."""
+    home serves (``settle`` samples), or it could not tell a worse move."""
     rule = Rule(HOME_CPUS, ALL)
     out = feed(rule, [CROWDED] * 10)
     assert out[:rule.settle - 1] == [None] * (rule.settle - 1)
-    assert out[rule.settle - 1] == ALL
+    assert out[rule.settle - 1] == OTHER
 
 
-def test_a_pool_starved_on_its_cpu_spreads():
+def test_a_pool_starved_on_its_cpu_moves():
     """Running little is not idling: what counts is what the pool wants."""
     rule = Rule(HOME_CPUS, ALL)
     out = feed(rule, [STARVED] * 10)
-    assert out[rule.settle - 1] == ALL and rule.state == SPREAD
+    assert out[rule.settle - 1] == OTHER and rule.state == AWAY
 
 
 def test_contention_elsewhere_keeps_the_pool_home():
@@ -102,57 +105,57 @@ def test_no_load_no_move():
     assert feed(rule, [IDLE] * 100) == [None] * 100
 
 
-def test_spread_stays_while_it_serves_more():
+def test_away_stays_while_it_serves_more():
     rule = Rule(HOME_CPUS, ALL, probe=4.0)
-    t = run_for(rule, 1.0, lambda r: CROWDED if r.state == HOME else SPREAD_BETTER)
-    assert rule.state == SPREAD
-    run_for(rule, 3.0, lambda r: SPREAD_BETTER, start=t)
-    assert rule.state == SPREAD and len(rule.changes) == 1
+    t = run_for(rule, 1.0, lambda r: CROWDED if r.state == HOME else AWAY_BETTER)
+    assert rule.state == AWAY
+    run_for(rule, 3.0, lambda r: AWAY_BETTER, start=t)
+    assert rule.state == AWAY and len(rule.changes) == 1
 
 
-def test_spread_that_serves_less_comes_home_and_holds():
+def test_away_that_serves_less_comes_home_and_holds():
     rule = Rule(HOME_CPUS, ALL, dwell=1.0, probe=4.0)
     t = run_for(rule, 1.2, lambda r: CROWDED)
-    assert rule.state == SPREAD
-    t = run_for(rule, 1.5, lambda r: SPREAD_WORSE if r.state == SPREAD else CROWDED, start=t)
-    assert rule.state == HOME and rule.changes[-1][2] == "spread served less than home"
+    assert rule.state == AWAY
+    t = run_for(rule, 1.5, lambda r: AWAY_WORSE if r.state == AWAY else CROWDED, start=t)
+    assert rule.state == HOME and rule.changes[-1][2] == "away served less than home"
     came_home = rule.changes[-1][0]
     # Still crowded at home, but held there for the probe time.
-    t = run_for(rule, 3.0, lambda r: CROWDED if r.state == HOME else SPREAD_WORSE, start=t)
+    t = run_for(rule, 3.0, lambda r: CROWDED if r.state == HOME else AWAY_WORSE, start=t)
     assert rule.state == HOME and rule.changes[-1][0] == came_home
-    # Then it tries spreading again, finds it worse again, and holds longer.
-    t = run_for(rule, 3.0, lambda r: CROWDED if r.state == HOME else SPREAD_WORSE, start=t)
+    # Then it tries away again, finds it worse again, and holds longer.
+    t = run_for(rule, 3.0, lambda r: CROWDED if r.state == HOME else AWAY_WORSE, start=t)
     assert len(rule.changes) == 4 and rule._probe == 16.0
 
 
 def test_a_client_that_moves_away_brings_the_pool_home():
     rule = Rule(HOME_CPUS, ALL, dwell=1.0, probe=4.0)
-    t = run_for(rule, 1.2, lambda r: CROWDED if r.state == HOME else SPREAD_BETTER)
-    assert rule.state == SPREAD
-    spread_at = rule.changes[-1][0]
-    # The client moves to CPU 1: spread still serves well, until the trial
+    t = run_for(rule, 1.2, lambda r: CROWDED if r.state == HOME else AWAY_BETTER)
+    assert rule.state == AWAY
+    away_at = rule.changes[-1][0]
+    # The client moves to CPU 1: away still serves well, until the trial
     # at home shows home serves more; then the pool stays home.
-    t = run_for(rule, 6.0, lambda r: HOME_BETTER if r.state == HOME else SPREAD_BETTER,
+    t = run_for(rule, 6.0, lambda r: HOME_BETTER if r.state == HOME else AWAY_BETTER,
                 start=t)
     assert rule.state == HOME
     assert rule.changes[-1][2] == "a trial at home"
-    assert rule.changes[-1][0] - spread_at >= 4.0
-    t = run_for(rule, 10.0, lambda r: HOME_BETTER if r.state == HOME else SPREAD_BETTER,
+    assert rule.changes[-1][0] - away_at >= 4.0
+    t = run_for(rule, 10.0, lambda r: HOME_BETTER if r.state == HOME else AWAY_BETTER,
                 start=t)
     assert rule.state == HOME and len(rule.changes) == 2
     # And when the client comes back, the pool leaves again.
-    run_for(rule, 2.0, lambda r: CROWDED if r.state == HOME else SPREAD_BETTER, start=t)
-    assert rule.state == SPREAD
+    run_for(rule, 2.0, lambda r: CROWDED if r.state == HOME else AWAY_BETTER, start=t)
+    assert rule.state == AWAY
 
 
 def test_a_client_that_stays_makes_the_trials_rarer():
     rule = Rule(HOME_CPUS, ALL, dwell=1.0, probe=4.0, max_probe=16.0)
-    run_for(rule, 60.0, lambda r: CROWDED if r.state == HOME else SPREAD_BETTER)
+    run_for(rule, 60.0, lambda r: CROWDED if r.state == HOME else AWAY_BETTER)
     trials = [t for t, state, why in rule.changes if why == "a trial at home"]
     assert len(trials) >= 2
     gaps = [b - a for a, b in zip(trials, trials[1:])]
     assert all(b >= a - 1e-6 for a, b in zip(gaps, gaps[1:])) and gaps[-1] > gaps[0]
-    # Spread nearly all the time: each trial costs one dwell at home.
+    # Away nearly all the time: each trial costs one dwell at home.
     assert len(rule.changes) <= 1 + 2 * len(trials)
 
 
@@ -160,7 +163,7 @@ def test_swinging_samples_cannot_make_it_flap():
     """Samples that each argue for the state the pool is not in: changes
     stay at least a dwell apart and the time spent per state grows."""
     rule = Rule(HOME_CPUS, ALL, dwell=1.0, probe=2.0, max_probe=16.0)
-    run_for(rule, 120.0, lambda r: CROWDED if r.state == HOME else SPREAD_WORSE)
+    run_for(rule, 120.0, lambda r: CROWDED if r.state == HOME else AWAY_WORSE)
     times = [t for t, _, _ in rule.changes]
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert len(times) >= 4                   # it does react
@@ -172,13 +175,14 @@ def test_swinging_samples_cannot_make_it_flap():
 def test_two_pools_on_one_cpu_settle():
     """Two servers (or two pools) with the same home CPU, each the other's
     other work, on a toy machine that shares each CPU between what runs on
-    it: both spread, and neither flaps."""
+    it: both leave together, find themselves crowded away while home idles,
+    spread, and neither flaps."""
     a, b = Rule(HOME_CPUS, ALL), Rule(HOME_CPUS, ALL)
     demand = 0.9                              # each pool could use 0.9 of a CPU
 
     def machine(me: Rule, them: Rule) -> Sample:
         def where(r: Rule) -> dict[int, float]:
-            return {0: demand} if r.state == HOME else {0: demand / 2, 1: demand / 2}
+            return {c: demand / len(r.cpus) for c in r.cpus}
         mine, theirs = where(me), where(them)
         got, other = {}, {}
         for c in ALL:
@@ -200,12 +204,55 @@ def test_two_pools_on_one_cpu_settle():
         steps += 1
         for r in (a, b):
             spread[id(r)] += r.state == SPREAD
-    # Both spread, home only for the trials, which grow rarer.
-    assert all(n >= 0.85 * steps for n in spread.values())
+    # Both spread, elsewhere only for the trials, which grow rarer.
+    assert all(n >= 0.8 * steps for n in spread.values())
     for r in (a, b):
+        assert [c[1] for c in r.changes[:2]] == [AWAY, SPREAD]
         times = [c[0] for c in r.changes]
-        assert len(times) <= 9
+        assert len(times) <= 10
         assert all(y - x >= 1.0 - 1e-9 for x, y in zip(times, times[1:]))
+
+
+def test_away_crowded_while_home_idles_spreads():
+    rule = Rule(HOME_CPUS, ALL, probe=30.0)
+    t = run_for(rule, 1.5, lambda r: CROWDED if r.state == HOME else AWAY_BETTER)
+    assert rule.state == AWAY
+    t = run_for(rule, 0.6, lambda r: AWAY_CROWDED if r.state == AWAY else AWAY_BETTER, start=t)
+    assert rule.state == AWAY                # not before a dwell away
+    t = run_for(rule, 2.0, lambda r: AWAY_CROWDED if r.state == AWAY else AWAY_BETTER, start=t)
+    assert rule.state == SPREAD and rule.cpus == ALL
+    assert rule.changes[-1][2] == "the pool waits away while home idles"
+
+
+def test_spread_that_serves_less_than_away_goes_back_away():
+    """Spread is judged against the better of home and away: with the
+    client still on CPU 0, away served 32K and spread serves 25K."""
+    rule = Rule(HOME_CPUS, ALL, probe=30.0)
+    spread_worse = sample({0: 0.45, 1: 0.45}, {0: 0.50, 1: 0.05}, wait=0.5, rate=25000)
+    picks = {HOME: CROWDED, AWAY: AWAY_BETTER, SPREAD: spread_worse}
+    t = run_for(rule, 3.0, lambda r: picks[r.state])
+    assert rule.state == AWAY and len(rule.changes) == 1
+    picks[AWAY] = AWAY_CROWDED               # for a moment, then the client is back
+    t = run_for(rule, 0.6, lambda r: picks[r.state], start=t)
+    assert rule.state == SPREAD
+    picks[AWAY] = AWAY_BETTER
+    t = run_for(rule, 3.0, lambda r: picks[r.state], start=t)
+    assert [c[1] for c in rule.changes] == [AWAY, SPREAD, AWAY]
+    assert rule.changes[-1][2] == "spread served less than away"
+    # and away is held: crowded again, it does not spread at once.
+    picks[AWAY] = AWAY_CROWDED
+    run_for(rule, 3.0, lambda r: picks[r.state], start=t)
+    assert rule.state == AWAY
+
+
+def test_a_big_home_spreads_rather_than_moves_to_fewer_cpus():
+    """Away would be one CPU for a pool whose home is three."""
+    home, allowed = frozenset({1, 2, 3}), frozenset({0, 1, 2, 3})
+    rule = Rule(home, allowed)
+    crowded = Sample(seconds=STEP, run=0.4, wait=0.4, busy={0: 0.0, 1: STEP, 2: STEP, 3: STEP},
+                     requests=3000)
+    out = feed(rule, [crowded] * 10)
+    assert out[rule.settle - 1] == allowed and rule.state == SPREAD
 
 
 def test_the_rule_refuses_a_home_outside_the_allowed_cpus():
@@ -222,13 +269,13 @@ def recorded(name: str) -> list[Sample]:
             for s in data["samples"]]
 
 
-def test_recorded_client_on_the_pools_cpu_spreads():
+def test_recorded_client_on_the_pools_cpu_moves_away():
     """Samples of a real server under `--placement irq` (the pool held on
-    CPU 0) with fio held on CPU 0: the rule would spread once it has
+    CPU 0) with fio held on CPU 0: the rule would move away once it has
     measured home, within a second and a half."""
     rule = Rule(HOME_CPUS, ALL)
     feed(rule, recorded("client-on-pool-cpu"))
-    assert rule.changes and rule.changes[0][1] == SPREAD
+    assert rule.changes and rule.changes[0][1] == AWAY
     assert rule.changes[0][0] <= 1.5
 
 
@@ -327,9 +374,9 @@ def load_until(h, log: Path, phrase: str, hog_cpu: int, give_up: float = 60.0) -
     return log.read_text()
 
 
-def test_a_real_server_spreads_off_a_crowded_cpu_and_comes_back(image, serve):
+def test_a_real_server_moves_off_a_crowded_cpu_and_comes_back(image, serve):
     """nbdloop serve (auto) under 32 reads in flight, with a CPU hog on the
-    pool's CPU: the log says it spread; with the hog moved to the other CPU,
+    pool's CPU: the log says it moved away; with the hog moved to the other CPU,
     that it came home."""
     where = placement.choose(str(image))
     require(where is not None and len(where.idle) == 2,
@@ -342,8 +389,8 @@ def test_a_real_server_spreads_off_a_crowded_cpu_and_comes_back(image, serve):
         h.pwrite(os.urandom(1 << 20), i << 20)
     h.flush()
     (home,), (away,) = where.busy, where.idle - where.busy
-    log = load_until(h, s.log, "workers spread", hog_cpu=home)
-    assert "workers spread" in log, log[-2000:]
+    log = load_until(h, s.log, "workers away", hog_cpu=home)
+    assert "workers away" in log, log[-2000:]
     log = load_until(h, s.log, "workers home", hog_cpu=away)
     h.shutdown()
     assert "workers home" in log, log[-2000:]

@@ -70,8 +70,8 @@ def validate_serve_options(image, mode, readonly, segment_size):
               show_default=True,
               help="irq: under load run the workers on CPUs that do not take the disk's "
                    "interrupts, and give a lone request every CPU; auto: the same, but "
-                   "spread them over every CPU while other work (the client) crowds "
-                   "theirs; off: leave them to the scheduler (README, Placement).")
+                   "move them to the other CPUs (or spread them) while other work (the "
+                   "client) crowds theirs; off: leave them to the scheduler (README, Placement).")
 @click.option("--cpus", callback=parse_cpus, metavar="LIST",
               help="Run the server on these CPUs only (like taskset: 0, 0-1, 0,2, 0-7:2); turns "
                    "placement off.  docs/BENCHMARKS.md measures when it pays.")

@@ -5,8 +5,10 @@ disk's interrupts (nbdloop.engine.placement).  That is the best place while
 the client runs elsewhere.  On a loop device the client (the filesystem,
 the applications) shares the machine, and when it lands on the pool's CPU
 the two take turns on it while another CPU idles.  This rule sees that and
-spreads the pool over every allowed CPU, and brings it home again when
-spreading serves fewer requests than home did.
+moves the pool *away*, onto the other CPUs, or, if the pool is still
+crowded there while home has room (two servers that both left), *spreads*
+it over every allowed CPU; it brings the pool home again when that serves
+fewer requests than home did.
 
 It is fed a :class:`Sample` per interval (what the pool's threads ran and
 waited, how busy each CPU was, how many requests were served) and answers
@@ -14,35 +16,44 @@ with the CPUs the pool should use under load.  Pure logic: no I/O, no clock
 of its own (the caller passes the time), so it is tested on recorded
 samples.
 
-- **Home to spread**: the pool waits for a CPU (its threads' run delay is
-  more than ``wait_share`` of their runnable time) while a CPU outside
-  home has room (idle more than ``room``), in ``confirm`` samples in a row,
-  and home's rate is known: ``settle`` loaded samples were taken there.
-  The pool's own threads queue behind each other at home, so waiting alone
-  says little; an idle CPU beside a waiting pool is the sign.
-- **Spread to home**: the CPUs outside home turn out worse: after ``dwell``
-  seconds and ``settle`` samples spread, the pool serves fewer requests per
-  second than it did at home just before, by more than ``margin``.  It then
-  stays home for ``probe`` seconds whatever the samples say, and ``probe``
+- **Why away before spread**: the pool serves best kept together, because
+  a wake-up within a CPU is cheap and one across CPUs is an interrupt to
+  the other (a VM exit in a VM).  Spread beside the client, the workers are
+  woken across CPUs and share one of them with the client; away, they have
+  a CPU to themselves and only the request and the reply cross.  Away is
+  skipped, the pool going straight to spread, where the CPUs outside home
+  are fewer than home's: the pool would trade the client's contention for
+  its own.
+- **Home to away (or spread)**: the pool waits for a CPU (its threads' run
+  delay is more than ``wait_share`` of their runnable time) while a CPU
+  outside its current set has room (idle more than ``room``), in
+  ``confirm`` samples in a row, and the current set's rate is known:
+  ``settle`` loaded samples were taken there.  The pool's own threads queue
+  behind each other, so waiting alone says little; an idle CPU beside a
+  waiting pool is the sign.  The same sign, seen away, spreads the pool.
+- **Back home**: away or spread turns out worse: after ``dwell`` seconds
+  and ``settle`` samples there, the pool serves fewer requests per second
+  than it did at home just before, by more than ``margin``.  It then stays
+  home for ``probe`` seconds whatever the samples say, and ``probe``
   doubles.
-- **Rates** are medians of loaded samples: spread, of those since it
-  left home (``settle`` at least, about a second); home, of the crowded
+- **Rates** are medians of loaded samples: away or spread, of those since
+  it got there (``settle`` at least, about a second); home, of the crowded
   ones that made it leave (``confirm`` to ``settle`` of them: a client that
   has just come onto the pool's CPU must not be judged by what home served
   before it came).  The first sample after a change, in which the workers
-  are still moving, does not count.  A short baseline is the one to fear: the first
-  samples of a run serve least (the client and the workers are starting),
-  and a spread measured against them looks good whatever it serves.  The
-  margin is small because the pool should be within a few per cent of the
-  better of its two places; the longer comparison keeps noise from
+  are still moving, does not count.  A short baseline is the one to fear:
+  the first samples of a run serve least (the client and the workers are
+  starting), and a move judged against them looks good whatever it serves.
+  The margin is small because the pool should be within a few per cent of
+  the better of its places; the longer comparison keeps noise from
   deciding.
-- **A client that moves**: after ``probe`` seconds spread the pool goes home
-  for a trial of ``dwell`` seconds; if home serves more by ``margin`` it
-  stays (and ``probe`` is reset), otherwise it spreads again at once and
-  ``probe`` doubles (up to ``max_probe``).  No change comes sooner than
-  ``dwell`` after the one before, so the pool cannot flap faster than that
-  however the samples swing, and a swing that keeps coming back is tried
-  ever less often.
+- **A client that moves**: after ``probe`` seconds away (or spread) the
+  pool goes home for a trial of ``dwell`` seconds; if home serves more by
+  ``margin`` it stays (and ``probe`` is reset), otherwise it goes back at
+  once and ``probe`` doubles (up to ``max_probe``).  No change comes sooner
+  than ``dwell`` after the one before, so the pool cannot flap faster than
+  that however the samples swing, and a swing that keeps coming back is
+  tried ever less often.
 """
 from __future__ import annotations
 
@@ -51,6 +62,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 HOME = "home"
+AWAY = "away"
 SPREAD = "spread"
 
 
@@ -78,7 +90,7 @@ class Sample:
 
 @dataclass
 class Rule:
-    """The pool's state (home or spread) and what moves it."""
+    """The pool's state (home, away or spread) and what moves it."""
     home: frozenset[int]
     allowed: frozenset[int]
     wait_share: float = 0.2
@@ -95,13 +107,15 @@ class Rule:
     changes: list[tuple[float, str, str]] = field(default_factory=list)
     _agree: int = field(default=0, repr=False)
     _since: float | None = field(default=None, repr=False)
-    _until: float = field(default=float("-inf"), repr=False)   # home held until then
+    _until: float = field(default=float("-inf"), repr=False)   # where it went back held till
     _trial: bool = field(default=False, repr=False)            # home on trial
+    _left: str = field(default=AWAY, repr=False)               # where a trial goes back to
     _rates: list[float] = field(default_factory=list, repr=False)
     _moving: bool = field(default=False, repr=False)           # the first sample after a change
     _seen: int = field(default=0, repr=False)                  # loaded samples since then
     _home_rate: float = field(default=0.0, repr=False)
-    _spread_rate: float = field(default=0.0, repr=False)
+    _away_rate: float = field(default=0.0, repr=False)         # of the last away or spread
+    _via_away: float = field(default=0.0, repr=False)          # away's rate, when it spread
 
     def __post_init__(self) -> None:
         self.home = frozenset(self.home)
@@ -113,7 +127,13 @@ class Rule:
     @property
     def cpus(self) -> frozenset[int]:
         """Where the pool runs under load in the current state."""
-        return self.home if self.state == HOME else self.allowed
+        return {HOME: self.home, AWAY: self.allowed - self.home}.get(self.state, self.allowed)
+
+    def _next(self) -> str:
+        """Where a crowded pool goes from here."""
+        if self.state == HOME and len(self.allowed - self.home) >= len(self.home):
+            return AWAY
+        return SPREAD
 
     def is_loaded(self, s: Sample) -> bool:
         """The pool wants a CPU: its threads, summed, ran or waited to run for
@@ -123,9 +143,11 @@ class Rule:
         return s.run + s.wait >= self.loaded * s.seconds
 
     def crowded(self, s: Sample) -> bool:
-        """The pool waits while a CPU outside home has room."""
-        return (self.is_loaded(s) and s.waiting() > self.wait_share
-                and max(s.free(c) for c in self.allowed - self.home) > self.room)
+        """The pool waits while a CPU outside its current ones has room
+        (spread, there is none)."""
+        outside = self.allowed - self.cpus
+        return (bool(outside) and self.is_loaded(s) and s.waiting() > self.wait_share
+                and max(s.free(c) for c in outside) > self.room)
 
     def _rate(self, last: int | None = None) -> float:
         rates = self._rates[-last:] if last else self._rates
@@ -137,7 +159,12 @@ class Rule:
             # samples of the crowded streak, up to ``settle`` of them.
             self._home_rate = self._rate(max(1, min(self._agree, self.settle)))
         else:
-            self._spread_rate = self._rate()
+            self._away_rate = self._rate()
+            self._left = self.state
+        if self.state == AWAY and state == SPREAD:
+            self._via_away = self._away_rate
+        elif self.state == HOME and state == AWAY:
+            self._via_away = 0.0
         self.state = state
         self._since = now
         self._agree = 0
@@ -160,24 +187,32 @@ class Rule:
         # Before the first change there is nothing to dwell on.
         stayed = float("inf") if self._since is None else now - self._since
         known = self._seen >= self.settle
+        settled = known and stayed >= self.dwell
+        if self.state == HOME and self._trial and settled:
+            self._trial = False
+            if self._rate() < self._away_rate * (1 + self.margin):
+                self._probe = min(2 * self._probe, self.max_probe)
+                return self._change(now, self._left, "home served no more than "
+                                    + self._left)
+            self._probe = self.probe
+        self._agree = self._agree + 1 if self.crowded(s) else 0
         if self.state == HOME:
-            if self._trial and stayed >= self.dwell and known:
-                self._trial = False
-                if self._rate() < self._spread_rate * (1 + self.margin):
-                    self._probe = min(2 * self._probe, self.max_probe)
-                    return self._change(now, SPREAD, "home served no more than spread")
-                self._probe = self.probe
-            self._agree = self._agree + 1 if self.crowded(s) else 0
-            if (self._agree >= self.confirm and known and stayed >= self.dwell
-                    and now >= self._until and not self._trial):
-                return self._change(now, SPREAD, "the pool waits while another CPU idles")
+            if (self._agree >= self.confirm and settled and now >= self._until
+                    and not self._trial):
+                return self._change(now, self._next(), "the pool waits while another CPU idles")
             return None
-        if not loaded or stayed < self.dwell or not known:
+        if not loaded or not settled:
             return None
-        if self._home_rate and self._rate() < self._home_rate * (1 - self.margin):
+        # Spread is judged against away too, when it came from there.
+        back, best = HOME, self._home_rate
+        if self.state == SPREAD and self._via_away > best:
+            back, best = AWAY, self._via_away
+        if best and self._rate() < best * (1 - self.margin):
             self._until = now + self._probe
             self._probe = min(2 * self._probe, self.max_probe)
-            return self._change(now, HOME, "spread served less than home")
+            return self._change(now, back, f"{self.state} served less than {back}")
+        if self.state == AWAY and self._agree >= self.confirm and now >= self._until:
+            return self._change(now, SPREAD, "the pool waits away while home idles")
         if stayed >= self._probe:
             self._trial = True
             return self._change(now, HOME, "a trial at home")

@@ -15,9 +15,10 @@ under the image, interrupts on every CPU (multi-queue NVMe), one CPU only.
 
 With ``--placement auto`` the busy set is not fixed: :class:`Adaptive`, a
 thread of the server, feeds the rule of :mod:`nbdloop.engine.contention`
-with samples :class:`Watch` reads from /proc, and spreads the pool over
-every allowed CPU when it waits for a CPU while another idles (the client
-crowds its own); ``--placement irq`` keeps it fixed.
+with samples :class:`Watch` reads from /proc, and moves the pool to the
+other CPUs (or spreads it over every allowed one) when it waits for a CPU
+while another idles (the client crowds its own); ``--placement irq`` keeps
+it fixed.
 """
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ of it, inherited from ``nbdloop serve``), ``mode`` (direct|buffered),
 ``stats-file`` (the engine's counters are written there as JSON whenever a
 connection closes), ``io-flusher`` (PR_SET_IO_FLUSHER, default on) and
 ``mlock`` (mlockall, default off), ``placement`` (auto: under load keep
-workers off the CPUs that take the disk's interrupts, and spread them over
-every CPU when other work crowds theirs, the default; irq: only the first;
+workers off the CPUs that take the disk's interrupts, and move them to the
+others (or spread them) when other work crowds theirs, the default; irq: only the first;
 off: neither), ``sched``
 (batch: workers run under SCHED_BATCH, the default; normal: left as they are),
 ``outlive-parent`` (no death signal when the supervisor dies, for a device's
