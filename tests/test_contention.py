@@ -224,6 +224,16 @@ def test_away_crowded_while_home_idles_spreads():
     assert rule.changes[-1][2] == "the pool waits away while home idles"
 
 
+def test_away_beside_a_client_that_leaves_half_its_cpu_stays_away():
+    """The client keeps half of home busy: room enough to leave home for,
+    but no reason to join the client again (recorded: fio at QD32 on CPU 0
+    left it about half idle, and spreading served less)."""
+    rule = Rule(HOME_CPUS, ALL, probe=30.0)
+    beside = sample({1: 0.90}, {0: 0.50, 1: 0.05}, wait=0.9, rate=32000)
+    run_for(rule, 10.0, lambda r: CROWDED if r.state == HOME else beside)
+    assert [c[1] for c in rule.changes] == [AWAY]
+
+
 def test_spread_that_serves_less_than_away_goes_back_away():
     """Spread is judged against the better of home and away: with the
     client still on CPU 0, away served 32K and spread serves 25K."""

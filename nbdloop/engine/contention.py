@@ -30,7 +30,9 @@ samples.
   ``confirm`` samples in a row, and the current set's rate is known:
   ``settle`` loaded samples were taken there.  The pool's own threads queue
   behind each other, so waiting alone says little; an idle CPU beside a
-  waiting pool is the sign.  The same sign, seen away, spreads the pool.
+  waiting pool is the sign.  The same sign, seen away, spreads the pool,
+  but only if home is all but idle (``deserted``): home holds the client
+  that made the pool leave, and that client may leave half its CPU free.
 - **Back home**: away or spread turns out worse: after ``dwell`` seconds
   and ``settle`` samples there, the pool serves fewer requests per second
   than it did at home just before, by more than ``margin``.  It then stays
@@ -95,6 +97,7 @@ class Rule:
     allowed: frozenset[int]
     wait_share: float = 0.2
     room: float = 0.45
+    deserted: float = 0.8          # home's idle share that lets a crowded pool spread
     loaded: float = 0.5            # CPU seconds a second the pool must want to count
     confirm: int = 3
     settle: int = 7
@@ -144,10 +147,13 @@ class Rule:
 
     def crowded(self, s: Sample) -> bool:
         """The pool waits while a CPU outside its current ones has room
-        (spread, there is none)."""
+        (spread, there is none).  Away, the room must be more: home holds
+        the client that made the pool leave, and a client that keeps half
+        a CPU busy is no reason to join it again; a home that idles is."""
         outside = self.allowed - self.cpus
+        room = self.deserted if self.state == AWAY else self.room
         return (bool(outside) and self.is_loaded(s) and s.waiting() > self.wait_share
-                and max(s.free(c) for c in outside) > self.room)
+                and max(s.free(c) for c in outside) > room)
 
     def _rate(self, last: int | None = None) -> float:
         rates = self._rates[-last:] if last else self._rates
