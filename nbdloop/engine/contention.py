@@ -6,7 +6,7 @@ the client runs elsewhere.  On a loop device the client (the filesystem,
 the applications) shares the machine, and when it lands on the pool's CPU
 the two take turns on it while another CPU idles.  This rule sees that and
 moves the pool *away*, onto the other CPUs, or, if the pool is still
-crowded there while home has room (two servers that both left), *spreads*
+crowded there while home idles (two servers that both left), *spreads*
 it over every allowed CPU; it brings the pool home again when that serves
 fewer requests than home did.
 
@@ -35,9 +35,10 @@ samples.
   that made the pool leave, and that client may leave half its CPU free.
 - **Back home**: away or spread turns out worse: after ``dwell`` seconds
   and ``settle`` samples there, the pool serves fewer requests per second
-  than it did at home just before, by more than ``margin``.  It then stays
-  home for ``probe`` seconds whatever the samples say, and ``probe``
-  doubles.
+  than it did at home just before, by more than ``margin`` (spread that
+  came from away is judged against the better of the two, and goes back
+  to it).  It then stays there for ``probe`` seconds whatever the samples
+  say, and ``probe`` doubles.
 - **Rates** are medians of loaded samples: away or spread, of those since
   it got there (``settle`` at least, about a second); home, of the crowded
   ones that made it leave (``confirm`` to ``settle`` of them: a client that
