@@ -205,11 +205,11 @@ def test_two_pools_on_one_cpu_settle():
         for r in (a, b):
             spread[id(r)] += r.state == SPREAD
     # Both spread, elsewhere only for the trials, which grow rarer.
-    assert all(n >= 0.8 * steps for n in spread.values())
+    assert all(n >= 0.85 * steps for n in spread.values())
     for r in (a, b):
         assert [c[1] for c in r.changes[:2]] == [AWAY, SPREAD]
         times = [c[0] for c in r.changes]
-        assert len(times) <= 10
+        assert len(times) <= 9
         assert all(y - x >= 1.0 - 1e-9 for x, y in zip(times, times[1:]))
 
 
@@ -226,8 +226,9 @@ def test_away_crowded_while_home_idles_spreads():
 
 def test_away_beside_a_client_that_leaves_half_its_cpu_stays_away():
     """The client keeps half of home busy: room enough to leave home for,
-    but no reason to join the client again (recorded: fio at QD32 on CPU 0
-    left it about half idle, and spreading served less)."""
+    but no reason to join the client again (the benchmark's server logs:
+    fio at QD32 on CPU 0 left it about half idle, and spreading served
+    less)."""
     rule = Rule(HOME_CPUS, ALL, probe=30.0)
     beside = sample({1: 0.90}, {0: 0.50, 1: 0.05}, wait=0.9, rate=32000)
     run_for(rule, 10.0, lambda r: CROWDED if r.state == HOME else beside)

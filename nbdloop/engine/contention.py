@@ -111,7 +111,7 @@ class Rule:
     changes: list[tuple[float, str, str]] = field(default_factory=list)
     _agree: int = field(default=0, repr=False)
     _since: float | None = field(default=None, repr=False)
-    _until: float = field(default=float("-inf"), repr=False)   # where it went back held till
+    _until: float = field(default=float("-inf"), repr=False)   # where it went back: held till
     _trial: bool = field(default=False, repr=False)            # home on trial
     _left: str = field(default=AWAY, repr=False)               # where a trial goes back to
     _rates: list[float] = field(default_factory=list, repr=False)
@@ -133,11 +133,9 @@ class Rule:
         """Where the pool runs under load in the current state."""
         return {HOME: self.home, AWAY: self.allowed - self.home}.get(self.state, self.allowed)
 
-    def _next(self) -> str:
-        """Where a crowded pool goes from here."""
-        if self.state == HOME and len(self.allowed - self.home) >= len(self.home):
-            return AWAY
-        return SPREAD
+    def _away_or_spread(self) -> str:
+        """Where a pool crowded at home goes."""
+        return AWAY if len(self.allowed - self.home) >= len(self.home) else SPREAD
 
     def is_loaded(self, s: Sample) -> bool:
         """The pool wants a CPU: its threads, summed, ran or waited to run for
@@ -206,7 +204,8 @@ class Rule:
         if self.state == HOME:
             if (self._agree >= self.confirm and settled and now >= self._until
                     and not self._trial):
-                return self._change(now, self._next(), "the pool waits while another CPU idles")
+                return self._change(now, self._away_or_spread(),
+                                    "the pool waits while another CPU idles")
             return None
         if not loaded or not settled:
             return None
