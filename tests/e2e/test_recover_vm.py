@@ -6,7 +6,7 @@ killed with SIGKILL in turn at random moments, in both modes, with one and
 two connections, and then ``nbdloop restart`` runs under the same load: the
 writer sees no error, the filesystem stays read-write, the kernel logs no
 I/O error, fsck is clean and every fsynced file is intact.  A server that
-cannot come back fails the writer with EIO, hangs nothing and is listed as
+cannot come back fails the writer's I/O with EIO, hangs nothing and is listed as
 stale with the reason; a connection for another device is refused.  One boot
 runs it all (tests/e2e/guest/recover.sh).
 """
@@ -75,7 +75,9 @@ def test_every_kill_was_a_recovery(recover_run):
 
 
 def test_a_server_that_cannot_come_back_fails_the_device(recover_run):
-    """The image gone: the writer gets EIO within the recovery timeout,
+    """The image gone: the device fails the writer's I/O with EIO within
+    the recovery timeout (the writer sees EIO, or EROFS if ext4's journal
+    met the EIO first), a direct read of the device fails with EIO,
     nothing hangs, list says stale and why, detach frees the device."""
     check(recover_run, "gone-for-good")
 

@@ -6,8 +6,9 @@
 # two connections; then `nbdloop restart` under the same load.  The writer
 # must see no error, the filesystem must stay read-write, the kernel log
 # must have no I/O error, fsck must be clean and every fsynced file intact.
-# Then a server that cannot come back (its image has gone): the writer gets
-# EIO within the recovery timeout, nothing hangs, list says stale and why.
+# Then a server that cannot come back (its image has gone): the device fails
+# the writer's I/O with EIO within the recovery timeout, nothing hangs, list
+# says stale and why.
 # And a reconfigure for the wrong device is refused.
 # Arguments: KILLS (per mode and connection count).  Images go in $NBDLOOP_DATA.
 here=$(dirname "$0")
@@ -140,7 +141,17 @@ gone_for_good() {
     done
     wait "$wpid" && fail "the writer saw no error"
     echo "writer: $(cat /tmp/writer.out)"
-    grep -q "Input/output error" /tmp/writer.out || fail "the writer's error is not EIO: $(cat /tmp/writer.out)"
+    # ext4 passes the device's EIO to the writer, unless its journal hit the
+    # error first: then it goes read-only and the writer's fsync says EROFS.
+    # Either way the device must have failed the writes with EIO, and must
+    # fail the next request with EIO at once.
+    grep -q -e "Input/output error" -e "Read-only file system" /tmp/writer.out ||
+        fail "the writer's error is neither EIO nor EROFS: $(cat /tmp/writer.out)"
+    dmesg | grep -q "I/O error, dev ${dev#/dev/}," || fail "the kernel logged no I/O error on $dev"
+    if timeout 20 dd if="$dev" of=/dev/null bs=4096 count=1 iflag=direct 2> /tmp/read.err; then
+        fail "a read of $dev succeeded with the server gone"
+    fi
+    grep -q "Input/output error" /tmp/read.err || fail "a read of $dev failed with: $(cat /tmp/read.err)"
     nbdloop list
     nbdloop list --json > /tmp/list.json
     grep -q '"state": "stale"' /tmp/list.json || fail "list does not show $dev as stale"
