@@ -9,7 +9,6 @@ import sys
 import click
 
 from nbdloop.engine.backing import MODES
-from nbdloop.engine.placement import format_cpu_list, parse_cpu_list
 from nbdloop.kernel.nbdclient import BLOCK_SIZES
 from nbdloop.sizes import parse_size
 
@@ -106,6 +105,9 @@ def parse_cpus(ctx, param, value):
     process may use."""
     if value is None:
         return None
+    # Here, not at the top: the placement rule and its statistics would
+    # cost every command their imports, and seconds on a slow machine.
+    from nbdloop.engine.placement import format_cpu_list, parse_cpu_list
     try:
         cpus = parse_cpu_list(value)
     except ValueError as e:

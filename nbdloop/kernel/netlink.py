@@ -14,15 +14,36 @@ Every call needs CAP_SYS_ADMIN, as nbd-client does.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pyroute2.netlink import NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, genlmsg, nla
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.generic import GenericNetlinkSocket
+
+def _skip_pyroute2_umbrella() -> None:
+    """Register the pyroute2 package without running its ``__init__``.
+
+    That ``__init__`` imports every API pyroute2 has (iproute, ndb, ipset,
+    nl80211, wireguard...): some 400 modules, which on a slow machine is
+    seconds that every attach, restart and recovery would wait for.  This
+    module uses only the generic netlink layer, whose modules import what
+    they need themselves.  If something has imported pyroute2 already, it
+    is left as it is."""
+    if "pyroute2" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is None or spec.submodule_search_locations is None:
+        return          # the import below says what is missing
+    sys.modules["pyroute2"] = importlib.util.module_from_spec(spec)
+
+
+_skip_pyroute2_umbrella()   # before the imports below
+
+from pyroute2.netlink import NLA_F_NESTED, NLM_F_ACK, NLM_F_REQUEST, genlmsg, nla  # noqa: E402
+from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
+from pyroute2.netlink.generic import GenericNetlinkSocket  # noqa: E402
 
 FAMILY = "nbd"
 VERSION = 1
