@@ -97,7 +97,7 @@ class Rule:
     home: frozenset[int]
     allowed: frozenset[int]
     wait_share: float = 0.2
-    room: float = 0.45
+    room: float = 0.55
     deserted: float = 0.8          # home's idle share that lets a crowded pool spread
     loaded: float = 0.5            # CPU seconds a second the pool must want to count
     confirm: int = 3
