@@ -21,7 +21,7 @@ demo: setup
 	@./scripts/demo.sh
 
 test: setup
-	@./scripts/test.sh $(PYTEST_ARGS)
+	NBDLOOP_STRICT=1 $(VENV)/bin/python -m pytest -ra --durations=25 $(PYTEST_ARGS)
 
 # Everything except the slow tests, for a quick check while editing.
 test-fast: setup
