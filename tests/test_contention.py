@@ -145,8 +145,8 @@ def test_a_clearly_worse_move_is_undone_sooner_than_a_close_one():
     """Away serving a quarter less than home is left after ``early``
     samples; 5 % less takes more samples to show.  (fio held on the
     interrupt CPU of a slow machine left that CPU idle enough to draw the
-    pool there, and the second it took to come back was a tenth of a 5 s
-    run: docs/BENCHMARKS.md, 2026-12-03.)"""
+    pool there, and the second or so it took to come back counted in a
+    5 s run: docs/BENCHMARKS.md, 2026-12-03.)"""
     def back_after(away_rate: float) -> float:
         rule = Rule(HOME_CPUS, ALL, probe=30.0)
         away = sample({1: 0.60}, {0: 0.05, 1: 0.35}, wait=0.5, rate=away_rate)
