@@ -171,7 +171,7 @@ class Rule:
     def _worse(self, than: float) -> bool:
         """The current place serves less than ``than`` by more than its
         samples so far let noise explain (``margin`` once ``settle`` are in)."""
-        n = min(self._seen, len(self._rates))
+        n = len(self._rates)
         if not than or n < self.early:
             return False
         return self._rate() < than * (1 - self.margin * max(1.0, self.settle / n))
@@ -209,8 +209,8 @@ class Rule:
                 self._rates = (self._rates + [s.rate()])[-20:]
         # Before the first change there is nothing to dwell on.
         stayed = float("inf") if self._since is None else now - self._since
-        settled = self._seen >= self.settle and stayed >= self.dwell
         judged = stayed >= self.dwell
+        settled = judged and self._seen >= self.settle
         if self.state == HOME and self._trial and judged and (
                 settled or self._worse(self._away_rate)):
             self._trial = False
