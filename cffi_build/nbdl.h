@@ -144,15 +144,18 @@ int nbdl_mlockall (void);
 
 /* One thread of this process, for the adaptive placement rule
  * (nbdloop/engine/contention.py): nanoseconds run and waited for a CPU
- * (its schedstat). */
+ * (its schedstat), and how often it gave up its CPU: in all, and
+ * involuntarily (its status: preempted by another task). */
 struct nbdl_task_times {
   int32_t tid;
   uint64_t run_ns;
   uint64_t wait_ns;
+  uint64_t switches;
+  uint64_t preempted;
 };
 
-/* Fill tasks[] (at most max_tasks) from /proc/self/task/<tid>/schedstat,
- * and busy[] and idle[] (clock ticks so far, CPUs 0 to max_cpus - 1;
+/* Fill tasks[] (at most max_tasks) from /proc/self/task/<tid>/schedstat
+ * and .../status, and busy[] and idle[] (clock ticks so far, CPUs 0 to max_cpus - 1;
  * busy counts user, nice, system, irq, softirq and steal, idle counts idle
  * and iowait) from /proc/stat.  One call for all of it, without the GIL:
  * read from Python, each file's read would hand the GIL over and back

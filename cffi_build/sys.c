@@ -104,11 +104,20 @@ read_proc (const char *path, char *buf, size_t size)
   return got;
 }
 
+/* The number after "name:" in a /proc status text, or -1. */
+static long long
+status_field (const char *text, const char *name)
+{
+  const char *at = strstr (text, name);
+
+  return at ? strtoll (at + strlen (name), NULL, 10) : -1;
+}
+
 int
 nbdl_sample_times (struct nbdl_task_times *tasks, int max_tasks,
                    uint64_t *busy, uint64_t *idle, int max_cpus)
 {
-  char path[64], buf[1024];
+  char path[64], buf[4096];
   struct dirent *de;
   DIR *dir;
   int n = 0, i;
@@ -118,6 +127,7 @@ nbdl_sample_times (struct nbdl_task_times *tasks, int max_tasks,
     return -errno;
   while (n < max_tasks && (de = readdir (dir)) != NULL) {
     unsigned long long run, wait;
+    long long vol, invol;
     int tid = atoi (de->d_name);
 
     if (tid <= 0)
@@ -126,9 +136,23 @@ nbdl_sample_times (struct nbdl_task_times *tasks, int max_tasks,
     if (read_proc (path, buf, sizeof buf) <= 0 ||
         sscanf (buf, "%llu %llu", &run, &wait) != 2)
       continue;          /* the thread has just ended */
+    /* The switch counts are the status file's last lines (about 1.4 KB
+     * in); the name is looked for with its newline, since "voluntary_"
+     * ends "nonvoluntary_".  Not found (a status cut short), the thread
+     * counts no switches: the rule then goes by CPU time alone. */
+    snprintf (path, sizeof path, "/proc/self/task/%d/status", tid);
+    vol = invol = -1;
+    if (read_proc (path, buf, sizeof buf) > 0) {
+      vol = status_field (buf, "\nvoluntary_ctxt_switches:");
+      invol = status_field (buf, "\nnonvoluntary_ctxt_switches:");
+    }
+    if (vol < 0 || invol < 0)
+      vol = invol = 0;
     tasks[n].tid = tid;
     tasks[n].run_ns = run;
     tasks[n].wait_ns = wait;
+    tasks[n].switches = (uint64_t) (vol + invol);
+    tasks[n].preempted = (uint64_t) invol;
     n++;
   }
   closedir (dir);

@@ -3,10 +3,12 @@
 ``nbdloop serve --placement irq`` (the pool held on its home CPU) under fio's
 4K random reads at QD32, with fio held on a CPU or left free, sampled every
 0.15 s from outside the server (nbdloop.engine.placement.Watch on its pid).
-The samples go to tests/data/contention/NAME.json, which
-tests/test_contention.py feeds to the rule.
+``--rate-iops`` caps fio's rate, for what a slower machine shows: a client
+that waits on the disk and leaves its CPU idle.  The samples go to
+tests/data/contention/NAME.json, which tests/test_contention.py feeds to the
+rule.
 
-Usage: record-contention.py NAME [--client-cpus LIST] [--seconds N]
+Usage: record-contention.py NAME [--client-cpus LIST] [--seconds N] [--rate-iops N]
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import argparse
 import datetime
 import json
 import platform
+import subprocess
 import tempfile
 import threading
 import time
@@ -32,6 +35,7 @@ def main() -> None:
     ap.add_argument("name")
     ap.add_argument("--client-cpus", default=None)
     ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--rate-iops", type=int, default=None)
     args = ap.parse_args()
     image = str(paths.cache_dir() / "bench-2G.img")
     size = 2 << 30
@@ -44,8 +48,12 @@ def main() -> None:
         server = children.nbdloop_server(image, wd, mode="direct",
                                          extra=["--placement", "irq"])
         with server:
-            fio = threading.Thread(target=bench.run_fio, args=(
-                w, bench.Target(uri=server.uri), args.seconds, size, args.client_cpus))
+            argv = bench.fio_argv(w, bench.Target(uri=server.uri), args.seconds,
+                                  "/dev/null", size, args.client_cpus)
+            if args.rate_iops:
+                argv.append(f"--rate_iops={args.rate_iops}")
+            fio = threading.Thread(target=subprocess.run, args=(argv,),
+                                   kwargs={"check": True, "capture_output": True})
             pid = server.server_pid
             watch = placement.Watch(set(where.idle), read=lambda: placement.read_times(pid))
             watch.sample(time.monotonic())
@@ -56,12 +64,13 @@ def main() -> None:
                 s = watch.sample(time.monotonic())
                 if s is not None:
                     samples.append({"seconds": s.seconds, "run": s.run, "wait": s.wait,
-                                    "busy": s.busy})
+                                    "busy": s.busy, "switches": s.switches,
+                                    "preempted": s.preempted})
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
             "host": platform.node(), "kernel": platform.release(),
             "home": sorted(where.busy), "allowed": sorted(where.idle),
             "irq": sorted(where.irq), "client_cpus": args.client_cpus,
-            "workload": w.name}
+            "rate_iops": args.rate_iops, "workload": w.name}
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{args.name}.json"
     path.write_text(json.dumps({"meta": meta, "samples": samples}, indent=1) + "\n")

@@ -345,23 +345,42 @@ def test_cpu_and_thread_times_parse_what_the_kernel_writes():
             "cpu1 4 0 10 200 2 0 2 0 0 0\nintr 1 2 3\n")
     assert placement.cpu_times(stat) == {0: (19, 102), 1: (16, 202)}
     assert placement.thread_times("123456 7890 12\n") == (123456, 7890)
+    status = ("Name:\tnbdkit\nCpus_allowed_list:\t0-1\n"
+              "voluntary_ctxt_switches:\t150\nnonvoluntary_ctxt_switches:\t7\n")
+    assert placement.thread_switches(status) == (157, 7)
+    assert placement.thread_switches("Name:\tnbdkit\n") == (0, 0)
 
 
 @pytest.mark.parametrize("how", ["engine", "python"])
 def test_watch_sees_this_process_run(how):
     """The engine's reader (one C call, in the server) and the Python one
     (for another process) see this process spin for 0.3 s of CPU time
-    (not of wall time, which a busy host steals from)."""
+    (not of wall time, which a busy host steals from), sleep 20 times, and
+    be preempted by a spinning process on its CPU."""
     read = None if how == "engine" else placement.read_times
-    watch = placement.Watch(set(os.sched_getaffinity(0)), read=read)
+    cpus = set(os.sched_getaffinity(0))
+    watch = placement.Watch(cpus, read=read)
     assert watch.sample(time.monotonic()) is None
-    start, end = time.thread_time(), time.monotonic() + 5
-    while time.thread_time() - start < 0.3 and time.monotonic() < end:
-        pass
+    cpu = min(cpus)
+    hog = subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-c",
+                            "while True: pass"])
+    os.sched_setaffinity(0, {cpu})         # this thread only
+    try:
+        start, end = time.thread_time(), time.monotonic() + 10
+        while time.thread_time() - start < 0.3 and time.monotonic() < end:
+            pass
+    finally:
+        os.sched_setaffinity(0, cpus)
+        hog.kill()
+        hog.wait()
+    for _ in range(20):
+        time.sleep(0.001)
     s = watch.sample(time.monotonic())
-    assert s is not None and 0.2 < s.seconds < 6
+    assert s is not None and 0.2 < s.seconds < 11
     assert s.run >= 0.25
     assert sum(s.busy.values()) >= 0.1
+    assert s.switches >= 20 + s.preempted
+    assert s.preempted >= 5             # a CPU shared for 0.3 s of CPU time
 
 
 def test_the_sampler_reads_nothing_while_idle_and_starts_afresh():
@@ -373,7 +392,7 @@ def test_the_sampler_reads_nothing_while_idle_and_starts_afresh():
     def read():
         reads.append(time.monotonic())
         n = len(reads)
-        return [(1, n * 10**7, n * 10**7)], {0: (n, n), 1: (n, n)}
+        return [(1, n * 10**7, n * 10**7, n, 0)], {0: (n, n), 1: (n, n)}
 
     where = placement.Placement(busy=HOME_CPUS, idle=ALL, irq=ALL - HOME_CPUS)
     a = placement.Adaptive(where, lambda busy, idle: None, lambda message: None,

@@ -86,10 +86,24 @@ class Sample:
     wait: float                     # seconds they were runnable, waiting for a CPU
     busy: Mapping[int, float]       # per CPU: seconds busy with anything
     requests: int = 0               # requests served
+    switches: int = 0               # times the pool's threads left a CPU
+    preempted: int = 0              # of them, not by their own choice
 
     def waiting(self) -> float:
         total = self.run + self.wait
         return self.wait / total if total > 0 else 0.0
+
+    def preemptions(self) -> float:
+        """The share of the pool's switches that were preemptions."""
+        return self.preempted / self.switches if self.switches > 0 else 0.0
+
+    def others(self, cpus: frozenset[int]) -> float:
+        """The share of ``cpus``' time busy with work other than the
+        pool's, taking the pool to run on them."""
+        if self.seconds <= 0 or not cpus:
+            return 0.0
+        busy = sum(self.busy.get(c, 0.0) for c in cpus)
+        return max(0.0, busy - self.run) / (self.seconds * len(cpus))
 
     def free(self, cpu: int) -> float:
         if self.seconds <= 0:

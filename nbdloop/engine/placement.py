@@ -210,7 +210,23 @@ def thread_times(schedstat: str) -> tuple[int, int]:
     return int(run), int(wait)
 
 
-Times = tuple[list[tuple[int, int, int]], dict[int, tuple[int, int]]]
+def thread_switches(status: str) -> tuple[int, int]:
+    """(context switches, of them involuntary) of one thread, from its
+    /proc/.../status; (0, 0) where the kernel does not say."""
+    counts = {}
+    for line in status.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+            counts[name] = int(value)
+    if len(counts) != 2:
+        return 0, 0
+    preempted = counts["nonvoluntary_ctxt_switches"]
+    return counts["voluntary_ctxt_switches"] + preempted, preempted
+
+
+#: Each thread's (tid, ns run, ns waited, switches, of them involuntary),
+#: and each CPU's (busy, idle) clock ticks.
+Times = tuple[list[tuple[int, int, int, int, int]], dict[int, tuple[int, int]]]
 
 
 def read_times(pid: int | str = "self", proc: Path = Path("/proc")) -> Times:
@@ -222,16 +238,17 @@ def read_times(pid: int | str = "self", proc: Path = Path("/proc")) -> Times:
     for name in os.listdir(tasks):
         try:
             run, wait = thread_times((tasks / name / "schedstat").read_text())
+            switches, preempted = thread_switches((tasks / name / "status").read_text())
         except (OSError, ValueError):
             continue            # the thread has just ended
-        threads.append((int(name), run, wait))
+        threads.append((int(name), run, wait, switches, preempted))
     return threads, cpu_times((proc / "stat").read_text())
 
 
 class Watch:
     """The samples the contention rule is fed: the process's threads' run
-    time and run delay, and each allowed CPU's busy share, as differences
-    between two reads of
+    time, run delay and context switches (how many of them preemptions),
+    and each allowed CPU's busy share, as differences between two reads of
     ``read`` (default :func:`nbdloop.engine.uring.sample_times`: this
     process, read without holding the GIL)."""
 
@@ -241,7 +258,7 @@ class Watch:
             from nbdloop.engine import uring
             read = uring.sample_times
         self._read = read
-        self._threads: dict[int, tuple[int, int]] = {}
+        self._threads: dict[int, tuple[int, int, int, int]] = {}
         self._cpus: dict[int, tuple[int, int]] = {}
         self._when: float | None = None
 
@@ -249,12 +266,15 @@ class Watch:
         """What happened since the last call (None at the first)."""
         threads, times = self._read()
         run = wait = 0.0
+        switches = preempted = 0
         seen = {}
-        for tid, r, w in threads:
-            r0, w0 = self._threads.get(tid, (r, w))
-            seen[tid] = (r, w)
+        for tid, r, w, n, p in threads:
+            r0, w0, n0, p0 = self._threads.get(tid, (r, w, n, p))
+            seen[tid] = (r, w, n, p)
             run += (r - r0) / 1e9
             wait += (w - w0) / 1e9
+            switches += n - n0
+            preempted += p - p0
         self._threads = seen
         before, self._cpus = self._cpus, times
         when, self._when = self._when, now
@@ -267,7 +287,8 @@ class Watch:
             b0, i0 = before.get(cpu, (b1, i1))
             ticks = (b1 - b0) + (i1 - i0)
             busy[cpu] = seconds * (b1 - b0) / ticks if ticks > 0 else 0.0
-        return Sample(seconds=seconds, run=run, wait=wait, busy=busy)
+        return Sample(seconds=seconds, run=run, wait=wait, busy=busy,
+                      switches=switches, preempted=preempted)
 
 
 class Adaptive:
@@ -328,4 +349,6 @@ class Adaptive:
             self._apply(set(cpus), set(self.where.idle))
             self._log(f"workers {self.rule.state}: CPU {format_cpu_list(cpus)} under load: "
                       f"{self.rule.changes[-1][2]} (the pool waited "
-                      f"{sample.waiting():.0%} of its time, {sample.rate():.0f} requests/s)")
+                      f"{sample.waiting():.0%} of its time, preempted in "
+                      f"{sample.preemptions():.0%} of its switches, "
+                      f"{sample.rate():.0f} requests/s)")

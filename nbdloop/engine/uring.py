@@ -64,16 +64,17 @@ _MAX_TASKS = 1024      # nbdkit's workers: 16 a connection by default
 _MAX_CPUS = 1024
 
 
-def sample_times() -> tuple[list[tuple[int, int, int]], dict[int, tuple[int, int]]]:
-    """This process's threads as (tid, ns run, ns waited for a CPU), and
-    each CPU's (busy, idle) clock ticks so far; read in one call
-    that does not hold the GIL (nbdl_sample_times)."""
+def sample_times() -> tuple[list[tuple[int, int, int, int, int]], dict[int, tuple[int, int]]]:
+    """This process's threads as (tid, ns run, ns waited for a CPU,
+    context switches, of them involuntary), and each CPU's (busy, idle)
+    clock ticks so far; read in one call that does not hold the GIL
+    (nbdl_sample_times)."""
     tasks = ffi.new("struct nbdl_task_times[]", _MAX_TASKS)
     busy = ffi.new("uint64_t[]", _MAX_CPUS)
     idle = ffi.new("uint64_t[]", _MAX_CPUS)
     n = check(lib.nbdl_sample_times(tasks, _MAX_TASKS, busy, idle, _MAX_CPUS),
               "reading /proc/self/task and /proc/stat")
-    threads = [(t.tid, t.run_ns, t.wait_ns) for t in tasks[0:n]]
+    threads = [(t.tid, t.run_ns, t.wait_ns, t.switches, t.preempted) for t in tasks[0:n]]
     cpus = {c: (busy[c], idle[c]) for c in range(_MAX_CPUS) if busy[c] or idle[c]}
     return threads, cpus
 
