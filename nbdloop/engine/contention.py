@@ -24,15 +24,22 @@ samples.
   skipped, the pool going straight to spread, where the CPUs outside home
   are fewer than home's: the pool would trade the client's contention for
   its own.
-- **Home to away (or spread)**: the pool waits for a CPU (its threads' run
-  delay is more than ``wait_share`` of their runnable time) while a CPU
-  outside its current set has room (idle more than ``room``), in
-  ``confirm`` samples in a row, and the current set's rate is known:
-  ``settle`` loaded samples were taken there.  The pool's own threads queue
-  behind each other, so waiting alone says little; an idle CPU beside a
-  waiting pool is the sign.  The same sign, seen away, spreads the pool,
-  but only if home is all but idle (``deserted``): home holds the client
-  that made the pool leave, and that client may leave half its CPU free.
+- **Home to away (or spread)**: another task pushes the pool at home
+  (more than ``preempt`` of its threads' context switches are
+  preemptions, or other work takes more than ``shared`` of home), the pool
+  waits for a CPU (its threads' run delay is more than ``wait_share`` of
+  their runnable time) and a CPU outside its current set has room (idle
+  more than ``room``), in ``confirm`` samples in a row, and the current
+  set's rate is known: ``settle`` loaded samples were taken there.  The
+  pool's own threads queue behind each other, so waiting alone says
+  little; a client elsewhere that waits on a slow disk leaves its own CPU
+  idle, so an idle CPU beside a waiting pool says little more.  What shows
+  the client on the pool's CPU, at any rate, is preemption: each reply
+  wakes the client and it preempts the worker that sent it, while the
+  workers (SCHED_BATCH) do not preempt each other.  Away, a pool that
+  waits spreads, but only if home is all but idle (``deserted``): home
+  holds the client that made the pool leave, and that client may leave
+  half its CPU free.
 - **Back home**: away or spread turns out worse: after ``dwell`` seconds
   and ``settle`` samples there, the pool serves fewer requests per second
   than it did at home just before, by more than ``margin`` (spread that
@@ -120,6 +127,8 @@ class Rule:
     home: frozenset[int]
     allowed: frozenset[int]
     wait_share: float = 0.2
+    preempt: float = 0.2           # share of the pool's switches that were preemptions
+    shared: float = 0.35           # share of the pool's CPUs other work took
     room: float = 0.55
     deserted: float = 0.8          # home's idle share that lets a crowded pool spread
     loaded: float = 0.5            # CPU seconds a second the pool must want to count
@@ -168,15 +177,27 @@ class Rule:
         workers queued behind it), and it is the one that most needs to move."""
         return s.run + s.wait >= self.loaded * s.seconds
 
+    def pushed(self, s: Sample) -> bool:
+        """Another task takes the pool's CPU: it preempts the workers
+        (the client, woken by a reply, does that once a request or more),
+        or it runs there a good part of the time (a busy thread, another
+        pool).  The pool's own workers queue behind each other but do not
+        preempt each other (they are SCHED_BATCH), so with the client
+        elsewhere a pool that waits is seldom preempted."""
+        return (s.preemptions() > self.preempt
+                or s.others(self.cpus) > self.shared)
+
     def crowded(self, s: Sample) -> bool:
         """The pool waits while a CPU outside its current ones has room
-        (spread, there is none).  Away, the room must be more: home holds
-        the client that made the pool leave, and a client that keeps half
-        a CPU busy is no reason to join it again; a home that idles is."""
+        (spread, there is none); at home, only when another task pushes
+        it.  Away, the room must be more: home holds the client that made
+        the pool leave, and a client that keeps half a CPU busy is no
+        reason to join it again; a home that idles is."""
         outside = self.allowed - self.cpus
         room = self.deserted if self.state == AWAY else self.room
         return (bool(outside) and self.is_loaded(s) and s.waiting() > self.wait_share
-                and max(s.free(c) for c in outside) > room)
+                and max(s.free(c) for c in outside) > room
+                and (self.state != HOME or self.pushed(s)))
 
     def _rate(self, last: int | None = None) -> float:
         rates = self._rates[-last:] if last else self._rates
@@ -238,7 +259,7 @@ class Rule:
             if (self._agree >= self.confirm and settled and now >= self._until
                     and not self._trial):
                 return self._change(now, self._away_or_spread(),
-                                    "the pool waits while another CPU idles")
+                                    "another task takes the pool's CPU while another idles")
             return None
         if not loaded or not judged:
             return None
