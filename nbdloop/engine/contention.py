@@ -11,7 +11,8 @@ it over every allowed CPU; it brings the pool home again when that serves
 fewer requests than home did.
 
 It is fed a :class:`Sample` per interval (what the pool's threads ran and
-waited, how busy each CPU was, how many requests were served) and answers
+waited, how often they were preempted, how busy each CPU was, how many
+requests were served) and answers
 with the CPUs the pool should use under load.  Pure logic: no I/O, no clock
 of its own (the caller passes the time), so it is tested on recorded
 samples.
