@@ -12,10 +12,9 @@ fewer requests than home did.
 
 It is fed a :class:`Sample` per interval (what the pool's threads ran and
 waited, how often they were preempted, how busy each CPU was, how many
-requests were served) and answers
-with the CPUs the pool should use under load.  Pure logic: no I/O, no clock
-of its own (the caller passes the time), so it is tested on recorded
-samples.
+requests were served) and answers with the CPUs the pool should use under
+load.  Pure logic: no I/O, no clock of its own (the caller passes the
+time), so it is tested on recorded samples.
 
 - **Why away before spread**: the pool serves best kept together, because
   a wake-up within a CPU is cheap and one across CPUs is an interrupt to
