@@ -149,7 +149,8 @@ class Backing:
 
     def __init__(self, fd: int, path: str, geometry: Geometry, *, mode: str,
                  readonly: bool, seg_size: int = DEFAULT_SEG_SIZE,
-                 entries: int = DEFAULT_ENTRIES, pin: bool = False) -> None:
+                 entries: int = DEFAULT_ENTRIES, pin: bool = False,
+                 shared: bool = False) -> None:
         self.fd = fd
         self.path = path
         self.name = os.path.basename(path)
@@ -171,6 +172,12 @@ class Backing:
         # Writes in direct mode take the range lock so that a read-modify-write
         # of an edge block never races another write to that block.
         self.write_lock = uring.LOCK_SHARED if self.direct else uring.LOCK_NONE
+        # Other processes serve this image too (serve --processes) and their
+        # range locks cannot see ours, so a read-modify-write could lose one
+        # of their writes: such writes are refused, and clients are told the
+        # minimum block size that avoids them.
+        self.shared = shared
+        self.no_rmw = shared and self.direct
         self.engine = uring.Engine(fd, direct=self.direct, seg_size=seg_size,
                                    entries=entries, pin=pin, name=self.name)
         self._zero_range_ok = True
@@ -195,8 +202,10 @@ class Backing:
         if fd >= 0:
             # Unlock before closing: io_uring's workers may still hold a
             # reference to the file for a moment after an fsync or fallocate,
-            # and the lock would go only with the last reference.
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            # and the lock would go only with the last reference.  Not when
+            # shared: the lock is the supervisor's, for all the processes.
+            if not self.shared:
+                fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
     def __enter__(self) -> Backing:
@@ -211,8 +220,10 @@ class Backing:
         """(minimum, preferred, maximum) for NBD block size negotiation.
         The minimum is 1: any byte range is served exactly, an unaligned
         one by read-modify-write, so a client (libnbd enforces the
-        minimum) must not refuse it.  The preferred size avoids that."""
-        return 1, max(4096, self.align), MAX_REQUEST
+        minimum) must not refuse it.  The preferred size avoids that.
+        Shared with other processes, there is no read-modify-write, and
+        the minimum is the alignment."""
+        return self.io_align if self.no_rmw else 1, max(4096, self.align), MAX_REQUEST
 
     # ---- data ---------------------------------------------------------------
 
@@ -261,9 +272,16 @@ class Backing:
         start = segs[0].file_off
         length = segs[-1].end - start
         rmw = any(s.preread for s in segs)
-        mode = uring.LOCK_EXCLUSIVE if (rmw and self.direct) else self.write_lock
         verb = "pwrite" if op == uring.OP_WRITE else "write zeroes"
+        if rmw and self.no_rmw:
+            self._refuse_unaligned(verb, offset, count)
+        mode = uring.LOCK_EXCLUSIVE if (rmw and self.direct) else self.write_lock
         self._run(verb, op, buf, segs, fua, (start, length, mode), offset, count)
+
+    def _refuse_unaligned(self, verb: str, offset: int, count: int) -> None:
+        uring.check(-errno.EINVAL, self._what(verb, offset, count) +
+                    f" (not aligned to {self.io_align} bytes, and other processes "
+                    "serve the image: no read-modify-write)")
 
     def flush(self) -> None:
         self.engine.fsync(True)
@@ -291,6 +309,8 @@ class Backing:
                                                       self.seg_size)
         else:
             edges, (mid_off, mid_len) = [], (offset, count)
+        if edges and self.no_rmw:
+            self._refuse_unaligned("zero", offset, count)   # before any of it is done
         if edges and fast:
             # Edge blocks need reads and writes: not fast.
             uring.check(-errno.ENOTSUP, self._what("fast zero", offset, count))

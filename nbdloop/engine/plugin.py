@@ -15,7 +15,9 @@ others (or spread them) when other work crowds theirs, the default; irq: only th
 off: neither), ``sched``
 (batch: workers run under SCHED_BATCH, the default; normal: left as they are),
 ``outlive-parent`` (no death signal when the supervisor dies, for a device's
-agent to decide; default off).
+agent to decide; default off), ``shared`` (other nbdkit processes serve the
+same image, ``serve --processes``: writes that would need a read-modify-write
+are refused; default off).
 """
 import builtins
 import errno
@@ -59,6 +61,7 @@ _config = {
     "mlock": False,
     "placement": "auto",
     "sched": "batch",
+    "shared": False,
 }
 _backing = None
 _adaptive = None
@@ -126,7 +129,7 @@ def thread_model():
 def config(key, value):
     if key not in _config:
         raise ValueError(f"unknown parameter {key!r}")
-    if key in ("readonly", "pin", "io-flusher", "mlock", "outlive-parent"):
+    if key in ("readonly", "pin", "io-flusher", "mlock", "outlive-parent", "shared"):
         _config[key] = _bool(value)
     elif key == "segment-size":
         _config[key] = parse_size(value)
@@ -162,7 +165,7 @@ def get_ready():
         uring.lock_memory()
     kw = dict(mode=_config["mode"], readonly=_config["readonly"],
               seg_size=_config["segment-size"], entries=_config["entries"],
-              pin=_config["pin"])
+              pin=_config["pin"], shared=_config["shared"])
     try:
         if _config["fd"] is not None:
             # nbdloop serve opened, checked and locked the image for us.
