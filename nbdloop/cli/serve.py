@@ -2,6 +2,7 @@
 supervisor, in the foreground."""
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 import time
@@ -9,13 +10,13 @@ from pathlib import Path
 
 import click
 
-from nbdloop import paths
 from nbdloop.cli.common import SIZE, mode_option, parse_cpus, warn_if_unsettled
 from nbdloop.engine import backing
-from nbdloop.serve.cmdline import (default_socket, image_key, nbdkit_argv, plugin_env,
-                                   require_free_port, require_free_socket,
-                                   require_permissions, require_psk_file, require_slice)
-from nbdloop.serve.supervise import supervise
+from nbdloop.serve.cmdline import (default_socket, listen_unix, nbdkit_argv,
+                                   plugin_env, process_socket, require_free_port,
+                                   require_free_socket, require_permissions,
+                                   require_psk_file, require_slice, ready_files)
+from nbdloop.serve.supervise import Child, supervise
 from nbdloop.sizes import format_size
 
 DEFAULT_THREADS = 16
@@ -79,22 +80,36 @@ def validate_serve_options(image, mode, readonly, segment_size):
               show_default=True,
               help="batch: the workers run under SCHED_BATCH, so a worker woken up does not "
                    "preempt one that is running a request (see README); normal: leave them.")
+@click.option("--processes", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Serve with this many nbdkit processes, each on one CPU (in turn from "
+                   "--cpus or the CPUs allowed), so that several connections are not held "
+                   "to one Python interpreter.  Process K accepts on SOCKET.K, process 0 "
+                   "also on SOCKET (attach spreads its connections over them).  In direct "
+                   "mode, a write that is not aligned to the image's direct-I/O alignment "
+                   "is refused (README, Processes).")
 @click.option("--agent", is_flag=True, hidden=True,
               help="Run under a device's agent (nbdloop attach): the agent, not this "
                    "supervisor, restarts nbdkit, and a stop closes the connections first.")
 def serve(image, mode, readonly, threads, segment_size, export_name, offset, sizelimit,
           socket_path, port, bind, pidfile, verbose, stats_file, tls_psk, mlock, placement,
-          cpus, sched, agent):
+          cpus, sched, processes, agent):
     """Serve IMAGE over NBD in the foreground until SIGINT or SIGTERM."""
     validate_serve_options(image, mode, readonly, segment_size)
     if tls_psk:
         require_psk_file(tls_psk)
     if socket_path and port:
         raise click.BadParameter("use --socket or --port, not both", param_hint="--socket")
+    if processes > 1 and port is not None:
+        raise click.BadParameter("several processes serve a unix socket, not --port",
+                                 param_hint="--processes")
     sock = None
+    sockets = []
     if port is None:
         sock = Path(socket_path) if socket_path else default_socket(image)
-        require_free_socket(sock)
+        sockets = [sock] + ([process_socket(sock, k) for k in range(processes)]
+                            if processes > 1 else [])
+        for path in sockets:
+            require_free_socket(path)
     else:
         require_free_port(bind, port)
     fd, geometry = backing.open_image(image, mode=mode, readonly=readonly)
@@ -103,10 +118,39 @@ def serve(image, mode, readonly, threads, segment_size, export_name, offset, siz
     except BaseException:
         os.close(fd)
         raise
-    ready = paths.runtime_dir() / f"{image_key(image)}.{os.getpid()}.ready"
+    ready = ready_files(image, os.getpid(), processes)
     first_fd = [fd]
+    os.umask(0o077)  # the socket is 0600
+    listen = []
+    if processes > 1:
+        # The supervisor holds the image (and its lock) and the sockets; each
+        # process gets a copy of them, also after a crash.
+        held = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 8)
+        os.close(fd)
+        try:
+            listen = [listen_unix(path, 8) for path in sockets]
+        except BaseException:
+            os.close(held)
+            raise
+        on = sorted(cpus or os.sched_getaffinity(0))
 
-    def spawn() -> tuple[list[str], tuple[int, ...]]:
+    def spawn_one(k: int) -> Child:
+        f = fcntl.fcntl(held, fcntl.F_DUPFD_CLOEXEC, 8)
+        argv = nbdkit_argv(image, fd=f, mode=mode, readonly=readonly, socket_path=None,
+                           port=None, bind=bind, threads=threads, segment_size=segment_size,
+                           export_name=export_name, pidfile=str(ready[k]), verbose=verbose,
+                           stats_file=f"{stats_file}.{k}" if stats_file and k else stats_file,
+                           tls_psk=tls_psk, mlock=mlock, placement="off", sched=sched,
+                           exit_with_parent=not agent, slice_=part, activated=True,
+                           shared=True)
+        # Process 0 also takes the usual socket (see listen_unix).
+        own = [listen[1 + k].fileno()]
+        return Child(argv, (f,), listen=tuple(([listen[0].fileno()] if k == 0 else []) + own),
+                     cpu=on[k % len(on)])
+
+    def spawn(k: int) -> Child:
+        if processes > 1:
+            return spawn_one(k)
         # nbdkit inherits the opened, locked descriptor: no window in which a
         # second server could take the image.  After a crash, open it again.
         if first_fd:
@@ -127,11 +171,11 @@ def serve(image, mode, readonly, threads, segment_size, export_name, offset, siz
         argv = nbdkit_argv(image, fd=f, mode=mode, readonly=readonly,
                            socket_path=str(sock) if sock else None, port=port, bind=bind,
                            threads=threads, segment_size=segment_size,
-                           export_name=export_name, pidfile=str(ready), verbose=verbose,
+                           export_name=export_name, pidfile=str(ready[0]), verbose=verbose,
                            stats_file=stats_file, tls_psk=tls_psk, mlock=mlock,
                            placement="off" if cpus else placement, sched=sched,
                            exit_with_parent=not agent, slice_=part)
-        return argv, (f,)
+        return Child(argv, (f,))
 
     where = (f"unix:{sock}" if sock else f"nbd://{bind}:{port}") + (" with TLS" if tls_psk
                                                                      else "")
@@ -142,17 +186,22 @@ def serve(image, mode, readonly, threads, segment_size, export_name, offset, siz
     what = (f"{format_size(part.length)} at offset {part.offset} of "
             f"{format_size(geometry.size)}" if part.filtered else format_size(geometry.size))
     click.echo(f"nbdloop: serving {image} ({what}, {mode}, "
-               f"alignment {geometry.align}) on {where}", err=True)
-    os.umask(0o077)  # the socket is 0600
-    if cpus:
+               f"alignment {geometry.align}) on {where}" +
+               (f", {processes} processes" if processes > 1 else ""), err=True)
+    if cpus and processes == 1:
         os.sched_setaffinity(0, cpus)   # nbdkit and all its threads inherit it
     try:
-        status = supervise(spawn, env=plugin_env(), ready_file=ready,
+        status = supervise(spawn, env=plugin_env(), ready_files=ready,
                            pidfile=Path(pidfile).absolute() if pidfile else None,
-                           socket_path=sock, handover=agent)
+                           sockets=sockets, handover=agent)
     except backing.ImageError as e:   # reopening after a crash failed
         click.echo(f"nbdloop: cannot restart the server: {e}", err=True)
         status = 1
+    finally:
+        for s in listen:
+            s.close()
+        if listen:
+            os.close(held)
     if status != 0:
         click.echo(f"nbdloop: server exited with status {status}", err=True)
     sys.exit(0 if status == 0 else 1)

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from nbdloop.serve.cmdline import process_socket
+
 
 class ServerError(Exception):
     """A server that would not start, with the end of its log."""
@@ -21,8 +23,8 @@ class ServerError(Exception):
 def nbdloop_serve_argv(image: str, socket_path: str, *, mode: str = "direct",
                        pidfile: str | None = None, readonly: bool = False,
                        threads: int | None = None, segment_size: str | None = None,
-                       export_name: str | None = None, extra: list[str] | None = None
-                       ) -> list[str]:
+                       export_name: str | None = None, processes: int = 1,
+                       extra: list[str] | None = None) -> list[str]:
     argv = [sys.executable, "-m", "nbdloop.cli", "serve", image, "--socket", socket_path,
             "--mode", mode]
     if pidfile:
@@ -35,6 +37,8 @@ def nbdloop_serve_argv(image: str, socket_path: str, *, mode: str = "direct",
         argv += ["--segment-size", str(segment_size)]
     if export_name:
         argv += ["--export-name", export_name]
+    if processes > 1:
+        argv += ["--processes", str(processes)]
     return argv + list(extra or [])
 
 
@@ -64,8 +68,9 @@ class ServerProcess:
     """A server child process that is ready once its pidfile exists."""
 
     def __init__(self, argv: list[str], *, socket_path: str, pidfile: str, log: str,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, processes: int = 1) -> None:
         self.argv = argv
+        self.processes = processes
         self.socket_path = socket_path
         self.pidfile = Path(pidfile)
         self.log = Path(log)
@@ -79,13 +84,30 @@ class ServerProcess:
 
     @property
     def server_pid(self) -> int:
-        """The nbdkit process under ``nbdloop serve`` (its only child), or
-        this process itself for peers that run directly."""
+        """The (first) nbdkit process under ``nbdloop serve``, or this
+        process itself for peers that run directly."""
+        return self.server_pids[0]
+
+    @property
+    def server_pids(self) -> list[int]:
+        """The nbdkit processes under ``nbdloop serve`` (its children: one
+        unless ``--processes``), or this process itself for peers."""
         try:
             children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
         except OSError:
             children = []
-        return int(children[0]) if children else self.pid
+        return [int(c) for c in children] or [self.pid]
+
+    @property
+    def sockets(self) -> list[str]:
+        """Where to connect, spread over the processes of ``--processes``:
+        the socket of each, else the one socket."""
+        return [str(process_socket(self.socket_path, k)) for k in range(self.processes)] \
+            if self.processes > 1 else [self.socket_path]
+
+    @property
+    def uris(self) -> list[str]:
+        return [f"nbd+unix:///?socket={path}" for path in self.sockets]
 
     @property
     def uri(self) -> str:
@@ -162,7 +184,8 @@ def nbdloop_server(image: str, workdir: str | os.PathLike, *, name: str = "nbdlo
     wd = Path(workdir)
     sock, pid, log = (str(wd / f"{name}.{s}") for s in ("sock", "pid", "log"))
     return ServerProcess(nbdloop_serve_argv(image, sock, pidfile=pid, **kw),
-                         socket_path=sock, pidfile=pid, log=log)
+                         socket_path=sock, pidfile=pid, log=log,
+                         processes=kw.get("processes", 1))
 
 
 def qemu_nbd_server(image: str, workdir: str | os.PathLike, *, name: str = "qemu-nbd",

@@ -6,6 +6,7 @@ Every check raises :class:`ServeError` with one line; the CLI shows it.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import os
 import shutil
@@ -31,6 +32,40 @@ def image_key(image: str) -> str:
 
 def default_socket(image: str) -> Path:
     return paths.runtime_dir() / f"{image_key(image)}.sock"
+
+
+def ready_files(image: str, supervisor: int, processes: int) -> list[Path]:
+    """Where each nbdkit process of the supervisor ``supervisor`` says it is
+    ready (its pidfile)."""
+    key = f"{image_key(image)}.{supervisor}"
+    return [paths.runtime_dir() / (f"{key}.{k}.ready" if processes > 1 else f"{key}.ready")
+            for k in range(processes)]
+
+
+def process_socket(path: Path | str, k: int) -> Path:
+    """The socket of its own that process ``k`` of a server with
+    ``--processes`` listens on besides the shared one at ``path``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{k}")
+
+
+def listen_unix(path: Path, above: int) -> socket.socket:
+    """A listening unix socket at ``path`` (mode 0600) whose descriptor is
+    above ``above``, for nbdkit to inherit (see supervise.Child).  Never
+    one socket for several processes: all would wake for a connection, and
+    the losers would sleep in accept (a blocking socket) or retry it at once
+    until the next one (nbdkit 1.32, a non-blocking socket), deaf to their
+    other socket and to SIGTERM."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(str(path))
+        os.chmod(path, 0o600)
+        s.listen(128)
+        return socket.socket(fileno=fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, above + 1))
+    except OSError as e:
+        raise ServeError(f"cannot listen on {path}: {e.strerror}") from None
+    finally:
+        s.close()
 
 
 def require_free_socket(path: Path) -> None:
@@ -130,8 +165,11 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
                 verbose: bool = False, stats_file: str | None = None,
                 tls_psk: str | None = None, mlock: bool = False,
                 placement: str = "auto", sched: str = "batch",
-                exit_with_parent: bool = True, slice_: Slice | None = None) -> list[str]:
+                exit_with_parent: bool = True, slice_: Slice | None = None,
+                activated: bool = False, shared: bool = False) -> list[str]:
     """The nbdkit command line that serves ``image`` with our plugin.
+    ``activated``: nbdkit inherits its listening sockets (supervise.Child)
+    instead of making one.  ``shared``: other processes serve the image too.
     ``exit_with_parent``: nbdkit gets SIGTERM when the supervisor dies;
     off under a device's agent, which kills it instead (see supervise).
     ``slice_``: serve only that range, through nbdkit's offset filter
@@ -144,7 +182,9 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
     argv = [nbdkit, "--foreground", "--threads", str(threads)]
     if exit_with_parent:
         argv.append("--exit-with-parent")
-    if socket_path is not None:
+    if activated:
+        pass
+    elif socket_path is not None:
         argv += ["--unix", socket_path]
     else:
         argv += ["--port", str(port), "--ipaddr", bind]
@@ -175,6 +215,8 @@ def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
         argv.append(f"placement={placement}")
     if sched != "batch":
         argv.append(f"sched={sched}")
+    if shared:
+        argv.append("shared=1")
     if slice_ is not None:
         argv += [f"offset={slice_.offset}", f"range={slice_.length}"]
     return argv

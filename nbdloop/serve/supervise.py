@@ -20,6 +20,7 @@ server, because it must hand the kernel new connections anyway.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import signal
 import socket
@@ -84,39 +85,53 @@ def connections(pid: int) -> int:
     return sum(1 for _ in _sockets(pid, True))
 
 
-def stop(proc: subprocess.Popen, handover: bool = False) -> int:
-    """Stop nbdkit in an orderly way; returns its exit status."""
+def stop(procs: list[subprocess.Popen], handover: bool = False) -> list[int]:
+    """Stop nbdkit (every process of it) in an orderly way; returns their
+    exit statuses."""
     if handover:
-        return _hand_over(proc)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(GRACE)
-    except subprocess.TimeoutExpired:
-        pass
-    shutdown_sockets(proc.pid)
-    try:
-        return proc.wait(DRAIN)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
+        return _hand_over(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    if not _wait_all(procs, GRACE):
+        for proc in procs:
+            if proc.poll() is None:
+                shutdown_sockets(proc.pid)
+        _wait_all(procs, DRAIN)
+    return [_reap(proc) for proc in procs]
 
 
-def _hand_over(proc: subprocess.Popen) -> int:
+def _hand_over(procs: list[subprocess.Popen]) -> list[int]:
     """Close nbdkit's connections, let it answer what it has read, and only
     then stop it: SIGTERM once it has no connection left, SIGKILL if the
     drain time runs out."""
-    shutdown_sockets(proc.pid, connected_only=True)
+    for proc in procs:
+        shutdown_sockets(proc.pid, connected_only=True)
     deadline = time.monotonic() + DRAIN
-    while proc.poll() is None and connections(proc.pid) and time.monotonic() < deadline:
+    while any(proc.poll() is None and connections(proc.pid) for proc in procs) and \
+            time.monotonic() < deadline:
         time.sleep(0.05)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM if not connections(proc.pid) else signal.SIGKILL)
+    _wait_all(procs, GRACE * 5)
+    return [_reap(proc) for proc in procs]
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> bool:
+    """Wait until every process has exited; False if the time ran out."""
+    deadline = time.monotonic() + timeout
+    while any(proc.poll() is None for proc in procs):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _reap(proc: subprocess.Popen) -> int:
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM if not connections(proc.pid) else signal.SIGKILL)
-    try:
-        return proc.wait(GRACE * 5)
-    except subprocess.TimeoutExpired:
         proc.kill()
-        return proc.wait()
+    return proc.wait()
 
 
 #: nbdkit deaths that are crashes (not a kill by someone): restarted.
@@ -125,19 +140,58 @@ CRASH_SIGNALS = {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL,
 MAX_STARTUP_CRASHES = 3    # in a row, before nbdkit ever got ready: give up
 
 
-def supervise(spawn: Callable[[], tuple[list[str], tuple[int, ...]]], *,
-              env: dict[str, str], ready_file: Path, pidfile: Path | None,
-              socket_path: Path | None, ready_timeout: float = 120, handover: bool = False,
+@dataclasses.dataclass
+class Child:
+    """How to start one nbdkit process."""
+
+    argv: list[str]
+    fds: tuple[int, ...]           # inherited; closed here once it has started
+    # Listening sockets it inherits as descriptors 3, 4, ... (systemd's socket
+    # activation, which nbdkit supports), so that the supervisor makes each
+    # process's sockets, and one that crashes is restarted without its
+    # sockets ever going away.  Empty: nbdkit makes its own socket.
+    listen: tuple[int, ...] = ()
+    cpu: int | None = None         # pinned to it, with every thread it makes
+
+
+def _popen(child: Child, env: dict[str, str]) -> subprocess.Popen:
+    if not child.listen:
+        return subprocess.Popen(child.argv, env=env, pass_fds=child.fds)
+    base = 3
+    # dup2 below must not overwrite a descriptor it has yet to copy, nor
+    # the image's (whose number is in argv): the caller keeps them all above.
+    assert min(child.listen + child.fds) >= base + len(child.listen)
+
+    def in_child():
+        for i, fd in enumerate(child.listen):
+            os.dup2(fd, base + i)      # inheritable, unlike the original
+        if child.cpu is not None:
+            os.sched_setaffinity(0, {child.cpu})
+    for fd in child.fds:
+        os.set_inheritable(fd, True)
+    env = dict(env, LISTEN_FDS=str(len(child.listen)))
+    # LISTEN_PID must be nbdkit's own pid: a shell knows it and execs nbdkit.
+    argv = ["/bin/sh", "-c", 'export LISTEN_PID=$$; exec "$@"', "sh"] + child.argv
+    return subprocess.Popen(argv, env=env, close_fds=False, preexec_fn=in_child)
+
+
+def supervise(spawn: Callable[[int], Child], *, env: dict[str, str],
+              ready_files: list[Path], pidfile: Path | None, sockets: list[Path],
+              ready_timeout: float = 120, handover: bool = False,
               log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)
               ) -> int:
-    """Start nbdkit, write ``pidfile`` (our pid) once it listens, and stop it on
-    SIGINT/SIGTERM.  Returns the exit status for ``nbdloop serve``.
+    """Start nbdkit, one process per ready file, write ``pidfile`` (our pid)
+    once they all listen, and stop them on SIGINT/SIGTERM.  Returns the
+    exit status for ``nbdloop serve``.  ``sockets``: the unix sockets served
+    (the first is the one nbdkit makes itself when not given any), removed
+    at the end.
 
-    ``spawn()`` opens (and locks) the image and returns nbdkit's argv and the
-    descriptors it inherits.  If nbdkit crashes (nbdkit 1.32.5 aborts when a
-    client hangs up with replies pending: RHBZ#2173054), it is started again
-    on the same socket; its clients lose their connections, not the server.
-    A SIGKILL or an ordinary exit is not a crash and ends the supervisor.
+    ``spawn(k)`` says how to start process ``k``; the first call also
+    opens (and locks) the image.  If a process crashes (nbdkit 1.32.5
+    aborts when a client hangs up with replies pending: RHBZ#2173054), it
+    is started again on the same socket; its clients lose their
+    connections, not the server.  A SIGKILL or an ordinary exit is not a
+    crash and ends the supervisor (and the other processes).
     ``handover``: under a device's agent, which restarts the whole server
     itself; stop with :func:`_hand_over` and never restart nbdkit."""
     stopping = False
@@ -148,45 +202,72 @@ def supervise(spawn: Callable[[], tuple[list[str], tuple[int, ...]]], *,
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM,
                                                    signal.SIGHUP)}
-    startup_crashes = 0
-    proc = None
+    n = len(ready_files)
+    procs: list[subprocess.Popen] = []
+    started = [0.0] * n
+    startup_crashes = [0] * n
+    activated = False
+
+    def start(k: int) -> None:
+        nonlocal activated
+        ready_files[k].unlink(missing_ok=True)
+        child = spawn(k)
+        activated = bool(child.listen)
+        proc = _popen(child, env)
+        for fd in child.fds:
+            os.close(fd)   # nbdkit holds the image (and its lock) now
+        started[k] = time.monotonic()
+        if k < len(procs):
+            procs[k] = proc
+        else:
+            procs.append(proc)
+
+    def ready(k: int) -> bool:
+        try:
+            return bool(ready_files[k].read_text().strip())
+        except OSError:
+            return False
+
     status = 1
     try:
-        first = True
+        for k in range(n):
+            start(k)
+        published = False
         while True:
-            ready_file.unlink(missing_ok=True)
-            if not first and socket_path is not None:
-                socket_path.unlink(missing_ok=True)   # the dead server's socket
-            argv, fds = spawn()
-            proc = subprocess.Popen(argv, env=env, pass_fds=fds)
-            for fd in fds:
-                os.close(fd)   # nbdkit holds the image (and its lock) now
-            ready = _wait(proc, ready_file, socket_path, pidfile, ready_timeout,
-                          lambda: stopping)
-            got_ready = ready_file.exists()
-            if stopping or not ready:
-                status = stop(proc, handover)
-                if stopping and status == -signal.SIGABRT:
-                    # Closing connections with replies pending can trip the
-                    # same nbdkit assertion; every request had been answered.
-                    log("nbdloop: nbdkit aborted while shutting down (RHBZ#2173054)")
-                if stopping and status in (0, -signal.SIGTERM, -signal.SIGABRT) or \
-                        handover and status == -signal.SIGKILL:
-                    status = 0
+            if stopping:
+                status = _stopped_status(stop(procs, handover), handover)
                 break
-            status = proc.returncode
-            startup_crashes = 0 if got_ready else startup_crashes + 1
-            if handover or -status not in CRASH_SIGNALS or \
-                    startup_crashes >= MAX_STARTUP_CRASHES:
+            dead = [k for k, proc in enumerate(procs) if proc.poll() is not None]
+            if dead:
+                k = dead[0]
+                status = procs[k].returncode
+                startup_crashes[k] = 0 if ready(k) else startup_crashes[k] + 1
+                if handover or -status not in CRASH_SIGNALS or \
+                        startup_crashes[k] >= MAX_STARTUP_CRASHES:
+                    stop(procs, handover)
+                    break
+                log(f"nbdloop: nbdkit crashed ({signal.Signals(-status).name}); "
+                    "restarting it on the same image and socket")
+                if not activated and sockets:
+                    sockets[0].unlink(missing_ok=True)   # the dead server's socket
+                start(k)
+                continue
+            if not published and all(ready(k) for k in range(n)):
+                published = True
+                _publish(sockets, pidfile)
+            late = [k for k in range(n) if not ready(k) and
+                    time.monotonic() > started[k] + ready_timeout]
+            if late:
+                # Never got ready: stopped, and a failure whatever it says.
+                status = _stopped_status(stop(procs, handover), handover) or 1
                 break
-            log(f"nbdloop: nbdkit crashed ({signal.Signals(-status).name}); "
-                "restarting it on the same image and socket")
-            first = False
+            time.sleep(0.05)
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for path in (pidfile, ready_file, socket_path):
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for path in [pidfile] + sockets + ready_files:
             if path is not None:
                 try:
                     path.unlink()
@@ -197,24 +278,28 @@ def supervise(spawn: Callable[[], tuple[list[str], tuple[int, ...]]], *,
     return status
 
 
-def _wait(proc: subprocess.Popen, ready_file: Path, socket_path: Path | None,
-          pidfile: Path | None, ready_timeout: float, stopping: Callable[[], bool]) -> bool:
-    """Run until nbdkit exits or we are asked to stop; False if it never got
-    ready in time.  Publishes the socket's mode and our pidfile once ready."""
-    deadline = time.monotonic() + ready_timeout
-    ready = False
-    while proc.poll() is None and not stopping():
-        if not ready and ready_file.exists() and ready_file.read_text().strip():
-            ready = True
-            if socket_path is not None:
-                # nbdkit creates its socket 0755 whatever our umask; the
-                # runtime directory (0700) covers the moment until now.
-                os.chmod(socket_path, 0o600)
-            if pidfile is not None and not pidfile.exists():
-                tmp = pidfile.with_name(pidfile.name + ".tmp")
-                tmp.write_text(f"{os.getpid()}\n")
-                tmp.rename(pidfile)
-        if not ready and time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+def _stopped_status(statuses: list[int], handover: bool) -> int:
+    """The exit status of a server stopped on request: 0 if every process
+    ended as a stop ends, else the first that did not."""
+    for status in statuses:
+        if status == -signal.SIGABRT:
+            # Closing connections with replies pending can trip the same
+            # nbdkit assertion; every request had been answered.
+            print("nbdloop: nbdkit aborted while shutting down (RHBZ#2173054)",
+                  file=sys.stderr, flush=True)
+        if status not in (0, -signal.SIGTERM, -signal.SIGABRT) and \
+                not (handover and status == -signal.SIGKILL):
+            return status
+    return 0
+
+
+def _publish(sockets: list[Path], pidfile: Path | None) -> None:
+    """Once nbdkit listens: the sockets' mode, and our pidfile."""
+    for path in sockets:
+        # nbdkit creates its socket 0755 whatever our umask; the runtime
+        # directory (0700) covers the moment until now.
+        os.chmod(path, 0o600)
+    if pidfile is not None and not pidfile.exists():
+        tmp = pidfile.with_name(pidfile.name + ".tmp")
+        tmp.write_text(f"{os.getpid()}\n")
+        tmp.rename(pidfile)
