@@ -50,6 +50,9 @@ _NOT_IN_TABLE = {"image", "all_", "persist", "foreground", "from_table"}
                    "[default: to the end of the image].")
 @click.option("--mlock", is_flag=True,
               help="Lock the server's memory (serve --mlock), so it never waits on a page-in.")
+@click.option("--processes", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Serve with this many processes (serve --processes); the kernel's "
+                   "connections go to them in turn.")
 @click.option("--stats-file", type=click.Path(dir_okay=False),
               help="Where the server writes its engine counters (serve --stats-file).")
 @click.option("--timeout", type=click.IntRange(1, 3600), default=attach_mod.DEFAULT_TIMEOUT,
@@ -173,7 +176,8 @@ def _table_options(ctx: click.Context, options: dict) -> list[str]:
 
 
 def attach_image(image, *, mode, device, connections, block_size, readonly, partscan, offset,
-                 sizelimit, mlock, stats_file, timeout, recover_timeout, foreground=False):
+                 sizelimit, mlock, processes, stats_file, timeout, recover_timeout,
+                 foreground=False):
     """Check IMAGE and the options, then attach (or, foreground, be the agent
     until detach: returns its exit status)."""
     geometry = image_geometry(image, mode, readonly)
@@ -201,7 +205,8 @@ def attach_image(image, *, mode, device, connections, block_size, readonly, part
     kw = dict(device=device, mode=mode, readonly=readonly, connections=connections,
               block_size=block_size, serve_options=serve_options, timeout=timeout,
               recover_timeout=recover_timeout, offset=part.offset,
-              sizelimit=part.length if sizelimit else 0, partscan=partscan)
+              sizelimit=part.length if sizelimit else 0, partscan=partscan,
+              processes=processes)
 
     def warn() -> None:     # once attached: a failure is one line alone
         if not geometry.block_device and not readonly:

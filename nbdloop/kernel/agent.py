@@ -31,6 +31,7 @@ mounted device.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import re
 import select
@@ -45,13 +46,12 @@ from pathlib import Path
 
 import psutil
 
-from nbdloop import paths
 from nbdloop.kernel import handshake
 from nbdloop.kernel.attach import (SERVER_STOP_TIMEOUT, Attachment, AttachError, AttachFailed,
                                    now_iso, process_started, remove_files, save,
                                    server_error, state_file)
 from nbdloop.serve import children as srv
-from nbdloop.serve.cmdline import image_key
+from nbdloop.serve.cmdline import ready_files
 
 PR_SET_CHILD_SUBREAPER = 36
 #: Seconds the first server gets to accept connections (it loads Python,
@@ -260,9 +260,10 @@ class Agent:
         pidfile = self.state_dir / f"{name}.pid"
         argv = srv.nbdloop_serve_argv(self.att.image, self.att.socket, mode=self.att.mode,
                                       pidfile=str(pidfile), readonly=self.att.readonly,
+                                      processes=self.att.processes,
                                       extra=["--agent", *self.serve_options])
         server = srv.ServerProcess(argv, socket_path=self.att.socket, pidfile=str(pidfile),
-                                   log=self.att.log)
+                                   log=self.att.log, processes=self.att.processes)
         self.server = server
         later = None
         try:
@@ -278,8 +279,8 @@ class Agent:
                               f"{server_error(Path(self.att.log))}") from None
         self.att.pid = server.pid
         self.att.server_pid = server.server_pid
-        for pid, what in ((server.pid, f"the supervisor (pid {server.pid})"),
-                          (server.server_pid, f"nbdkit (pid {server.server_pid})")):
+        for pid, what in [(server.pid, f"the supervisor (pid {server.pid})")] + \
+                [(pid, f"nbdkit (pid {pid})") for pid in server.server_pids]:
             try:
                 self.pidfds[os.pidfd_open(pid)] = what
             except ProcessLookupError:
@@ -292,8 +293,10 @@ class Agent:
         socks: list = []
         export = None
         try:
-            for _ in range(self.att.connections):
-                sock, export = handshake.connect_unix(self.att.socket)
+            # Connection k to process k of a server of several (serve --processes).
+            for path in itertools.islice(itertools.cycle(self.server.sockets),
+                                         self.att.connections):
+                sock, export = handshake.connect_unix(path)
                 socks.append(sock)
         except BaseException:
             for s in socks:
@@ -339,9 +342,10 @@ class Agent:
                     break
         if self.server is not None:
             # What a killed supervisor could not remove.
-            ready = paths.runtime_dir() / f"{image_key(self.att.image)}.{self.server.pid}.ready"
-            ready.unlink(missing_ok=True)
-            Path(self.att.socket).unlink(missing_ok=True)
+            for path in ready_files(self.att.image, self.server.pid, self.att.processes):
+                path.unlink(missing_ok=True)
+            for path in {self.att.socket, *self.server.sockets}:
+                Path(path).unlink(missing_ok=True)
             self.server = None
 
     def how_it_ended(self) -> str:

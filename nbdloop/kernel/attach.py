@@ -106,6 +106,7 @@ class Attachment:
     offset: int = 0        # the slice of the image served (losetup's columns); 0: from
     sizelimit: int = 0     # its start, 0: to its end
     partscan: bool = False         # attach -P: the partition table was read at attach
+    processes: int = 1             # serve --processes: connection k goes to process k % n
 
     @property
     def name(self) -> str:
@@ -474,7 +475,7 @@ def attach(state_dir: Path, image: str, *, device: str | None = None,
            block_size: int = 4096, serve_options: Sequence[str] = (),
            timeout: int = DEFAULT_TIMEOUT, recover_timeout: int = DEFAULT_RECOVER_TIMEOUT,
            offset: int = 0, sizelimit: int = 0, partscan: bool = False,
-           sys_block: Path = SYS_BLOCK) -> Attachment:
+           processes: int = 1, sys_block: Path = SYS_BLOCK) -> Attachment:
     """Serve ``image`` and connect a kernel NBD device to it, through a new
     agent.  On any failure nothing is left behind: the agent stops the
     server and removes the record before it reports."""
@@ -485,7 +486,8 @@ def attach(state_dir: Path, image: str, *, device: str | None = None,
                         connections=connections, block_size=block_size,
                         serve_options=serve_options, timeout=timeout,
                         recover_timeout=recover_timeout, offset=offset,
-                        sizelimit=sizelimit, partscan=partscan, sys_block=sys_block)
+                        sizelimit=sizelimit, partscan=partscan, processes=processes,
+                        sys_block=sys_block)
         problem = agent.spawn(state_dir, att, list(serve_options))
         if problem is not None:
             Path(att.log).unlink(missing_ok=True)
@@ -538,8 +540,8 @@ def _claim(state_dir: Path, image: str, *, device: str | None = None, mode: str 
            readonly: bool = False, connections: int = 1, block_size: int = 4096,
            serve_options: Sequence[str] = (), timeout: int = DEFAULT_TIMEOUT,
            recover_timeout: int = DEFAULT_RECOVER_TIMEOUT, offset: int = 0,
-           sizelimit: int = 0, partscan: bool = False, sys_block: Path = SYS_BLOCK,
-           adopt: bool = False) -> tuple[Attachment, bool]:
+           sizelimit: int = 0, partscan: bool = False, processes: int = 1,
+           sys_block: Path = SYS_BLOCK, adopt: bool = False) -> tuple[Attachment, bool]:
     """Under the state lock: a new record for ``image`` on a free device, or
     (``adopt``) the record of its connected device whose agent has died.
     Returns it and whether it was adopted."""
@@ -565,7 +567,8 @@ def _claim(state_dir: Path, image: str, *, device: str | None = None, mode: str 
                       block_size=block_size, log=log, started=now_iso(),
                       timeout=timeout, recover_timeout=recover_timeout,
                       identifier=new_identifier(real), serve_options=list(serve_options),
-                      offset=offset, sizelimit=sizelimit, partscan=partscan), False
+                      offset=offset, sizelimit=sizelimit, partscan=partscan,
+                      processes=processes), False
 
 
 def detach(state_dir: Path, target: str, *, sys_block: Path = SYS_BLOCK

@@ -71,7 +71,8 @@ def check(run, name: str) -> None:
     assert verdict == "PASS", f"{name}: {reason}\n{section(run.console, name)}"
 
 
-@pytest.mark.parametrize("name", ["direct-ext4", "buffered-ext4-2conns", "direct-xfs-4096"])
+@pytest.mark.parametrize("name", ["direct-ext4", "buffered-ext4-2conns", "direct-xfs-4096",
+                                  "direct-ext4-2procs"])
 def test_attach_mkfs_mount_detach_verify(attach_run, name):
     """attach prints /dev/nbdN; mkfs, mount, write, list and list --json
     (device, image, mode, pids, connections, attached); umount, detach by

@@ -54,9 +54,10 @@ roundtrip() {
     nbdloop list || fail "list exited $?"
     nbdloop list --json > /tmp/list.json || fail "list --json exited $?"
     echo "NBDLOOP-LIST-JSON: $(tr -d '\n' < /tmp/list.json)"
-    conns=1 bs=
+    conns=1 bs= procs=1
     [ "${1:-}" = --connections ] && conns=$2
     [ "${1:-}" = --block-size ] && bs=$2
+    [ "${3:-}" = --processes ] && procs=$4
     if [ -n "$bs" ]; then
         lbs=$(cat "/sys/block/${dev#/dev/}/queue/logical_block_size")
         echo "$dev: logical block size $lbs"
@@ -73,6 +74,18 @@ roundtrip() {
         n=$(ss -xHn state connected | grep -c -- "$sock")
         echo "$n connections to $sock"
         [ "$n" -eq "$conns" ] || fail "$n kernel connections to the server, not $conns"
+    fi
+    if [ "$procs" -gt 1 ]; then
+        # Connection k goes to process k's own socket, in turn.
+        k=0
+        while [ "$k" -lt "$procs" ]; do
+            n=$(ss -xHn state connected | grep -c -- "$sock\.$k ")
+            echo "$n connections to $sock.$k"
+            [ "$n" -eq $((conns / procs)) ] || fail "$n connections to process $k, not $((conns / procs))"
+            k=$((k + 1))
+        done
+        n=$(pgrep -c -P "$pid" nbdkit)
+        [ "$n" -eq "$procs" ] || fail "$n nbdkit processes, not $procs"
     fi
     step "$mode-$fstype-detach"
     must umount /mnt/a
@@ -375,6 +388,7 @@ unit_commands() {
 scenario direct-ext4 roundtrip direct ext4 64M
 scenario buffered-ext4-2conns roundtrip buffered ext4 64M --connections 2
 scenario direct-xfs-4096 roundtrip direct xfs 512M --block-size 4096
+scenario direct-ext4-2procs roundtrip direct ext4 64M --connections 4 --processes 2
 scenario readonly readonly_attach
 scenario two-images two_images
 scenario killed-server killed_server
