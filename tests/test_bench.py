@@ -90,3 +90,24 @@ def test_bench_rejects_cpus_it_does_not_have(tmp_path, cpus):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "--client-cpus" in lines[0], p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_fio_jobs_spread_over_the_processes(image, serve, tmp_path):
+    """multiconn against serve --processes 2: fio's job k connects to
+    process k's socket, so both processes serve requests."""
+    require_tools("fio")
+    import psutil
+
+    from nbdloop.bench import run as bench
+    s = serve(image, "direct", processes=2)
+    target = bench.Target(uri=s.uri, server_pids=tuple(s.server_pids), uris=tuple(s.uris))
+    argv = bench.fio_argv(bench.WORKLOADS["multiconn-4k-4x8"], target, 1, "out.json",
+                          image.stat().st_size)
+    assert [a for a in argv if a.startswith("--uri=")] == [f"--uri={u}" for u in s.uris] * 2
+    before = [psutil.Process(p).cpu_times() for p in s.server_pids]
+    job = bench.run_fio(bench.WORKLOADS["multiconn-4k-4x8"], target, 1,
+                        image.stat().st_size)["jobs"]
+    assert len(job) == 1 and job[0]["read"]["total_ios"] > 0, "one group, reads done"
+    after = [psutil.Process(p).cpu_times() for p in s.server_pids]
+    for b, a in zip(before, after):
+        assert a.user + a.system > b.user + b.system, "each process served requests"

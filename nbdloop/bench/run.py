@@ -64,7 +64,9 @@ class Target:
     (io_uring engine, O_DIRECT)."""
     uri: str | None = None
     filename: str | None = None
-    server_pid: int | None = None   # whose CPU time to charge
+    server_pids: tuple[int, ...] = ()   # whose CPU time to charge
+    # Several jobs connect to these in turn (a server of several processes).
+    uris: tuple[str, ...] = ()
 
 
 @dataclass
@@ -99,10 +101,9 @@ class RunResult:
     steal: float | None = None
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU seconds ``pid`` (all its threads) has used, user and system."""
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
+def _cpu_seconds(pids: tuple[int, ...]) -> float:
+    """CPU seconds ``pids`` (all their threads) have used, user and system."""
+    return sum(t.user + t.system for t in (psutil.Process(pid).cpu_times() for pid in pids))
 
 
 def _machine_times() -> tuple[float, float, float]:
@@ -145,6 +146,15 @@ def fio_argv(w: Workload, t: Target, runtime: float, out: str, size: int,
         argv.append(f"--rwmixread={w.rwmixread}")
     if w.region is not None:
         argv.append(f"--size={min(w.region, size)}")
+    if t.uri is not None and len(t.uris) > 1 and w.numjobs > 1:
+        # One job section each, so that job k connects to uris[k % n].
+        argv = [a for a in argv if not a.startswith(("--name=", "--numjobs="))]
+        argv.append("--ioengine=nbd")
+        for k in range(w.numjobs):
+            argv += [f"--name={w.name}", f"--uri={t.uris[k % len(t.uris)]}"]
+            if w.rw.startswith("read"):
+                argv.append(f"--offset={k * (size // w.numjobs)}")
+        return argv
     if t.uri is not None:
         argv += ["--ioengine=nbd", f"--uri={t.uri}"]
     else:
@@ -193,17 +203,20 @@ def summarize(job: dict) -> tuple[float, float, float, float, float]:
 # ---- subjects --------------------------------------------------------------------
 
 def nbdloop_subject(image: str, workdir: str, mode: str, cpus: str | None = None,
-                    placement: str | None = None, **kw) -> Subject:
+                    placement: str | None = None, processes: int = 1, **kw) -> Subject:
     name = (f"nbdloop-{mode}" + (f"-cpu{cpus}" if cpus else "")
-            + (f"-{placement}" if placement else ""))
+            + (f"-{placement}" if placement else "")
+            + (f"-{processes}proc" if processes > 1 else ""))
     extra = (["--cpus", cpus] if cpus else []) + (["--placement", placement] if placement
                                                    else [])
 
     @contextlib.contextmanager
     def start() -> Iterator[Target]:
-        s = srv.nbdloop_server(image, workdir, name=name, mode=mode, extra=extra, **kw)
+        s = srv.nbdloop_server(image, workdir, name=name, mode=mode, extra=extra,
+                               processes=processes, **kw)
         with s:
-            yield Target(uri=s.uri, server_pid=s.server_pid)   # nbdkit, not the supervisor
+            # nbdkit, not the supervisor
+            yield Target(uri=s.uri, server_pids=tuple(s.server_pids), uris=tuple(s.uris))
     return Subject(name, "nbdloop", start, mode=mode)
 
 
@@ -211,7 +224,7 @@ def _peer_subject(name: str, server: Callable[[], srv.ServerProcess]) -> Subject
     @contextlib.contextmanager
     def start() -> Iterator[Target]:
         with server() as s:
-            yield Target(uri=s.uri, server_pid=s.pid)
+            yield Target(uri=s.uri, server_pids=(s.pid,))
     return Subject(name, "peer", start)
 
 
@@ -287,10 +300,10 @@ def measure(campaign: Campaign, subj: Subject, w: Workload, rnd: int) -> RunResu
             if campaign.warmup > 0:
                 run_fio(w, target, campaign.warmup, campaign.size, campaign.client_cpus)
             busy0, steal0, all0 = _machine_times()
-            cpu0 = _cpu_seconds(target.server_pid) if target.server_pid else None
+            cpu0 = _cpu_seconds(target.server_pids) if target.server_pids else None
             job = run_fio(w, target, campaign.runtime, campaign.size,
                           campaign.client_cpus)["jobs"][0]
-            cpu1 = _cpu_seconds(target.server_pid) if target.server_pid else None
+            cpu1 = _cpu_seconds(target.server_pids) if target.server_pids else None
             busy1, steal1, all1 = _machine_times()
             cache = page_cache_bytes(campaign.image)
     except Exception as e:  # noqa: BLE001 - a failed run is recorded, not fatal
@@ -380,10 +393,11 @@ PEERS = ("qemu-nbd", "nbdkit-file", "loop-dio", "raw")
 
 def make_subjects(image: str, workdir: str, modes: list[str], peers: list[str],
                   pin: str | None = None, placements: tuple[str, ...] = (),
-                  ) -> tuple[list[Subject], dict[str, str]]:
+                  processes: int = 1) -> tuple[list[Subject], dict[str, str]]:
     """The subjects to measure, and the reason each skipped one was skipped.
     ``pin`` adds nbdloop direct mode run with ``--cpus pin``; each of
-    ``placements`` adds it run with that ``--placement``."""
+    ``placements`` adds it run with that ``--placement``; ``processes``
+    (above 1) adds it run with that ``--processes``."""
     subjects: list[Subject] = []
     skipped: dict[str, str] = {}
     for m in modes:
@@ -392,6 +406,8 @@ def make_subjects(image: str, workdir: str, modes: list[str], peers: list[str],
         subjects.append(nbdloop_subject(image, workdir, "direct", cpus=pin))
     for p in placements:
         subjects.append(nbdloop_subject(image, workdir, "direct", placement=p))
+    if processes > 1:
+        subjects.append(nbdloop_subject(image, workdir, "direct", processes=processes))
     for p in peers:
         if p == "qemu-nbd":
             if have("qemu-nbd"):

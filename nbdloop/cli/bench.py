@@ -78,6 +78,9 @@ def _durability(modes: list[str], writes: int, window: float) -> durability.Dura
 @click.option("--placements", default=None, metavar="LIST",
               help="Also measure nbdloop direct mode with each of these --placement "
                    "rules (irq, off), beside the default (auto).")
+@click.option("--processes", type=click.IntRange(1, 64), default=1,
+              help="Also measure nbdloop direct mode served by this many processes "
+                   "(serve --processes); fio's jobs connect to their sockets in turn.")
 @click.option("--client-cpus", metavar="CPUS", default=None, callback=parse_cpus,
               help="Run fio on these CPUs (e.g. 1 or 0-3) for every subject, so that "
                    "where the scheduler puts the client does not decide the result.")
@@ -101,7 +104,7 @@ def _durability(modes: list[str], writes: int, window: float) -> durability.Dura
               help="Writes in each phase of the durability measurement (mostly 4K, some "
                    "64K and 1M).")
 def bench_command(image, size, modes, peers, workloads, runtime, rounds, out_dir, quick,
-                  pin, placements, client_cpus, footprint_size, durability_only,
+                  pin, placements, processes, client_cpus, footprint_size, durability_only,
                   durability_window, durability_writes):
     """Measure nbdloop against qemu-nbd, nbdkit's file plugin, the kernel loop
     device (--direct-io=on) and the raw file, in interleaved rounds; then
@@ -162,7 +165,8 @@ def bench_command(image, size, modes, peers, workloads, runtime, rounds, out_dir
 
     with tempfile.TemporaryDirectory(prefix="nbdloop-bench-") as wd:
         subjects, skipped = bench.make_subjects(image, wd, modes_l, peers_l, pin=pin,
-                                                placements=tuple(placements_l))
+                                                placements=tuple(placements_l),
+                                                processes=processes)
         for name, why in skipped.items():
             click.echo(f"skipping {name}: {why}", err=True)
         campaign = bench.Campaign(image=image, subjects=subjects, rounds=rounds, runtime=runtime,
