@@ -219,7 +219,7 @@ class Writer:
                 return
 
 
-def start_server(serve_factory, image, mode, tally: Tally, existing=None):
+def start_server(serve_factory, image, mode, tally: Tally, existing=None, **kw):
     """Start (or restart) the server.  The image lock belongs to the killed
     nbdkit's open file; it goes with it, but the kernel may drop the last
     reference a moment after the process is reaped, so a refusal because
@@ -227,7 +227,7 @@ def start_server(serve_factory, image, mode, tally: Tally, existing=None):
     for attempt in range(100):
         try:
             if existing is None:
-                return serve_factory(image, mode)
+                return serve_factory(image, mode, **kw)
             return existing.start()
         except ServerError as e:
             if "locked" not in str(e):
@@ -241,17 +241,20 @@ def reader(h):
     return lambda offset, length: h.pread(length, offset)
 
 
-def crash_loop(image: Path, mode: str, serve, rounds: int, seed: int) -> tuple[Model, Tally]:
+def crash_loop(image: Path, mode: str, serve, rounds: int, seed: int,
+               processes: int = 1) -> tuple[Model, Tally]:
+    """``processes``: a server of several; the writer uses one process's
+    socket and either its process or another is killed (which ends them all)."""
     import nbd
     size = image.stat().st_size
     model = Model(size // SECTOR)
     rng = random.Random(seed)
     tally = Tally()
     gen = 1
-    s = start_server(serve, image, mode, tally)
+    s = start_server(serve, image, mode, tally, processes=processes)
     for rnd in range(rounds):
-        w = Writer(s.uri, model, rng, gen, tally)
-        victim = s.server_pid
+        w = Writer(rng.choice(s.uris), model, rng, gen, tally)
+        victim = rng.choice(s.server_pids)
         assert victim != s.pid
         delay = rng.uniform(0.05, 1.2)
 
@@ -305,6 +308,19 @@ def test_crash_loop_loses_no_acknowledged_write(image, serve, mode):
     assert tally.writes_acked > ROUNDS, "writes were acknowledged in the rounds"
     assert tally.in_flight_at_kill > 0, "the kills found writes in flight"
     assert tally.flushes_acked > 0 and tally.fua_acked > 0
+
+
+@pytest.mark.slow
+def test_crash_loop_with_several_processes(image, serve):
+    """serve --processes 2, direct mode: a third of the rounds."""
+    seed = int(os.environ.get("NBDLOOP_CRASH_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"\nseed {seed} (NBDLOOP_CRASH_SEED to repeat)")
+    rounds = max(ROUNDS // 3, 2)
+    model, tally = crash_loop(image, "direct", serve, rounds, seed, processes=2)
+    with open(image, "rb") as f:
+        problems, _ = verify(lambda off, n: os.pread(f.fileno(), n, off), model)
+    assert not problems, "; ".join(map(str, problems[:5]))
+    assert tally.writes_acked > rounds and tally.in_flight_at_kill > 0
 
 
 def test_verifier_catches_damage(image, serve, tmp_path):
