@@ -323,7 +323,8 @@ def test_list_json_and_table(rt, state, tmp_path, cleanup):
         "block_size": 4096, "log": a.log, "started": a.started, "state": "disconnected",
         "agent_pid": a.pid, "reason": "", "timeout": 60, "recover_timeout": 120,
         "identifier": a.identifier, "recoveries": 0, "last_recovery": None,
-        "offset": 0, "sizelimit": 0, "partscan": False, "partitions": []}
+        "offset": 0, "sizelimit": 0, "partscan": False, "partitions": [], "processes": 1,
+        "server_pids": []}
     assert rows[0]["connections"] == 4 and rows[0]["pid"] == b.pid
     table = nbdloop(rt, "list").stdout.splitlines()
     assert [r.split()[0] for r in table] == ["NAME", "/dev/nbd2", "/dev/nbd10"]

@@ -279,6 +279,7 @@ class Agent:
                               f"{server_error(Path(self.att.log))}") from None
         self.att.pid = server.pid
         self.att.server_pid = server.server_pid
+        self.att.server_pids = server.server_pids
         for pid, what in [(server.pid, f"the supervisor (pid {server.pid})")] + \
                 [(pid, f"nbdkit (pid {pid})") for pid in server.server_pids]:
             try:

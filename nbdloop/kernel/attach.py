@@ -107,6 +107,13 @@ class Attachment:
     sizelimit: int = 0     # its start, 0: to its end
     partscan: bool = False         # attach -P: the partition table was read at attach
     processes: int = 1             # serve --processes: connection k goes to process k % n
+    server_pids: list[int] = dataclasses.field(default_factory=list)   # every nbdkit
+
+    @property
+    def server_processes(self) -> list[int]:
+        """The supervisor and every nbdkit under it (records from before
+        --processes name only the first)."""
+        return [self.pid] + (self.server_pids or [self.server_pid])
 
     @property
     def name(self) -> str:
@@ -416,19 +423,21 @@ def stop_agent(att: Attachment, timeout: float = AGENT_STOP_TIMEOUT) -> None:
     SIGKILL if it does not go.  A server left by an agent that was killed
     is stopped here too."""
     _terminate(att.agent_pid, lambda: agent_alive(att), timeout)
-    for pid in (att.pid, att.server_pid):
+    for pid in att.server_processes:
         _terminate(pid, lambda pid=pid: _serves(pid, att), 5.0)
 
 
 def _serves(pid: int, att: Attachment) -> bool:
-    """True while ``pid`` is a server of ``att``: its command line names the socket."""
+    """True while ``pid`` is a server of ``att``: its command line names the
+    socket (the supervisor, nbdkit) or, for nbdkit handed its sockets by
+    ``serve --processes``, the image."""
     if pid <= 0:
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return att.socket.encode() in cmdline
+    return att.socket.encode() in cmdline or f"file={att.image}".encode() in cmdline
 
 
 def _terminate(pid: int, ours, timeout: float, how: signal.Signals = signal.SIGTERM) -> None:
@@ -520,7 +529,7 @@ def attach_foreground(state_dir: Path, image: str, *, on_ready: Callable[[Attach
         att, adopted = _claim(state_dir, image, serve_options=serve_options,
                               sys_block=sys_block, adopt=True, **options)
         if adopted:
-            for pid in (att.pid, att.server_pid):
+            for pid in att.server_processes:
                 _terminate(pid, lambda pid=pid: _serves(pid, att), 10.0, signal.SIGKILL)
             serve_options = att.serve_options
 
