@@ -147,7 +147,7 @@ def test_the_systemd_units_commands(attach_run):
 
 def test_every_scenario_passed(attach_run):
     assert attach_run.ok, attach_run.message
-    assert len(scenarios(attach_run.console)) == 12
+    assert len(scenarios(attach_run.console)) == 13
 
 
 @pytest.fixture(scope="module")

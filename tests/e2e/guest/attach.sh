@@ -25,7 +25,9 @@ roundtrip() {
     # roundtrip MODE FSTYPE SIZE [attach options...]
     mode=$1 fstype=$2 size=$3
     shift 3
-    img=$NBDLOOP_DATA/rt-$mode-$fstype.img
+    # The options in the names too: two scenarios may share mode and type.
+    tag=$mode-$fstype$(echo "$*" | tr -dc 'a-z0-9')
+    img=$NBDLOOP_DATA/rt-$tag.img
     step "$mode-$fstype-create"
     must nbdloop create "$img" "$size"
     step "$mode-$fstype-attach"
@@ -49,7 +51,7 @@ roundtrip() {
     must mount -t "$fstype" "$dev" /mnt/a
     step "$mode-$fstype-write"
     must put_files /mnt/a
-    sums /mnt/a > "/tmp/sums-$mode-$fstype" || fail "sha256sum failed"
+    sums /mnt/a > "/tmp/sums-$tag" || fail "sha256sum failed"
     step "$mode-$fstype-list"
     nbdloop list || fail "list exited $?"
     nbdloop list --json > /tmp/list.json || fail "list --json exited $?"
@@ -99,7 +101,7 @@ roundtrip() {
     step "$mode-$fstype-verify"
     dev=$(nbdloop attach "$img" --mode "$mode" "$@") || fail "attach again exited $?"
     must mount -t "$fstype" "$dev" /mnt/a
-    verify /mnt/a "/tmp/sums-$mode-$fstype" || fail "checksums differ after a fresh attach"
+    verify /mnt/a "/tmp/sums-$tag" || fail "checksums differ after a fresh attach"
     must umount /mnt/a
     nbdloop list --json > /tmp/list.json
     pids=$(python3 "$LISTCHECK" /tmp/list.json "$dev" "$img" "$mode" "$conns" attached) ||
