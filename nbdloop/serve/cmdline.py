@@ -44,7 +44,7 @@ def ready_files(image: str, supervisor: int, processes: int) -> list[Path]:
 
 def process_socket(path: Path | str, k: int) -> Path:
     """The socket of its own that process ``k`` of a server with
-    ``--processes`` listens on besides the shared one at ``path``."""
+    ``--processes`` listens on (process 0 also on ``path``)."""
     path = Path(path)
     return path.with_name(f"{path.name}.{k}")
 

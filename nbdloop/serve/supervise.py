@@ -235,7 +235,7 @@ def supervise(spawn: Callable[[int], Child], *, env: dict[str, str],
         published = False
         while True:
             if stopping:
-                status = _stopped_status(stop(procs, handover), handover)
+                status = _stopped_status(stop(procs, handover), handover, log)
                 break
             dead = [k for k, proc in enumerate(procs) if proc.poll() is not None]
             if dead:
@@ -259,7 +259,7 @@ def supervise(spawn: Callable[[int], Child], *, env: dict[str, str],
                     time.monotonic() > started[k] + ready_timeout]
             if late:
                 # Never got ready: stopped, and a failure whatever it says.
-                status = _stopped_status(stop(procs, handover), handover) or 1
+                status = _stopped_status(stop(procs, handover), handover, log) or 1
                 break
             time.sleep(0.05)
     finally:
@@ -278,15 +278,15 @@ def supervise(spawn: Callable[[int], Child], *, env: dict[str, str],
     return status
 
 
-def _stopped_status(statuses: list[int], handover: bool) -> int:
+def _stopped_status(statuses: list[int], handover: bool,
+                    log: Callable[[str], None]) -> int:
     """The exit status of a server stopped on request: 0 if every process
     ended as a stop ends, else the first that did not."""
     for status in statuses:
         if status == -signal.SIGABRT:
             # Closing connections with replies pending can trip the same
             # nbdkit assertion; every request had been answered.
-            print("nbdloop: nbdkit aborted while shutting down (RHBZ#2173054)",
-                  file=sys.stderr, flush=True)
+            log("nbdloop: nbdkit aborted while shutting down (RHBZ#2173054)")
         if status not in (0, -signal.SIGTERM, -signal.SIGABRT) and \
                 not (handover and status == -signal.SIGKILL):
             return status
