@@ -60,7 +60,8 @@ def validate_serve_options(image, mode, readonly, segment_size):
               help="Write the server pid here once it accepts connections.")
 @click.option("--verbose", "-v", is_flag=True, help="nbdkit debug messages.")
 @click.option("--stats-file", type=click.Path(dir_okay=False),
-              help="Write the I/O engine's counters here (JSON) as connections close.")
+              help="Write the I/O engine's counters here (JSON) as connections close "
+                   "(with --processes, process K > 0 writes FILE.K).")
 @click.option("--tls-psk", type=click.Path(dir_okay=False),
               help="Require TLS with a pre-shared key from this file (username:hexkey "
                    "lines, as psktool writes them).")
