@@ -209,3 +209,15 @@ def handle_within(uri: str, seconds: float):
     t.join(seconds)
     assert got, f"{uri} was not answered in {seconds} s"
     return got[0]
+
+
+def test_each_process_writes_its_own_stats_file(image, serve, tmp_path):
+    stats = tmp_path / "stats.json"
+    s = serve(image, "direct", processes=2, extra=["--stats-file", str(stats)])
+    for uri in s.uris:
+        h = handle(uri)
+        h.pread(4096, 0)
+        h.shutdown()
+    assert s.stop() == 0
+    for path in (stats, tmp_path / "stats.json.1"):
+        assert json.loads(path.read_text())["requests"] > 0, path
