@@ -36,13 +36,9 @@ def handle(uri: str, strict: bool = True):
     return h
 
 
-def children(s) -> list[int]:
-    return s.server_pids
-
-
 def test_each_process_has_a_cpu_and_a_socket_and_sees_the_others(image, serve):
     s = serve(image, "direct", processes=2)
-    pids = children(s)
+    pids = s.server_pids
     assert len(pids) == 2
     assert [os.sched_getaffinity(p) for p in pids] == [{0}, {1}]
     hs = [handle(uri) for uri in s.uris]
@@ -112,11 +108,11 @@ def test_a_crashed_process_is_restarted_on_its_socket(image, serve):
     s = serve(image, "direct", processes=2)
     a, b = (handle(uri) for uri in s.uris)
     a.pwrite(b"a" * 4096, 0)
-    victim = children(s)[1]
+    victim = s.server_pids[1]
     os.kill(victim, signal.SIGSEGV)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        pids = children(s)
+        pids = s.server_pids
         if len(pids) == 2 and victim not in pids and \
                 all(f.exists() for f in _ready_files(s)):
             break
@@ -152,7 +148,7 @@ def test_a_killed_process_ends_the_server_and_the_image_is_free(image, serve):
     """SIGKILL is not a crash (someone meant it): the supervisor stops the
     other process too and exits non-zero, and a new server can take the image."""
     s = serve(image, "direct", processes=2)
-    os.kill(children(s)[0], signal.SIGKILL)
+    os.kill(s.server_pids[0], signal.SIGKILL)
     assert s.proc.wait(30) != 0
     assert not any(os.path.exists(p) for p in s.sockets)
     s2 = serve(image, "direct", name="again")
