@@ -343,6 +343,11 @@ def test_crashed_nbdkit_is_restarted_but_a_killed_one_is_not(image, serve):
     assert h2.pread(65536, 0) == b"\x33" * 65536
     h2.shutdown()
     assert "nbdkit crashed (SIGABRT); restarting" in s.log.read_text()
+    # The new nbdkit made a new socket (0755 whatever the umask); it gets 0600 too.
+    deadline = time.monotonic() + 10
+    while (Path(s.socket_path).stat().st_mode & 0o777) != 0o600:
+        assert time.monotonic() < deadline, oct(Path(s.socket_path).stat().st_mode)
+        time.sleep(0.05)
     os.kill(s.server_pid, signal.SIGKILL)
     assert s.proc.wait(30) != 0
     assert not Path(s.socket_path).exists()

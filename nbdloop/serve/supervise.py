@@ -250,6 +250,7 @@ def supervise(spawn: Callable[[int], Child], *, env: dict[str, str],
                     "restarting it on the same image and socket")
                 if not activated and sockets:
                     sockets[0].unlink(missing_ok=True)   # the dead server's socket
+                    published = False    # the new one's mode, once it listens
                 start(k)
                 continue
             if not published and all(ready(k) for k in range(n)):
