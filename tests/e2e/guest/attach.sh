@@ -56,7 +56,7 @@ roundtrip() {
     nbdloop list || fail "list exited $?"
     nbdloop list --json > /tmp/list.json || fail "list --json exited $?"
     echo "NBDLOOP-LIST-JSON: $(tr -d '\n' < /tmp/list.json)"
-    conns=1 bs= procs=1
+    conns=1 procs=1 bs=
     [ "${1:-}" = --connections ] && conns=$2
     [ "${1:-}" = --block-size ] && bs=$2
     [ "${3:-}" = --processes ] && procs=$4
