@@ -97,6 +97,31 @@ def test_unaligned_writes_are_refused_and_change_nothing(fourk_fs, serve):
     assert "no read-modify-write" in s.log_tail(40)
 
 
+def test_attach_refuses_a_block_size_below_the_alignment(fourk_fs):
+    """The kernel would send 512-byte writes that every process refuses:
+    attach says so before it starts anything (no NBD driver needed)."""
+    img = fourk_fs / "disk.img"
+    content = random.Random(8).randbytes(MiB)
+    img.write_bytes(content)
+    for args, refused in ((["--processes", "2", "--block-size", "512"], True),
+                          (["--processes", "2", "--block-size", "512", "--mode", "buffered"],
+                           False),
+                          (["--processes", "2", "--block-size", "512", "--readonly"], False),
+                          (["--block-size", "512"], False)):
+        p = subprocess.run([sys.executable, "-m", "nbdloop.cli", "attach", str(img), *args],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        lines = p.stderr.strip().splitlines()
+        if refused:
+            assert p.returncode == 2 and len(lines) == 1, p.stderr
+            assert "--block-size 512 is below the image's direct-I/O alignment, 4096" \
+                in lines[0], p.stderr
+        else:
+            # On to the next check: this host's kernel has no NBD driver.
+            assert "below the image's direct-I/O alignment" not in p.stderr, (args, p.stderr)
+        assert "Traceback" not in p.stderr
+    assert img.read_bytes() == content
+
+
 def test_buffered_mode_still_serves_any_byte_range(image, serve):
     s = serve(image, "buffered", processes=2)
     h = handle(s.uris[1], strict=False)

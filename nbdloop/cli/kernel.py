@@ -187,6 +187,11 @@ def attach_image(image, *, mode, device, connections, block_size, readonly, part
             block_size = attach_mod.default_block_size(geometry.align)
     except attach_mod.AttachError as e:
         raise UsageError(f"{image}: {e}") from None
+    if processes > 1 and mode == "direct" and not readonly and block_size < geometry.align:
+        # Several processes refuse what would need a read-modify-write, and
+        # the kernel would send it: every sub-block write an I/O error.
+        raise UsageError(f"{image}: --block-size {block_size} is below the image's direct-I/O "
+                         f"alignment, {geometry.align}, which --processes needs for writes")
     if part.length % block_size:
         raise UsageError(f"{image}: the device's size, {part.length}, is not a multiple of "
                          f"its block size, {block_size} (give another --block-size)")
