@@ -22,6 +22,7 @@ import pytest
 
 from conftest import ROOT, require_tools, run
 
+from nbdloop.engine.placement import irq_cpus
 from nbdloop.serve.supervise import connections
 
 MiB = 1 << 20
@@ -40,7 +41,11 @@ def test_each_process_has_a_cpu_and_a_socket_and_sees_the_others(image, serve):
     s = serve(image, "direct", processes=2)
     pids = s.server_pids
     assert len(pids) == 2
-    assert [os.sched_getaffinity(p) for p in pids] == [{0}, {1}]
+    cpus = [os.sched_getaffinity(p) for p in pids]
+    assert sorted(cpus, key=min) == [{0}, {1}]
+    irq = irq_cpus(str(image)) & {0, 1}
+    if len(irq) == 1:
+        assert cpus[0] != irq, "process 0 (a lone client's) is on the interrupts' CPU"
     hs = [handle(uri) for uri in s.uris]
     for k, pid in enumerate(pids):
         assert connections(pid) == 1, f"process {k} holds the connection to its socket"

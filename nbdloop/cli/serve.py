@@ -12,6 +12,7 @@ import click
 
 from nbdloop.cli.common import SIZE, mode_option, parse_cpus, warn_if_unsettled
 from nbdloop.engine import backing
+from nbdloop.engine import placement as placement_mod
 from nbdloop.serve.cmdline import (default_socket, listen_unix, nbdkit_argv,
                                    plugin_env, process_socket, require_free_port,
                                    require_free_socket, require_permissions,
@@ -134,6 +135,11 @@ def serve(image, mode, readonly, threads, segment_size, export_name, offset, siz
             os.close(held)
             raise
         on = sorted(cpus or os.sched_getaffinity(0))
+        # CPUs free of the disk's interrupts first, where one process would
+        # put its pool: process 0 is the one a lone client reaches.
+        placed = placement_mod.choose(image, set(on))
+        if placed is not None:
+            on = sorted(placed.busy) + sorted(placed.irq)
 
     def spawn_one(k: int) -> Child:
         f = fcntl.fcntl(held, fcntl.F_DUPFD_CLOEXEC, 8)
