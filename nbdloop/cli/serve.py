@@ -141,48 +141,45 @@ def serve(image, mode, readonly, threads, segment_size, export_name, offset, siz
         if placed is not None:
             on = sorted(placed.busy) + sorted(placed.irq)
 
-    def spawn_one(k: int) -> Child:
-        f = fcntl.fcntl(held, fcntl.F_DUPFD_CLOEXEC, 8)
-        argv = nbdkit_argv(image, fd=f, mode=mode, readonly=readonly, socket_path=None,
-                           port=None, bind=bind, threads=threads, segment_size=segment_size,
-                           export_name=export_name, pidfile=str(ready[k]), verbose=verbose,
-                           stats_file=f"{stats_file}.{k}" if stats_file and k else stats_file,
-                           tls_psk=tls_psk, mlock=mlock, placement="off", sched=sched,
-                           exit_with_parent=not agent, slice_=part, activated=True,
-                           shared=True)
-        # Process 0 also takes the usual socket (see listen_unix).
-        own = [listen[1 + k].fileno()]
-        return Child(argv, (f,), listen=tuple(([listen[0].fileno()] if k == 0 else []) + own),
-                     cpu=on[k % len(on)])
-
-    def spawn(k: int) -> Child:
+    def image_fd() -> int:
         if processes > 1:
-            return spawn_one(k)
+            return fcntl.fcntl(held, fcntl.F_DUPFD_CLOEXEC, 8)
         # nbdkit inherits the opened, locked descriptor: no window in which a
         # second server could take the image.  After a crash, open it again.
         if first_fd:
-            f = first_fd.pop()
+            return first_fd.pop()
+        # The dead nbdkit's rings are torn down by the kernel a moment later,
+        # and they hold the image (and so its lock) until then.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                return backing.open_image(image, mode=mode, readonly=readonly)[0]
+            except backing.ImageError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def spawn(k: int) -> Child:
+        f = image_fd()
+        if processes > 1:
+            # Each process is pinned, with placement off; process 0 also
+            # takes the usual socket (see listen_unix).
+            how = dict(socket_path=None, port=None, placement="off", activated=True,
+                       shared=True, stats_file=f"{stats_file}.{k}" if stats_file and k
+                       else stats_file)
         else:
-            # The dead nbdkit's rings are torn down by the kernel a moment
-            # later, and they hold the image (and so its lock) until then.
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    f, _ = backing.open_image(image, mode=mode, readonly=readonly)
-                    break
-                except backing.ImageError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
-        os.set_inheritable(f, True)
-        argv = nbdkit_argv(image, fd=f, mode=mode, readonly=readonly,
-                           socket_path=str(sock) if sock else None, port=port, bind=bind,
+            how = dict(socket_path=str(sock) if sock else None, port=port,
+                       placement="off" if cpus else placement, stats_file=stats_file)
+        argv = nbdkit_argv(image, fd=f, mode=mode, readonly=readonly, bind=bind,
                            threads=threads, segment_size=segment_size,
-                           export_name=export_name, pidfile=str(ready[0]), verbose=verbose,
-                           stats_file=stats_file, tls_psk=tls_psk, mlock=mlock,
-                           placement="off" if cpus else placement, sched=sched,
-                           exit_with_parent=not agent, slice_=part)
-        return Child(argv, (f,))
+                           export_name=export_name, pidfile=str(ready[k]), verbose=verbose,
+                           tls_psk=tls_psk, mlock=mlock, sched=sched,
+                           exit_with_parent=not agent, slice_=part, **how)
+        if processes == 1:
+            return Child(argv, (f,))
+        return Child(argv, (f,), listen=tuple(s.fileno() for s in
+                                              ([listen[0]] if k == 0 else []) + [listen[1 + k]]),
+                     cpu=on[k % len(on)])
 
     where = (f"unix:{sock}" if sock else f"nbd://{bind}:{port}") + (" with TLS" if tls_psk
                                                                      else "")

@@ -278,10 +278,10 @@ class Agent:
             raise AttachFailed(f"the server for {self.att.image} did not start: "
                               f"{server_error(Path(self.att.log))}") from None
         self.att.pid = server.pid
-        self.att.server_pid = server.server_pid
-        self.att.server_pids = server.server_pids
+        pids = server.server_pids
+        self.att.server_pid, self.att.server_pids = pids[0], pids
         for pid, what in [(server.pid, f"the supervisor (pid {server.pid})")] + \
-                [(pid, f"nbdkit (pid {pid})") for pid in server.server_pids]:
+                [(pid, f"nbdkit (pid {pid})") for pid in pids]:
             try:
                 self.pidfds[os.pidfd_open(pid)] = what
             except ProcessLookupError:

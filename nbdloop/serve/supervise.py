@@ -155,6 +155,7 @@ class Child:
 
 
 def _popen(child: Child, env: dict[str, str]) -> subprocess.Popen:
+    """Start ``child``; its ``fds`` reach nbdkit under their own numbers."""
     if not child.listen:
         return subprocess.Popen(child.argv, env=env, pass_fds=child.fds)
     base = 3
@@ -167,6 +168,7 @@ def _popen(child: Child, env: dict[str, str]) -> subprocess.Popen:
             os.dup2(fd, base + i)      # inheritable, unlike the original
         if child.cpu is not None:
             os.sched_setaffinity(0, {child.cpu})
+    # pass_fds would close the descriptors dup2 made: inherit them all.
     for fd in child.fds:
         os.set_inheritable(fd, True)
     env = dict(env, LISTEN_FDS=str(len(child.listen)))
@@ -206,13 +208,17 @@ def supervise(spawn: Callable[[int], Child], *, env: dict[str, str],
     procs: list[subprocess.Popen] = []
     started = [0.0] * n
     startup_crashes = [0] * n
-    activated = False
+    published = False
 
     def start(k: int) -> None:
-        nonlocal activated
+        nonlocal published
         ready_files[k].unlink(missing_ok=True)
         child = spawn(k)
-        activated = bool(child.listen)
+        if k < len(procs) and not child.listen and sockets:
+            # A restart of an nbdkit that makes its own socket: the dead
+            # one's goes first, and the new one's mode is set once it listens.
+            sockets[0].unlink(missing_ok=True)
+            published = False
         proc = _popen(child, env)
         for fd in child.fds:
             os.close(fd)   # nbdkit holds the image (and its lock) now
@@ -232,7 +238,6 @@ def supervise(spawn: Callable[[int], Child], *, env: dict[str, str],
     try:
         for k in range(n):
             start(k)
-        published = False
         while True:
             if stopping:
                 status = _stopped_status(stop(procs, handover), handover, log)
@@ -248,9 +253,6 @@ def supervise(spawn: Callable[[int], Child], *, env: dict[str, str],
                     break
                 log(f"nbdloop: nbdkit crashed ({signal.Signals(-status).name}); "
                     "restarting it on the same image and socket")
-                if not activated and sockets:
-                    sockets[0].unlink(missing_ok=True)   # the dead server's socket
-                    published = False    # the new one's mode, once it listens
                 start(k)
                 continue
             if not published and all(ready(k) for k in range(n)):
