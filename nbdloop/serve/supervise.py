@@ -208,11 +208,13 @@ def supervise(spawn: Callable[[int], Child], *, env: dict[str, str],
     procs: list[subprocess.Popen] = []
     started = [0.0] * n
     startup_crashes = [0] * n
+    seen_ready = [False] * n
     published = False
 
     def start(k: int) -> None:
         nonlocal published
         ready_files[k].unlink(missing_ok=True)
+        seen_ready[k] = False
         child = spawn(k)
         if k < len(procs) and not child.listen and sockets:
             # A restart of an nbdkit that makes its own socket: the dead
@@ -229,10 +231,13 @@ def supervise(spawn: Callable[[int], Child], *, env: dict[str, str],
             procs.append(proc)
 
     def ready(k: int) -> bool:
-        try:
-            return bool(ready_files[k].read_text().strip())
-        except OSError:
-            return False
+        # Read until it says so, not at every turn of the loop for good.
+        if not seen_ready[k]:
+            try:
+                seen_ready[k] = bool(ready_files[k].read_text().strip())
+            except OSError:
+                pass
+        return seen_ready[k]
 
     status = 1
     try:
