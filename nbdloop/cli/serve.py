@@ -141,9 +141,7 @@ def serve(image, mode, readonly, threads, segment_size, export_name, offset, siz
         if placed is not None:
             on = sorted(placed.busy) + sorted(placed.irq)
 
-    def image_fd() -> int:
-        if processes > 1:
-            return fcntl.fcntl(held, fcntl.F_DUPFD_CLOEXEC, 8)
+    def single_fd() -> int:
         # nbdkit inherits the opened, locked descriptor: no window in which a
         # second server could take the image.  After a crash, open it again.
         if first_fd:
@@ -160,26 +158,27 @@ def serve(image, mode, readonly, threads, segment_size, export_name, offset, siz
                 time.sleep(0.1)
 
     def spawn(k: int) -> Child:
-        f = image_fd()
         if processes > 1:
             # Each process is pinned, with placement off; process 0 also
             # takes the usual socket (see listen_unix).
+            f = fcntl.fcntl(held, fcntl.F_DUPFD_CLOEXEC, 8)
             how = dict(socket_path=None, port=None, placement="off", activated=True,
                        shared=True, stats_file=f"{stats_file}.{k}" if stats_file and k
                        else stats_file)
+            own = dict(listen=tuple(s.fileno() for s in
+                                    ([listen[0]] if k == 0 else []) + [listen[1 + k]]),
+                       cpu=on[k % len(on)])
         else:
+            f = single_fd()
             how = dict(socket_path=str(sock) if sock else None, port=port,
                        placement="off" if cpus else placement, stats_file=stats_file)
+            own = {}
         argv = nbdkit_argv(image, fd=f, mode=mode, readonly=readonly, bind=bind,
                            threads=threads, segment_size=segment_size,
                            export_name=export_name, pidfile=str(ready[k]), verbose=verbose,
                            tls_psk=tls_psk, mlock=mlock, sched=sched,
                            exit_with_parent=not agent, slice_=part, **how)
-        if processes == 1:
-            return Child(argv, (f,))
-        return Child(argv, (f,), listen=tuple(s.fileno() for s in
-                                              ([listen[0]] if k == 0 else []) + [listen[1 + k]]),
-                     cpu=on[k % len(on)])
+        return Child(argv, (f,), **own)
 
     where = (f"unix:{sock}" if sock else f"nbd://{bind}:{port}") + (" with TLS" if tls_psk
                                                                      else "")
