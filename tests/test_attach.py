@@ -23,6 +23,7 @@ import pytest
 
 from conftest import ROOT, require_root, require_tools, run
 from nbdloop.kernel import attach as A
+from nbdloop.process import wait_exit
 from nbdloop.serve import children as srv
 
 MiB = 1 << 20
@@ -100,7 +101,7 @@ def wait_gone(pid: int) -> None:
     except ProcessLookupError:
         return
     try:
-        assert A._wait_exit(pidfd, 30), f"process {pid} did not exit"
+        assert wait_exit(pidfd, 30), f"process {pid} did not exit"
     finally:
         os.close(pidfd)
     try:

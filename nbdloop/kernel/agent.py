@@ -46,10 +46,10 @@ from pathlib import Path
 
 import psutil
 
+from nbdloop import process
 from nbdloop.kernel import handshake
 from nbdloop.kernel.attach import (SERVER_STOP_TIMEOUT, Attachment, AttachError, AttachFailed,
-                                   now_iso, process_started, remove_files, save,
-                                   server_error, state_file)
+                                   now_iso, remove_files, save, server_error, state_file)
 from nbdloop.serve import children as srv
 from nbdloop.serve.cmdline import ready_files
 
@@ -98,7 +98,7 @@ class Agent:
         signal.signal(signal.SIGUSR1, self._on_signal)
         signal.signal(signal.SIGCHLD, lambda *_: None)   # wakes the poll through the fd
         self.att.agent_pid = os.getpid()
-        self.att.agent_started = process_started(self.att.agent_pid) or 0
+        self.att.agent_started = process.process_started(self.att.agent_pid) or 0
         try:
             if resume:
                 self._open_netlink()
@@ -312,12 +312,9 @@ class Agent:
     def stop_server(self) -> None:
         """SIGTERM the supervisor (it stops nbdkit cleanly, answering what
         it has read), then make sure nothing of it is left."""
-        if self.server is not None and self.server.alive():
-            self.server.proc.send_signal(signal.SIGTERM)
-            try:
-                self.server.proc.wait(SERVER_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass    # killed below
+        if self.server is not None and self.server.proc is not None:
+            # Not killed alone if it does not go: kill_server kills all of it.
+            process.stop(self.server.proc, SERVER_STOP_TIMEOUT, kill=False)
         self.kill_server()
 
     def kill_server(self) -> None:
@@ -559,7 +556,7 @@ def _detach_stdio(log: str) -> None:
 
 
 def _open_fds() -> list[int]:
-    return [int(n) for n in os.listdir("/proc/self/fd")]
+    return list(process.fds(os.getpid()))
 
 
 def main(argv: list[str]) -> int:

@@ -28,7 +28,6 @@ import fcntl
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from nbdloop.kernel.nbdclient import BLOCK_SIZES, DEFAULT_TIMEOUT
+from nbdloop.process import cmdline, process_started
+from nbdloop.process import terminate as _terminate
 
 SYS_BLOCK = Path("/sys/block")
 DEV = Path("/dev")
@@ -327,23 +328,6 @@ def read_record(path: Path) -> Attachment:
     return Attachment.from_dict(json.loads(path.read_text()))
 
 
-def process_started(pid: int) -> int | None:
-    """When ``pid`` started, in clock ticks after boot (/proc/PID/stat), or
-    None if no such process runs.  With the pid it names one process for
-    good: pids are reused, and an exec (the agent's restart) changes the
-    command line but not this.  Not psutil's create_time(), which adds the
-    boot time as the wall clock sees it now, so it moves when the clock is
-    set."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if fields[0] in ("Z", "X"):     # dead, not yet reaped
-        return None
-    return int(fields[19])
-
-
 def agent_alive(att: Attachment) -> bool:
     """True while the recorded agent runs."""
     return (att.agent_pid > 0 and att.agent_started > 0
@@ -433,41 +417,8 @@ def _serves(pid: int, att: Attachment) -> bool:
     ``serve --processes``, the image."""
     if pid <= 0:
         return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return att.socket.encode() in cmdline or f"file={att.image}".encode() in cmdline
-
-
-def _terminate(pid: int, ours, timeout: float, how: signal.Signals = signal.SIGTERM) -> None:
-    """Signal ``pid`` (SIGTERM, or ``how``) if ``ours()`` says it is still
-    the process we mean; SIGKILL it after ``timeout`` seconds."""
-    if not ours():
-        return
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        if not ours():   # the pid could have been reused before the pidfd pinned it
-            return
-        signal.pidfd_send_signal(pidfd, how)
-        if not _wait_exit(pidfd, timeout):
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            _wait_exit(pidfd, 10)
-    except ProcessLookupError:
-        pass
-    finally:
-        os.close(pidfd)
-
-
-def _wait_exit(pidfd: int, timeout: float) -> bool:
-    """Wait until the process behind ``pidfd`` has exited (a pidfd becomes
-    readable then, whether or not anyone has reaped it)."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(timeout * 1000))
+    args = cmdline(pid) or []
+    return att.socket.encode() in args or f"file={att.image}".encode() in args
 
 
 # ---- attach and detach --------------------------------------------------------------
