@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from nbdloop import process
 from nbdloop.serve.cmdline import process_socket
 
 
@@ -92,11 +92,7 @@ class ServerProcess:
     def server_pids(self) -> list[int]:
         """The nbdkit processes under ``nbdloop serve`` (its children: one
         unless ``--processes``), or this process itself for peers."""
-        try:
-            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
-        except OSError:
-            children = []
-        return [int(c) for c in children] or [self.pid]
+        return process.children(self.pid) or [self.pid]
 
     @property
     def sockets(self) -> list[str]:
@@ -158,18 +154,11 @@ class ServerProcess:
         """SIGTERM, wait; SIGKILL if it does not go.  Returns the exit status."""
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
+        return process.stop(self.proc, timeout)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            process.kill(self.proc)
 
     def __enter__(self) -> ServerProcess:
         return self.start()

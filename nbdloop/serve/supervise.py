@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from nbdloop import process
+
 SYS_PIDFD_GETFD = 438
 GRACE = 1.0        # seconds nbdkit gets to stop by itself
 DRAIN = 60.0       # seconds for in-flight requests after the sockets close
@@ -44,13 +46,10 @@ def _sockets(pid: int, connected_only: bool) -> Iterator[socket.socket]:
     except OSError:
         return
     try:
-        for name in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
-                    continue
-            except OSError:
+        for theirs, target in process.fds(pid).items():
+            if not target.startswith("socket:"):
                 continue
-            fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, int(name), 0)
+            fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, theirs, 0)
             if fd < 0:
                 continue
             s = socket.socket(fileno=fd)
@@ -98,7 +97,7 @@ def stop(procs: list[subprocess.Popen], handover: bool = False) -> list[int]:
             if proc.poll() is None:
                 shutdown_sockets(proc.pid)
         _wait_all(procs, DRAIN)
-    return [_reap(proc) for proc in procs]
+    return [process.kill(proc) for proc in procs]
 
 
 def _hand_over(procs: list[subprocess.Popen]) -> list[int]:
@@ -115,7 +114,7 @@ def _hand_over(procs: list[subprocess.Popen]) -> list[int]:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM if not connections(proc.pid) else signal.SIGKILL)
     _wait_all(procs, GRACE * 5)
-    return [_reap(proc) for proc in procs]
+    return [process.kill(proc) for proc in procs]
 
 
 def _wait_all(procs: list[subprocess.Popen], timeout: float) -> bool:
@@ -126,12 +125,6 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> bool:
             return False
         time.sleep(0.02)
     return True
-
-
-def _reap(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        proc.kill()
-    return proc.wait()
 
 
 #: nbdkit deaths that are crashes (not a kill by someone): restarted.
@@ -272,9 +265,7 @@ def supervise(spawn: Callable[[int], Child], *, env: dict[str, str],
             time.sleep(0.05)
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            process.kill(proc)
         for path in [pidfile] + sockets + ready_files:
             if path is not None:
                 try:
