@@ -23,10 +23,11 @@ kernel under qemu (TCG) with a small busybox initramfs. The pieces:
 * ``nbdloop/vm/guest/``: the guest's shell scripts (``init.sh``,
   ``kernel-check.sh``, ``product-init.sh``), real files read at run time.
 
-This package imports only the standard library and :mod:`nbdloop.paths`; never
-nbdkit, nbdloop.engine or its compiled extension, so it also runs where those
-are not built yet. (The ``nbdloop vm-check`` orchestration, which validates
-images with the engine, is :mod:`nbdloop.kernel.vmcheck`.)
+This package imports only the standard library, :mod:`nbdloop.paths` and
+:mod:`nbdloop.process`; never nbdkit, nbdloop.engine or its compiled
+extension, so it also runs where those are not built yet. (The ``nbdloop
+vm-check`` orchestration, which validates images with the engine, is
+:mod:`nbdloop.kernel.vmcheck`.)
 
 The names below are the public API, so that ``from nbdloop import vm`` then
 ``vm.run_guest(...)`` works without knowing which module holds what.

@@ -11,9 +11,9 @@ payload files to the base initramfs, boots it and returns the script's verdict
 and the whole serial console. The guest's /init (``nbdloop/vm/guest/init.sh``)
 runs the script and prints the verdict.
 
-Standard library and the other nbdloop.vm modules only: this never imports
-nbdkit or nbdloop's compiled extension, so it also runs where those are not
-built yet.
+Standard library, :mod:`nbdloop.process` and the other nbdloop.vm modules
+only: this never imports nbdkit or nbdloop's compiled extension, so it also
+runs where those are not built yet.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -30,6 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from nbdloop import process
 from nbdloop.vm.assets import KERNEL_CMDLINE, VmAssets, ensure_assets
 from nbdloop.vm.initramfs import CpioWriter
 from nbdloop.vm.tools import VmError
@@ -242,7 +242,7 @@ def _run_qemu(cmd: list[str], timeout: float,
     def kill_now() -> None:
         if proc.poll() is None:
             cut.append(time.monotonic() - armed[0])
-            _kill(proc)
+            process.kill(proc, group=True)   # qemu and its socats
 
     def read_console() -> None:
         assert proc.stdout is not None
@@ -269,7 +269,7 @@ def _run_qemu(cmd: list[str], timeout: float,
         timed_out = True
     finally:
         if proc.poll() is None:
-            _kill(proc)
+            process.kill(proc, group=True)   # qemu and its socats
         reader.join(timeout=10)
         if proc.stdout is not None:
             proc.stdout.close()
@@ -292,11 +292,3 @@ def _run_qemu(cmd: list[str], timeout: float,
         timed_out=timed_out and not cut,
         cut_after=cut[0] if cut else None,
     )
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
