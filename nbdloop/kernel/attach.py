@@ -69,9 +69,10 @@ class AttachFailed(AttachError):
 
 
 def default_block_size(align: int) -> int:
-    """nbd-client's ``-b`` unless the user says otherwise: the image's
-    direct-I/O alignment, so that the kernel never sends the server a request
-    it would have to serve by read-modify-write."""
+    """The block size unless the user gives one (``--block-size`` of attach
+    and vm-check): the image's direct-I/O alignment, so that the kernel
+    never sends the server a request it would have to serve by
+    read-modify-write."""
     if align > BLOCK_SIZES[-1]:
         raise AttachError(f"the image's direct-I/O alignment {align} is larger than the "
                           f"largest NBD block size {BLOCK_SIZES[-1]}; give --block-size")

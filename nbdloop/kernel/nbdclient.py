@@ -1,8 +1,12 @@
-"""Build the nbd-client command line.
+"""nbd-client's command line, for the guests that run it, and the NBD
+limits attach shares with it.
 
-This is the one place that decides how the kernel NBD client is invoked.
-``nbdloop attach`` runs exactly what :func:`nbd_client_args` returns, and the
-VM test feeds the same function, so what is tested is what users run.
+``nbdloop attach`` does not run nbd-client: its agent does the handshake
+(:mod:`nbdloop.kernel.handshake`) and configures the device over netlink
+(:mod:`nbdloop.kernel.netlink`) itself.  :func:`nbd_client_args` is what
+``nbdloop vm-check`` (:mod:`nbdloop.kernel.vmcheck`) and the VM tests run in
+the guest; attach takes only the constants below (its default request
+timeout, the block sizes it accepts).
 """
 from __future__ import annotations
 

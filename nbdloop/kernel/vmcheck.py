@@ -1,8 +1,8 @@
 """The kernel check for machines without an NBD driver: serve an image with
-nbdloop, boot a small VM whose kernel NBD client attaches it (with the same
-nbd-client arguments ``nbdloop attach`` uses), make a filesystem, write,
-fsck, remount and verify in the guest, then check the image again on the
-host with tools that never went through the guest.
+nbdloop, boot a small VM whose kernel NBD client attaches it (nbd-client,
+with the block size and connections ``nbdloop attach`` would use), make a
+filesystem, write, fsck, remount and verify in the guest, then check the
+image again on the host with tools that never went through the guest.
 
 Shared by ``nbdloop vm-check`` and ``tests/e2e/test_kernel.py``.  It lives
 here, not in nbdloop.vm, because it validates the image with the engine
