@@ -86,9 +86,8 @@ void nbdl_image_free (struct nbdl_image *img);
  * progress, and to the `idle` CPUs when its request is the only one (see
  * nbdloop/engine/placement.py).  A request longer than NBDL_PLACE_MAX_LEN leaves
  * its worker where it is: its cost is the bytes it moves, not the wake-ups
- * that placement saves (README.md, "Placement").  It may be called again
- * while serving, by one thread at a time: each worker then moves at its
- * next request.  Returns 0 or -EINVAL. */
+ * that placement saves.  Called once, before any worker calls in.
+ * Returns 0 or -EINVAL. */
 #define NBDL_PLACE_MAX_LEN (256 * 1024)
 int nbdl_image_set_placement (struct nbdl_image *img, const int *busy, int nbusy,
                               const int *idle, int nidle, uint32_t busy_at);
@@ -98,7 +97,7 @@ int nbdl_image_set_placement (struct nbdl_image *img, const int *busy, int nbusy
  * that a worker woken up does not preempt the worker that is running one
  * request to its submission: in nbdkit the worker that reads a request
  * hands the socket to the next one, which would otherwise preempt it on
- * its own CPU.  See README.md, "Scheduling", for the measurements. */
+ * its own CPU. */
 void nbdl_image_set_sched_batch (struct nbdl_image *img, int on);
 
 /* Run nsegs segments.  Returns the number of segments whose res is not
@@ -141,31 +140,6 @@ int nbdl_outlive_parent (void);
 
 /* mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT); 0 or -errno. */
 int nbdl_mlockall (void);
-
-/* One thread of this process, for the adaptive placement rule
- * (nbdloop/engine/contention.py): nanoseconds run and waited for a CPU
- * (its schedstat), and how often it gave up its CPU: in all, and
- * involuntarily (its status: preempted by another task). */
-struct nbdl_task_times {
-  int32_t tid;
-  uint64_t run_ns;
-  uint64_t wait_ns;
-  uint64_t switches;
-  uint64_t preempted;
-};
-
-/* Fill tasks[] (at most max_tasks) from /proc/self/task/<tid>/schedstat
- * and .../status, and busy[] and idle[] (clock ticks so far, CPUs 0 to max_cpus - 1;
- * busy counts user, nice, system, irq, softirq and steal, idle counts idle
- * and iowait) from /proc/stat.  One call for all of it, without the GIL:
- * read from Python, each file's read would hand the GIL over and back
- * among the waiting workers.  Returns the number of tasks, or -errno. */
-int nbdl_sample_times (struct nbdl_task_times *tasks, int max_tasks,
-                       uint64_t *busy, uint64_t *idle, int max_cpus);
-
-/* Pin the calling thread's Python thread state now (if the image pins),
- * without doing any I/O. */
-int nbdl_pin_thread (struct nbdl_image *img);
 
 /* Free the calling thread's ring now (it is freed at thread exit anyway). */
 void nbdl_thread_release (void);

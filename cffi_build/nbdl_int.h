@@ -59,8 +59,6 @@ struct nbdl_image {
   int placement;
   uint32_t busy_at;
   cpu_set_t busy, idle;
-  int same_sets;             /* busy == idle: the pool is spread */
-  uint32_t placement_gen;    /* atomic: bumped when the sets change */
   uint32_t inflight;         /* atomic: nbdl_rw calls in progress */
   int sched_batch;           /* new worker threads switch to SCHED_BATCH */
   /* The range lock.  Shared holds (every aligned write) normally take a
@@ -94,7 +92,6 @@ struct nbdl_thread {
   struct nbdl_ring *ring;
   int placed;            /* PLACED_*, for the image placed_img */
   uint64_t placed_img;
-  uint32_t placed_gen;   /* the image's placement_gen when placed */
 };
 
 /* threadstate.c.  get_thread: the calling thread's state, made (and the

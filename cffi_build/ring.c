@@ -77,15 +77,10 @@ nbdl_image_set_placement (struct nbdl_image *img, const int *busy, int nbusy,
       return -EINVAL;
     CPU_SET (idle[i], &l);
   }
-  /* Workers may be reading the sets while the adaptive rule changes them
-   * (serialised by its caller); a worker that reads a set half old, half
-   * new is only placed once more, when it sees the new generation. */
   img->busy = b;
   img->idle = l;
-  img->same_sets = CPU_EQUAL (&b, &l);
   img->busy_at = busy_at;
   img->placement = 1;
-  __atomic_add_fetch (&img->placement_gen, 1, __ATOMIC_RELEASE);
   return 0;
 }
 
@@ -251,15 +246,13 @@ static void
 place_thread (struct nbdl_image *img, uint32_t n)
 {
   struct nbdl_thread *t = current_thread ();
-  uint32_t gen = __atomic_load_n (&img->placement_gen, __ATOMIC_ACQUIRE);
   int want;
 
   if (t == NULL)
     return;
-  if (t->placed_img != img->id || t->placed_gen != gen) {
+  if (t->placed_img != img->id) {
     t->placed = PLACED_NOWHERE;
     t->placed_img = img->id;
-    t->placed_gen = gen;
   }
   if (n >= img->busy_at)
     want = PLACED_BUSY;
@@ -269,11 +262,6 @@ place_thread (struct nbdl_image *img, uint32_t n)
     return;
   if (want == t->placed)
     return;
-  /* Spread (busy == idle): once placed, crossing a threshold moves nothing. */
-  if (t->placed != PLACED_NOWHERE && img->same_sets) {
-    t->placed = want;
-    return;
-  }
   if (sched_setaffinity (0, sizeof (cpu_set_t),
                          want == PLACED_BUSY ? &img->busy : &img->idle) == 0) {
     t->placed = want;

@@ -88,12 +88,6 @@ current_thread (void)
   return pthread_getspecific (thread_key);
 }
 
-int
-nbdl_pin_thread (struct nbdl_image *img)
-{
-  return get_thread (img) != NULL ? 0 : -ENOMEM;
-}
-
 void
 nbdl_thread_release (void)
 {

@@ -113,9 +113,8 @@ def test_workers_move_with_the_load(image, serve, tmp_path):
                                "(this project's VM has one)")
     import nbd
     stats = tmp_path / "stats.json"
-    # irq: the fixed rule; auto might move the pool away from this
-    # test's own client (test_contention.py).
-    s = serve(image, "direct", extra=["--stats-file", str(stats), "--placement", "irq"])
+    # The default is the rule.
+    s = serve(image, "direct", extra=["--stats-file", str(stats)])
     assert "under load (CPU" in s.log.read_text()
     h = nbd.NBD()
     h.connect_uri(s.uri)

@@ -1,5 +1,5 @@
-"""Worker scheduling: by default each nbdkit worker switches itself to
-SCHED_BATCH on its first request; ``--sched normal`` leaves it alone."""
+"""Worker scheduling: each nbdkit worker switches itself to SCHED_BATCH on
+its first request."""
 from __future__ import annotations
 
 import os
@@ -37,12 +37,3 @@ def test_workers_switch_to_sched_batch(image, serve, tmp_path):
                for t in batched)
     h.shutdown()
     assert read_stats(stats)["batched"] >= len(batched)
-
-
-def test_sched_normal_leaves_workers_alone(image, serve, tmp_path):
-    stats = tmp_path / "stats.json"
-    s = serve(image, "buffered", extra=["--sched", "normal", "--stats-file", str(stats)])
-    h = load(s.uri)
-    assert set(policies(s.server_pid).values()) == {os.SCHED_OTHER}
-    h.shutdown()
-    assert read_stats(stats)["batched"] == 0

@@ -1,37 +1,24 @@
-"""Where the server's worker threads should run: find the CPUs that take the
-backing device's completion interrupts.
+"""Where the server's worker threads run: off the CPUs that take the backing
+device's completion interrupts while the pool is busy.
 
 With many requests in flight, the worker pool serves fastest kept together
-on CPUs that do *not* take the disk's interrupts; with one request at a time,
-it serves fastest left to the scheduler (docs/BENCHMARKS.md has the
-measurements).  So the engine moves a worker onto the "busy" CPUs when
-several requests are in progress and gives it back every CPU the server may
-use ("idle") when it is alone.
+on CPUs that do *not* take the disk's interrupts; with one request at a
+time, it serves fastest left to the scheduler.  So the engine moves a worker
+onto the "busy" CPUs when several requests are in progress and gives it
+back every CPU the server may use ("idle") when it is alone.  The sets are
+found once, at start; docs/decisions.md has the figures behind the rule.
 
 This module finds the sets, and parses and prints the kernel's CPU-list
 syntax for everyone; it does no I/O beyond reading sysfs and /proc, and it
 gives up (returns None) whenever the answer is not clear: no block device
 under the image, interrupts on every CPU (multi-queue NVMe), one CPU only.
-
-With ``--placement auto`` the busy set is not fixed: :class:`Adaptive`, a
-thread of the server, feeds the rule of :mod:`nbdloop.engine.contention`
-with samples :class:`Watch` reads from /proc, and moves the pool to the
-other CPUs (or spreads it over every allowed one) when it waits for a CPU
-while another idles (the client crowds its own); ``--placement irq`` keeps
-it fixed.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-from nbdloop.engine.contention import Rule, Sample
 
 
 @dataclass(frozen=True)
@@ -183,172 +170,3 @@ def choose(path: str, allowed: set[int] | None = None, **kw) -> Placement | None
     if not irq or not busy:
         return None
     return Placement(busy=frozenset(busy), idle=frozenset(allowed), irq=frozenset(irq))
-
-
-# ---- the adaptive rule: its samples, and the thread that feeds it ------------------
-
-_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)   # user nice system irq softirq steal, in /proc/stat
-_IDLE_FIELDS = (3, 4)               # idle iowait
-
-
-def cpu_times(text: str) -> dict[int, tuple[int, int]]:
-    """Per CPU of /proc/stat: (busy, idle) clock ticks so far."""
-    out = {}
-    for line in text.splitlines():
-        name, *fields = line.split()
-        if not name.startswith("cpu") or name == "cpu":
-            continue
-        ticks = [int(f) for f in fields]
-        out[int(name[3:])] = (sum(ticks[i] for i in _BUSY_FIELDS if i < len(ticks)),
-                              sum(ticks[i] for i in _IDLE_FIELDS if i < len(ticks)))
-    return out
-
-
-def thread_times(schedstat: str) -> tuple[int, int]:
-    """(ns run, ns waited for a CPU) of one thread, from its /proc/.../schedstat."""
-    run, wait, _ = schedstat.split()
-    return int(run), int(wait)
-
-
-def thread_switches(status: str) -> tuple[int, int]:
-    """(context switches, of them involuntary) of one thread, from its
-    /proc/.../status; (0, 0) where the kernel does not say."""
-    counts = {}
-    for line in status.splitlines():
-        name, _, value = line.partition(":")
-        if name in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
-            counts[name] = int(value)
-    if len(counts) != 2:
-        return 0, 0
-    preempted = counts["nonvoluntary_ctxt_switches"]
-    return counts["voluntary_ctxt_switches"] + preempted, preempted
-
-
-#: Each thread's (tid, ns run, ns waited, switches, of them involuntary),
-#: and each CPU's (busy, idle) clock ticks.
-Times = tuple[list[tuple[int, int, int, int, int]], dict[int, tuple[int, int]]]
-
-
-def read_times(pid: int | str = "self", proc: Path = Path("/proc")) -> Times:
-    """What :func:`nbdloop.engine.uring.sample_times` reads, read from
-    Python, for a process other than this one (scripts/record-contention.py
-    records a server's samples from outside)."""
-    threads = []
-    tasks = proc / str(pid) / "task"
-    for name in os.listdir(tasks):
-        try:
-            run, wait = thread_times((tasks / name / "schedstat").read_text())
-            switches, preempted = thread_switches((tasks / name / "status").read_text())
-        except (OSError, ValueError):
-            continue            # the thread has just ended
-        threads.append((int(name), run, wait, switches, preempted))
-    return threads, cpu_times((proc / "stat").read_text())
-
-
-class Watch:
-    """The samples the contention rule is fed: the process's threads' run
-    time, run delay and context switches (how many of them preemptions),
-    and each allowed CPU's busy share, as differences between two reads of
-    ``read`` (default :func:`nbdloop.engine.uring.sample_times`: this
-    process, read without holding the GIL)."""
-
-    def __init__(self, cpus: set[int], read: Callable[[], Times] | None = None) -> None:
-        self.cpus = frozenset(cpus)
-        if read is None:
-            from nbdloop.engine import uring
-            read = uring.sample_times
-        self._read = read
-        self._threads: dict[int, tuple[int, int, int, int]] = {}
-        self._cpus: dict[int, tuple[int, int]] = {}
-        self._when: float | None = None
-
-    def sample(self, now: float) -> Sample | None:
-        """What happened since the last call (None at the first)."""
-        threads, times = self._read()
-        run = wait = 0.0
-        switches = preempted = 0
-        seen = {}
-        for tid, r, w, n, p in threads:
-            r0, w0, n0, p0 = self._threads.get(tid, (r, w, n, p))
-            seen[tid] = (r, w, n, p)
-            run += (r - r0) / 1e9
-            wait += (w - w0) / 1e9
-            switches += n - n0
-            preempted += p - p0
-        self._threads = seen
-        before, self._cpus = self._cpus, times
-        when, self._when = self._when, now
-        if when is None or now <= when:
-            return None
-        seconds = now - when
-        busy = {}
-        for cpu in self.cpus:
-            b1, i1 = times.get(cpu, (0, 0))
-            b0, i0 = before.get(cpu, (b1, i1))
-            ticks = (b1 - b0) + (i1 - i0)
-            busy[cpu] = seconds * (b1 - b0) / ticks if ticks > 0 else 0.0
-        return Sample(seconds=seconds, run=run, wait=wait, busy=busy,
-                      switches=switches, preempted=preempted)
-
-
-class Adaptive:
-    """The contention rule at work in the server: a thread of its own takes
-    a sample every ``interval`` seconds, feeds the rule and, if the rule
-    says so, gives the engine the pool's new CPUs.  Nothing of it runs per
-    request: the request count is the engine's own counter, and the thread
-    holds the GIL only to do the arithmetic (the reading is one C call
-    without it).  While no request comes it reads only that counter, and
-    the first sample after a pause starts afresh: one that spanned the
-    pause would count the load as light and delay the rule by a sample."""
-
-    def __init__(self, where: Placement, apply: Callable[[set[int], set[int]], None],
-                 log: Callable[[str], None], requests: Callable[[], int], *,
-                 interval: float = 0.15,
-                 watch: Watch | None = None, **rule) -> None:
-        self.where = where
-        self.rule = Rule(home=where.busy, allowed=where.idle, **rule)
-        self.watch = watch or Watch(set(where.idle))
-        self._apply = apply
-        self._log = log
-        self._requests = requests
-        self._interval = interval
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="nbdloop-placement",
-                                        daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _run(self) -> None:
-        counted = self._requests()
-        paused = True
-        while not self._stop.wait(self._interval):
-            if paused and self._requests() == counted:
-                continue
-            now = time.monotonic()
-            sample = self.watch.sample(now)
-            count = self._requests()
-            requests, counted = count - counted, count
-            if paused:
-                paused = False      # the sample is only the new baseline
-                continue
-            if sample is not None:
-                self.step(now, dataclasses.replace(sample, requests=requests))
-            paused = requests == 0
-
-    def step(self, now: float, sample: Sample) -> None:
-        """Feed one sample to the rule and act on its answer."""
-        cpus = self.rule.feed(now, sample)
-        if cpus is not None:
-            self._apply(set(cpus), set(self.where.idle))
-            self._log(f"workers {self.rule.state}: CPU {format_cpu_list(cpus)} under load: "
-                      f"{self.rule.changes[-1][2]} (the pool waited "
-                      f"{sample.waiting():.0%} of its time, preempted in "
-                      f"{sample.preemptions():.0%} of its switches, "
-                      f"{sample.rate():.0f} requests/s)")

@@ -55,10 +55,6 @@ def align_up(x: int, align: int) -> int:
     return align_down(x + align - 1, align)
 
 
-def is_aligned(offset: int, length: int, align: int) -> bool:
-    return offset % align == 0 and length % align == 0
-
-
 def covering(offset: int, length: int, align: int) -> tuple[int, int]:
     """The aligned range ``(start, length)`` that covers a request."""
     start = align_down(offset, align)

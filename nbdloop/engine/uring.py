@@ -13,7 +13,7 @@ from nbdloop.engine.plan import NOT_RUN, Segment
 
 __all__ = ["OP_READ", "OP_WRITE", "OP_WRITE_ZEROES", "LOCK_NONE", "LOCK_SHARED",
            "LOCK_EXCLUSIVE", "PLACE_MAX_LEN", "check", "dio_alignment", "stats",
-           "sample_times", "set_io_flusher", "lock_memory", "release_thread", "Engine"]
+           "set_io_flusher", "outlive_parent", "lock_memory", "Engine"]
 
 OP_READ = lib.NBDL_OP_READ
 OP_WRITE = lib.NBDL_OP_WRITE
@@ -60,25 +60,6 @@ def stats() -> dict[str, int]:
     return {name: getattr(out, name) for name in _STAT_FIELDS}
 
 
-_MAX_TASKS = 1024      # nbdkit's workers: 16 a connection by default
-_MAX_CPUS = 1024
-
-
-def sample_times() -> tuple[list[tuple[int, int, int, int, int]], dict[int, tuple[int, int]]]:
-    """This process's threads as (tid, ns run, ns waited for a CPU,
-    context switches, of them involuntary), and each CPU's (busy, idle)
-    clock ticks so far; read in one call that does not hold the GIL
-    (nbdl_sample_times)."""
-    tasks = ffi.new("struct nbdl_task_times[]", _MAX_TASKS)
-    busy = ffi.new("uint64_t[]", _MAX_CPUS)
-    idle = ffi.new("uint64_t[]", _MAX_CPUS)
-    n = check(lib.nbdl_sample_times(tasks, _MAX_TASKS, busy, idle, _MAX_CPUS),
-              "reading /proc/self/task and /proc/stat")
-    threads = [(t.tid, t.run_ns, t.wait_ns, t.switches, t.preempted) for t in tasks[0:n]]
-    cpus = {c: (busy[c], idle[c]) for c in range(_MAX_CPUS) if busy[c] or idle[c]}
-    return threads, cpus
-
-
 def set_io_flusher() -> None:
     """Mark the calling thread, and threads it creates later, as an I/O
     flusher (PR_SET_IO_FLUSHER), so reclaim never waits on our own device."""
@@ -95,11 +76,6 @@ def lock_memory() -> None:
     """mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT): a page the server
     has touched never leaves memory, so it never waits on a page-in."""
     check(lib.nbdl_mlockall(), "mlockall")
-
-
-def release_thread() -> None:
-    """Free the calling thread's ring now instead of at thread exit."""
-    lib.nbdl_thread_release()
 
 
 class Engine:
@@ -125,7 +101,8 @@ class Engine:
 
     def set_placement(self, busy: set[int], idle: set[int], busy_at: int = 4) -> None:
         """Run workers on ``busy`` CPUs while ``busy_at`` or more requests are
-        in progress, and on ``idle`` CPUs when a request is alone."""
+        in progress, and on ``idle`` CPUs when a request is alone.  Once,
+        before any worker calls in."""
         b, i = sorted(busy), sorted(idle)
         check(lib.nbdl_image_set_placement(self._img, ffi.new("int[]", b), len(b),
                                            ffi.new("int[]", i), len(i), busy_at),
@@ -184,10 +161,6 @@ class Engine:
         ret = lib.nbdl_rw(self._img, op, fua, user, arr, n, lock[0], lock[1], lock[2])
         check(ret, "io_uring setup")
         return [(c.res, c.order) for c in arr]
-
-    def pin_thread(self) -> None:
-        """Pin the calling thread's Python thread state (if ``pin``)."""
-        check(lib.nbdl_pin_thread(self._img), "pinning the thread state")
 
     def fsync(self, datasync: bool = True) -> None:
         check(lib.nbdl_fsync(self._img, int(datasync)),
