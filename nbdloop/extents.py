@@ -6,14 +6,18 @@ the extent's conversion to written) is metadata, journaled later: until a
 flush, a crash can lose the write.  FIEMAP is asked without
 FIEMAP_FLAG_SYNC, which would write the file's dirty pages back.
 
-Standard library only: the CLI and the benchmark use it.
+The CLI, the server and the benchmark use it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import os
 import struct
+from collections.abc import Callable
+
+from nbdloop.sizes import format_size
 
 FS_IOC_FIEMAP = 0xC020660B
 FIEMAP_EXTENT_LAST = 0x1
@@ -93,3 +97,29 @@ def unsettled(fd: int, start: int, end: int) -> int:
             total += hi - lo
             covered = hi
     return total
+
+
+def warn_if_unsettled(image: str, mode: str, start: int, end: int,
+                      say: Callable[[str], None]) -> None:
+    """In direct mode, one line through ``say`` when ``[start, end)`` of the
+    image has holes or unwritten extents: an acknowledged write there is on
+    the disk, but the filesystem's record of it is not until a flush."""
+    if mode != "direct":
+        return
+    try:
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return          # whoever opens it next says why
+    try:
+        # An image written a moment ago is still being written back, and
+        # ext4 shows blocks under writeback as unwritten extents until it
+        # completes: settle them first, or a written image looks holey.
+        with contextlib.suppress(OSError):
+            os.fdatasync(fd)
+        n = unsettled(fd, start, end)
+    finally:
+        os.close(fd)
+    if n:
+        say(f"nbdloop: warning: {image}: {format_size(n)} of it is holes or unwritten "
+            "extents, where a write in direct mode is durable only after a flush "
+            "(nbdloop create --preallocate writes an image fully)")

@@ -2,13 +2,12 @@
 types and the options that several commands take."""
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
 import click
 
-from nbdloop.engine.backing import MODES
+from nbdloop.engine.config import MODES, ConfigError, check_segment_size
 from nbdloop.kernel.nbdclient import BLOCK_SIZES
 from nbdloop.sizes import parse_size
 
@@ -32,7 +31,9 @@ class Failure(UsageError):
 #: a failure at run time (the server died, the kernel refused).  Named, not
 #: imported: an error can only be of a type whose module has been loaded.
 KNOWN_ERRORS = (
+    ("nbdloop.bench.command", "BenchError"),
     ("nbdloop.engine.backing", "ImageError"),
+    ("nbdloop.engine.config", "ConfigError"),
     ("nbdloop.kernel.attach", "AttachError"),
     ("nbdloop.kernel.netlink", "KernelError"),
     ("nbdloop.kernel.table", "TableError"),
@@ -54,33 +55,6 @@ def one_line_error(e: BaseException) -> tuple[int, str] | None:
         if loaded is not None and isinstance(e, getattr(loaded, name)):
             return getattr(e, "exit_status", 2), str(e)
     return None
-
-
-def warn_if_unsettled(image: str, mode: str, start: int, end: int) -> None:
-    """In direct mode, one line on stderr when ``[start, end)`` of the image
-    has holes or unwritten extents: an acknowledged write there is on the
-    disk, but the filesystem's record of it is not until a flush."""
-    if mode != "direct":
-        return
-    from nbdloop import extents
-    from nbdloop.sizes import format_size
-    try:
-        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return          # whoever opens it next says why
-    try:
-        # An image written a moment ago is still being written back, and
-        # ext4 shows blocks under writeback as unwritten extents until it
-        # completes: settle them first, or a written image looks holey.
-        with contextlib.suppress(OSError):
-            os.fdatasync(fd)
-        n = extents.unsettled(fd, start, end)
-    finally:
-        os.close(fd)
-    if n:
-        click.echo(f"nbdloop: warning: {image}: {format_size(n)} of it is holes or unwritten "
-                   "extents, where a write in direct mode is durable only after a flush "
-                   "(nbdloop create --preallocate writes an image fully)", err=True)
 
 
 # ---- parameter types ----------------------------------------------------------
@@ -116,6 +90,14 @@ def parse_cpus(ctx, param, value):
     if not cpus or not cpus <= allowed:
         raise click.BadParameter(f"{value!r}: usable CPUs are {format_cpu_list(allowed)}")
     return cpus
+
+
+def segment_size(ctx, param, value):
+    """Click callback: a segment size the engine can use."""
+    try:
+        return check_segment_size(value)
+    except ConfigError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def _block_size(ctx, param, value):

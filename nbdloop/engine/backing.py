@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 from nbdloop.engine import plan
 from nbdloop.engine import uring
+from nbdloop.engine.config import DEFAULT_SEG_SIZE, MODES, check_segment_size
 from nbdloop.engine.plan import Segment
 from nbdloop.sizes import SECTOR
 
-DEFAULT_SEG_SIZE = 128 * 1024
 DEFAULT_ENTRIES = 8
 MAX_REQUEST = 32 * 1024 * 1024
 FALLBACK_ALIGN = 4096
@@ -37,8 +37,6 @@ FALLOC_FL_ZERO_RANGE = 0x10
 # <linux/fs.h>
 BLKSSZGET = 0x1268
 BLKGETSIZE64 = 0x80081272
-
-MODES = ("direct", "buffered")
 
 
 class ImageError(Exception):
@@ -163,11 +161,11 @@ class Backing:
         # Planning granularity: buffered I/O needs no alignment at all.
         self.io_align = self.align if self.direct else 1
         try:
+            if self.direct:
+                check_segment_size(seg_size)
             plan.validate_geometry(self.io_align, seg_size)
         except ValueError as e:
             raise ImageError(f"{path}: {e}") from None
-        if self.direct and seg_size % 4096:
-            raise ImageError(f"segment size {seg_size} is not a multiple of 4096")
         self.seg_size = seg_size
         # Writes in direct mode take the range lock so that a read-modify-write
         # of an edge block never races another write to that block.

@@ -2,22 +2,20 @@
 
 Only callbacks live here, in lifecycle order.  Each connection gets a
 :class:`Handle`; the I/O callbacks delegate to it, and it delegates to the
-server's one :class:`nbdloop.backing.Backing`.
+server's one :class:`nbdloop.engine.backing.Backing`.
 
-Keys: ``file`` (the image), ``fd`` (an already opened and locked descriptor
-of it, inherited from ``nbdloop serve``), ``mode`` (direct|buffered),
-``readonly``, ``segment-size``, ``entries``, ``export-name``, ``pin``, and
+The keys are those of :mod:`nbdloop.engine.config`, which parses them into
+the same :class:`~nbdloop.engine.config.Server` that the tooling rendered
+them from: ``file`` (the image), ``fd`` (an already opened and locked
+descriptor of it, inherited from ``nbdloop serve``), ``mode``
+(direct|buffered), ``readonly``, ``segment-size``, ``export-name``,
+``placement`` (irq: under load keep the workers off the CPUs that take the
+disk's interrupts, the default; off: leave them to the scheduler),
 ``stats-file`` (the engine's counters are written there as JSON whenever a
-connection closes), ``io-flusher`` (PR_SET_IO_FLUSHER, default on) and
-``mlock`` (mlockall, default off), ``placement`` (auto: under load keep
-workers off the CPUs that take the disk's interrupts, and move them to the
-others (or spread them) when other work crowds theirs, the default; irq: only the first;
-off: neither), ``sched``
-(batch: workers run under SCHED_BATCH, the default; normal: left as they are),
-``outlive-parent`` (no death signal when the supervisor dies, for a device's
-agent to decide; default off), ``shared`` (other nbdkit processes serve the
-same image, ``serve --processes``: writes that would need a read-modify-write
-are refused; default off).
+connection closes), ``mlock`` (mlockall, default off), ``outlive-parent``
+(no death signal when the supervisor dies, for a device's agent to decide)
+and ``shared`` (other nbdkit processes serve the same image, ``serve
+--processes``: writes that would need a read-modify-write are refused).
 """
 import builtins
 import errno
@@ -30,52 +28,24 @@ import traceback
 
 import nbdkit
 
+from nbdloop.engine import config as cfg
 from nbdloop.engine import placement, uring
-from nbdloop.engine.backing import (DEFAULT_ENTRIES, DEFAULT_SEG_SIZE, Backing, ImageError,
-                                    inspect_fd)
-from nbdloop.sizes import parse_size
+from nbdloop.engine.backing import Backing, ImageError, inspect_fd
 
 API_VERSION = 2
 
 builtins_open = builtins.open   # this module's open() is nbdkit's callback
 
-# Module state is the configuration, written only by config() on the main
-# thread before any connection, and the Backing and the adaptive placement
-# (a thread of its own), each set once in get_ready().  The Backing is
-# shared by all connections and is thread safe (see its docstring);
-# nothing else is shared.  The one other change to the interpreter is made
-# once, at import: the traceback formatter that nbdkit logs errors with
+# Module state is the configuration, written only by config() and
+# config_complete() on the main thread before any connection, and the
+# Backing, set once in get_ready().  The Backing is shared by all
+# connections and is thread safe (see its docstring); nothing else is
+# shared.  The one other change to the interpreter is made once, at import:
+# the traceback formatter that nbdkit logs errors with
 # (_one_line_for_failed_requests).
-_config = {
-    "file": None,
-    "fd": None,
-    "mode": "direct",
-    "readonly": False,
-    "segment-size": DEFAULT_SEG_SIZE,
-    "entries": DEFAULT_ENTRIES,
-    "export-name": "",
-    "pin": True,
-    "stats-file": None,
-    "io-flusher": True,
-    "outlive-parent": False,
-    "mlock": False,
-    "placement": "auto",
-    "sched": "batch",
-    "shared": False,
-}
+_pairs = []
+_server = None
 _backing = None
-_adaptive = None
-# Keys whose value is one of a few words.
-_CHOICES = {"mode": ("direct", "buffered"), "sched": ("batch", "normal"),
-            "placement": ("auto", "irq", "off")}
-
-
-def _bool(value):
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{value!r} is not a boolean")
 
 
 def _reports_errno(callback):
@@ -127,68 +97,51 @@ def thread_model():
 
 
 def config(key, value):
-    if key not in _config:
-        raise ValueError(f"unknown parameter {key!r}")
-    if key in ("readonly", "pin", "io-flusher", "mlock", "outlive-parent", "shared"):
-        _config[key] = _bool(value)
-    elif key == "segment-size":
-        _config[key] = parse_size(value)
-    elif key in ("entries", "fd"):
-        _config[key] = int(value)
-    elif key in _CHOICES:
-        if value not in _CHOICES[key]:
-            raise ValueError(f"{key} must be {' or '.join(_CHOICES[key])}, not {value!r}")
-        _config[key] = value
-    else:
-        _config[key] = value
+    _pairs.append((key, value))
 
 
 def config_complete():
-    if _config["file"] is None:
-        raise ValueError("the file parameter is required: file=IMAGE")
+    global _server
+    _server = cfg.from_plugin_keys(_pairs)
+    if len(_server.exports) != 1:
+        raise ValueError("this plugin serves one export: give file= once")
 
 
 def get_ready():
-    global _backing, _adaptive
+    global _backing
+    export = _server.export
     # Before any worker thread exists, so that they all inherit it.
-    if _config["io-flusher"]:
-        try:
-            uring.set_io_flusher()
-        except PermissionError:
-            # Needs CAP_SYS_RESOURCE, which some containers drop.
-            print("nbdloop: warning: PR_SET_IO_FLUSHER not permitted (no CAP_SYS_RESOURCE); "
-                  "memory reclaim in the server may wait on its own device",
-                  file=sys.stderr, flush=True)
-    if _config["outlive-parent"]:
-        uring.outlive_parent()
-    if _config["mlock"]:
-        uring.lock_memory()
-    kw = dict(mode=_config["mode"], readonly=_config["readonly"],
-              seg_size=_config["segment-size"], entries=_config["entries"],
-              pin=_config["pin"], shared=_config["shared"])
     try:
-        if _config["fd"] is not None:
+        uring.set_io_flusher()
+    except PermissionError:
+        # Needs CAP_SYS_RESOURCE, which some containers drop.
+        print("nbdloop: warning: PR_SET_IO_FLUSHER not permitted (no CAP_SYS_RESOURCE); "
+              "memory reclaim in the server may wait on its own device",
+              file=sys.stderr, flush=True)
+    if _server.outlive_parent:
+        uring.outlive_parent()
+    if _server.mlock:
+        uring.lock_memory()
+    kw = dict(mode=export.mode, readonly=export.readonly, seg_size=export.segment_size,
+              pin=True, shared=_server.shared)
+    try:
+        if export.fd is not None:
             # nbdloop serve opened, checked and locked the image for us.
-            fd = _config["fd"]
-            geometry = inspect_fd(fd, _config["file"], _config["mode"])
-            _backing = Backing(fd, _config["file"], geometry, **kw)
+            geometry = inspect_fd(export.fd, export.image, export.mode)
+            _backing = Backing(export.fd, export.image, geometry, **kw)
         else:
-            _backing = Backing.open(_config["file"], **kw)
+            _backing = Backing.open(export.image, **kw)
     except ImageError as e:
         raise RuntimeError(str(e)) from None
-    _backing.engine.set_sched_batch(_config["sched"] == "batch")
-    if _config["placement"] != "off":
-        where = placement.choose(_config["file"])
+    _backing.engine.set_sched_batch(True)
+    if _server.placement == "irq":
+        where = placement.choose(export.image)
         if where is not None:
             _backing.engine.set_placement(set(where.busy), set(where.idle))
             busy, idle, irq = map(placement.format_cpu_list,
                                   (where.busy, where.idle, where.irq))
             _log(f"workers run on CPU {busy} under load (CPU {irq} takes the disk's "
                  f"interrupts) and anywhere on CPU {idle} when alone")
-            if _config["placement"] == "auto":
-                _adaptive = placement.Adaptive(where, _backing.engine.set_placement, _log,
-                                               lambda: uring.stats()["requests"])
-                _adaptive.start()
 
 
 def _log(message):
@@ -199,23 +152,21 @@ def cleanup():
     # Also at exit: a server stopped right after its last client left (as
     # detach does) may never run that connection's close().
     _write_stats()
-    if _adaptive is not None:
-        _adaptive.stop()
     if _backing is not None:
         _backing.close()
 
 
 def default_export(readonly, is_tls):
-    return _config["export-name"]
+    return _server.export.name
 
 
 def list_exports(readonly, is_tls):
-    return [_config["export-name"]]
+    return [_server.export.name]
 
 
 def open(readonly):
     name = nbdkit.export_name()
-    if name not in ("", _config["export-name"]):
+    if name not in ("", _server.export.name):
         # Export names are only compared, never used as paths.
         nbdkit.set_error(errno.ENOENT)
         raise LookupError(f"no export named {name!r}")
@@ -229,7 +180,7 @@ def close(h):
 
 
 def _write_stats():
-    path = _config["stats-file"]
+    path = _server.stats_file if _server is not None else None
     if path:
         # One temp file per call: connections close concurrently.
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"

@@ -13,33 +13,57 @@ import time
 from pathlib import Path
 
 from nbdloop import process
+from nbdloop.engine.config import DEFAULT_SEG_SIZE, DEFAULT_THREADS, Export, Server
 from nbdloop.serve.cmdline import process_socket
+from nbdloop.sizes import parse_size
 
 
 class ServerError(Exception):
     """A server that would not start, with the end of its log."""
 
 
+def serve_argv(server: Server, *, processes: int = 1, agent: bool = False) -> list[str]:
+    """``nbdloop serve``'s command line for ``server``: the inverse of what
+    the serve command builds from its options."""
+    export = server.export
+    argv = [sys.executable, "-m", "nbdloop.cli", "serve", export.image, "--mode", export.mode]
+    if server.socket:
+        argv += ["--socket", server.socket]
+    if server.port:
+        argv += ["--port", str(server.port), "--bind", server.bind]
+    for flag, on in (("--readonly", export.readonly), ("--mlock", server.mlock),
+                     ("--verbose", server.verbose), ("--agent", agent)):
+        if on:
+            argv.append(flag)
+    for option, value, default in (
+            ("--pidfile", server.pidfile, None),
+            ("--threads", server.threads, DEFAULT_THREADS),
+            ("--segment-size", export.segment_size, DEFAULT_SEG_SIZE),
+            ("--export-name", export.name, ""),
+            ("--offset", export.offset, 0),
+            ("--sizelimit", export.length, 0),
+            ("--stats-file", server.stats_file, None),
+            ("--tls-psk", server.tls_psk, None),
+            ("--placement", server.placement, "irq"),
+            ("--processes", processes, 1)):
+        if value != default:
+            argv += [option, str(value)]
+    return argv
+
+
 def nbdloop_serve_argv(image: str, socket_path: str, *, mode: str = "direct",
                        pidfile: str | None = None, readonly: bool = False,
-                       threads: int | None = None, segment_size: str | None = None,
+                       threads: int | None = None, segment_size: int | str | None = None,
                        export_name: str | None = None, processes: int = 1,
                        extra: list[str] | None = None) -> list[str]:
-    argv = [sys.executable, "-m", "nbdloop.cli", "serve", image, "--socket", socket_path,
-            "--mode", mode]
-    if pidfile:
-        argv += ["--pidfile", pidfile]
-    if readonly:
-        argv.append("--readonly")
-    if threads:
-        argv += ["--threads", str(threads)]
-    if segment_size:
-        argv += ["--segment-size", str(segment_size)]
-    if export_name:
-        argv += ["--export-name", export_name]
-    if processes > 1:
-        argv += ["--processes", str(processes)]
-    return argv + list(extra or [])
+    """``nbdloop serve`` on a unix socket, as the benchmark and the tests
+    start it; ``extra``: more of serve's options, as they are."""
+    export = Export(image=image, mode=mode, readonly=readonly, name=export_name or "",
+                    segment_size=parse_size(str(segment_size)) if segment_size
+                    else DEFAULT_SEG_SIZE)
+    server = Server(exports=(export,), socket=socket_path, pidfile=pidfile,
+                    threads=threads or DEFAULT_THREADS)
+    return serve_argv(server, processes=processes) + list(extra or [])
 
 
 def qemu_nbd_argv(image: str, socket_path: str, *, pidfile: str | None = None,

@@ -15,6 +15,7 @@ import stat
 from pathlib import Path
 
 from nbdloop import paths
+from nbdloop.engine.config import Server, plugin_keys
 from nbdloop.sizes import SECTOR, format_size
 
 
@@ -159,66 +160,37 @@ def require_permissions(image: str, readonly: bool) -> None:
                          "use --readonly to serve it read-only")
 
 
-def nbdkit_argv(image: str, *, fd: int | None, mode: str, readonly: bool,
-                socket_path: str | None, port: int | None, bind: str, threads: int,
-                segment_size: int, export_name: str, pidfile: str | None,
-                verbose: bool = False, stats_file: str | None = None,
-                tls_psk: str | None = None, mlock: bool = False,
-                placement: str = "auto", sched: str = "batch",
-                exit_with_parent: bool = True, slice_: Slice | None = None,
-                activated: bool = False, shared: bool = False) -> list[str]:
-    """The nbdkit command line that serves ``image`` with our plugin.
-    ``activated``: nbdkit inherits its listening sockets (supervise.Child)
-    instead of making one.  ``shared``: other processes serve the image too.
-    ``exit_with_parent``: nbdkit gets SIGTERM when the supervisor dies;
-    off under a device's agent, which kills it instead (see supervise).
-    ``slice_``: serve only that range, through nbdkit's offset filter
-    (unless it is the whole image, not filtered)."""
-    if slice_ is not None and not slice_.filtered:
-        slice_ = None
+def nbdkit_argv(server: Server, *, exit_with_parent: bool = True) -> list[str]:
+    """The nbdkit command line that serves ``server`` with our plugin.
+    ``exit_with_parent``: nbdkit gets SIGTERM when the supervisor dies (not
+    under a device's agent, which stops it itself; see supervise).  A slice
+    is served through nbdkit's offset filter."""
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise ServeError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
-    argv = [nbdkit, "--foreground", "--threads", str(threads)]
+    export = server.export
+    argv = [nbdkit, "--foreground", "--threads", str(server.threads)]
     if exit_with_parent:
         argv.append("--exit-with-parent")
-    if activated:
-        pass
-    elif socket_path is not None:
-        argv += ["--unix", socket_path]
-    else:
-        argv += ["--port", str(port), "--ipaddr", bind]
-    if readonly:
+    if server.socket is not None:
+        argv += ["--unix", server.socket]
+    elif server.port is not None:
+        argv += ["--port", str(server.port), "--ipaddr", server.bind]
+    # else nbdkit inherits its listening sockets (supervise.Child).
+    if export.readonly:
         argv.append("--readonly")
-    if pidfile:
-        argv += ["--pidfile", pidfile]
-    if verbose:
+    if server.pidfile:
+        argv += ["--pidfile", server.pidfile]
+    if server.verbose:
         argv.append("--verbose")
-    if tls_psk:
+    if server.tls_psk:
         # require: a client that does not do TLS with a key from the file is refused.
-        argv += ["--tls=require", f"--tls-psk={os.path.abspath(tls_psk)}"]
-    if slice_ is not None:
+        argv += ["--tls=require", f"--tls-psk={os.path.abspath(server.tls_psk)}"]
+    if export.sliced:
         argv.append("--filter=offset")
-    argv += ["python", str(paths.PLUGIN), f"file={os.path.abspath(image)}", f"mode={mode}",
-             f"readonly={int(readonly)}", f"segment-size={segment_size}"]
-    if fd is not None:
-        argv.append(f"fd={fd}")
-    if export_name:
-        argv.append(f"export-name={export_name}")
-    if stats_file:
-        argv.append(f"stats-file={os.path.abspath(stats_file)}")
-    if mlock:
-        argv.append("mlock=1")
-    if not exit_with_parent:
-        argv.append("outlive-parent=1")
-    if placement != "auto":
-        argv.append(f"placement={placement}")
-    if sched != "batch":
-        argv.append(f"sched={sched}")
-    if shared:
-        argv.append("shared=1")
-    if slice_ is not None:
-        argv += [f"offset={slice_.offset}", f"range={slice_.length}"]
+    argv += ["python", str(paths.PLUGIN), *plugin_keys(server)]
+    if export.sliced:
+        argv += [f"offset={export.offset}", f"range={export.length}"]
     return argv
 
 
