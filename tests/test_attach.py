@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require_root, require_tools, run
+from conftest import (assert_one_line_error, create_image, nbdinfo_json, require, require_root,
+                      require_tools, run, run_cli)
 from nbdloop.kernel import attach as A
 from nbdloop.process import wait_exit
 from nbdloop.serve import children as srv
@@ -31,8 +32,9 @@ MiB = 1 << 20
 
 @pytest.fixture
 def rt(tmp_path, monkeypatch) -> Path:
-    """A private runtime directory (NBDLOOP_RUNTIME_DIR), for the CLI and
-    for the servers these tests start themselves."""
+    """A private runtime directory (NBDLOOP_RUNTIME_DIR), for the CLI (the
+    environment ``run_cli`` passes on) and for the servers these tests start
+    themselves."""
     d = tmp_path / "rt"
     d.mkdir(mode=0o700)
     monkeypatch.setenv("NBDLOOP_RUNTIME_DIR", str(d))
@@ -52,24 +54,6 @@ def cleanup(state):
     yield
     for att in A.load(state):
         A.stop_agent(att)
-
-
-def nbdloop(rt: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NBDLOOP_RUNTIME_DIR": str(rt)}
-    return subprocess.run([sys.executable, "-m", "nbdloop.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
-def assert_one_line_error(p: subprocess.CompletedProcess, *phrases: str, status: int = 2
-                          ) -> str:
-    """Exit status 2 for bad input, 1 for a failure at run time; one line."""
-    assert p.returncode == status, (p.returncode, p.stdout, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, p.stderr
-    assert "Traceback" not in p.stderr + p.stdout
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
-    return lines[0]
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -125,9 +109,9 @@ def fake_sys_block(tmp_path: Path, devices: dict[str, bool]) -> Path:
 # ---- without NBD support --------------------------------------------------------------
 
 def test_attach_without_nbd_support_fails_in_one_line_and_leaves_nothing(rt, image):
-    if host_has_nbd():
-        pytest.skip("this host has the kernel NBD client: the refusal cannot happen here")
-    p = nbdloop(rt, "attach", str(image))
+    require(not host_has_nbd(),
+            "a host without the kernel NBD client (with it, the refusal cannot happen)")
+    p = run_cli("attach", str(image))
     line = assert_one_line_error(p, "attach needs the kernel NBD client", status=1)
     assert p.stdout == ""
     if not host_has_nbd():
@@ -164,11 +148,11 @@ def test_an_agent_that_cannot_reach_the_kernel_stops_its_server(tmp_path, rt, st
     connect (no NBD driver here): attach must undo everything and say why
     in one line."""
     require_tools("nbdkit")
-    if host_has_nbd():
-        pytest.skip("this host has NBD devices: the agent would really connect one")
+    require(not host_has_nbd(),
+            "a host without NBD devices (with them, the agent would really connect one)")
     sys_block = fake_sys_block(tmp_path, {"nbd0": False})
     with pytest.raises(A.AttachFailed) as e:     # a failure at run time: exit status 1
-        A.attach(state, str(image), sys_block=sys_block, block_size=4096)
+        A.attach(state, str(image), A.Options(block_size=4096), sys_block=sys_block)
     assert e.value.exit_status == 1
     message = str(e.value)
     assert message == "the kernel has no NBD netlink family (load the driver: `modprobe nbd`)"
@@ -221,7 +205,7 @@ def test_started_server_is_recorded_and_serves(state, image, cleanup):
     saved = json.loads((state / "nbd0.json").read_text())
     assert saved["pid"] == att.pid and saved["server_pid"] == att.server_pid
     assert saved["connections"] == 2 and saved["block_size"] == 4096
-    info = json.loads(run(["nbdinfo", "--json", f"nbd+unix:///?socket={att.socket}"]).stdout)
+    info = nbdinfo_json(f"nbd+unix:///?socket={att.socket}")
     assert info["exports"][0]["export-size"] == 64 * MiB
 
 
@@ -261,7 +245,7 @@ def test_an_agent_is_known_across_its_exec_and_not_by_its_pid_alone(tmp_path):
 
 def test_list_shows_a_dead_server_as_stale_and_detach_cleans_it(rt, state, image, cleanup):
     att = start(state, image, "/dev/nbd0")
-    p = nbdloop(rt, "list")
+    p = run_cli("list")
     assert p.returncode == 0, p.stderr
     header, row = p.stdout.splitlines()
     assert header.split() == ["NAME", "SIZELIMIT", "OFFSET", "RO", "BACK-FILE", "DIO",
@@ -272,27 +256,27 @@ def test_list_shows_a_dead_server_as_stale_and_detach_cleans_it(rt, state, image
     os.kill(att.pid, signal.SIGKILL)
     wait_gone(att.pid)
     assert serves(att)          # under an agent, nbdkit outlives its supervisor
-    p = nbdloop(rt, "list")
+    p = run_cli("list")
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[1].split()[-6:] == [
         "stale:", "its", "agent", "(pid", f"{att.pid})", "has", "died"][-6:]
-    rows = json.loads(nbdloop(rt, "list", "--json").stdout)["attachments"]
+    rows = json.loads(run_cli("list", "--json").stdout)["attachments"]
     assert [(r["state"], r["reason"]) for r in rows] == [
         ("stale", f"its agent (pid {att.pid}) has died")]
 
-    p = nbdloop(rt, "detach", "/dev/nbd0")
+    p = run_cli("detach", "/dev/nbd0")
     assert p.returncode == 0, p.stderr
     assert "stale" in p.stderr
     wait_gone(att.server_pid)   # detach stopped the orphaned nbdkit
     assert leftovers(state) == []
     assert sorted(f.name for f in rt.iterdir()) == ["attached"], "serve's ready file is left"
-    assert nbdloop(rt, "list").stdout == ""
+    assert run_cli("list").stdout == ""
     assert processes_mentioning(str(image)) == []
 
 
 def test_detach_by_image_stops_a_running_server(rt, state, image, cleanup):
     att = start(state, image, "/dev/nbd3", mode="buffered")
-    p = nbdloop(rt, "detach", str(image))
+    p = run_cli("detach", str(image))
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""
     wait_gone(att.pid)
@@ -307,12 +291,10 @@ def test_detach_by_image_stops_a_running_server(rt, state, image, cleanup):
 def test_list_json_and_table(rt, state, tmp_path, cleanup):
     images = []
     for name in ("a.img", "b.img"):
-        img = tmp_path / name
-        run([sys.executable, "-m", "nbdloop.cli", "create", str(img), "16M"], cwd=ROOT)
-        images.append(img)
+        images.append(create_image(tmp_path / name, "16M"))
     a = start(state, images[0], "/dev/nbd10", mode="buffered", readonly=True, block_size=4096)
     b = start(state, images[1], "/dev/nbd2", connections=4)
-    p = nbdloop(rt, "list", "--json")
+    p = run_cli("list", "--json")
     assert p.returncode == 0, p.stderr
     rows = json.loads(p.stdout)["attachments"]
     assert [r["device"] for r in rows] == ["/dev/nbd2", "/dev/nbd10"]   # by number
@@ -327,7 +309,7 @@ def test_list_json_and_table(rt, state, tmp_path, cleanup):
         "offset": 0, "sizelimit": 0, "partscan": False, "partitions": [], "processes": 1,
         "server_pids": []}
     assert rows[0]["connections"] == 4 and rows[0]["pid"] == b.pid
-    table = nbdloop(rt, "list").stdout.splitlines()
+    table = run_cli("list").stdout.splitlines()
     assert [r.split()[0] for r in table] == ["NAME", "/dev/nbd2", "/dev/nbd10"]
     assert table[2].split()[3:8] == ["1", os.path.realpath(images[0]), "0", "4096", "buffered"]
     # Columns line up like losetup's: text to the left, numbers to the right.
@@ -335,17 +317,17 @@ def test_list_json_and_table(rt, state, tmp_path, cleanup):
     assert len({line.index(line.split()[6]) + len(line.split()[6]) for line in table}) == 1
 
     # losetup's -O, -n and -j.
-    p = nbdloop(rt, "list", "-O", "name,back-file,CONNS", "--noheadings")
+    p = run_cli("list", "-O", "name,back-file,CONNS", "--noheadings")
     assert p.returncode == 0, p.stderr
     assert [line.split() for line in p.stdout.splitlines()] == [
         ["/dev/nbd2", os.path.realpath(images[1]), "4"],
         ["/dev/nbd10", os.path.realpath(images[0]), "1"]]
-    p = nbdloop(rt, "list", "-j", str(images[0]), "--output", "NAME")
+    p = run_cli("list", "-j", str(images[0]), "--output", "NAME")
     assert p.stdout.splitlines() == ["NAME", "/dev/nbd10"]
-    p = nbdloop(rt, "list", "-j", str(tmp_path / "." / "b.img"), "--json")
+    p = run_cli("list", "-j", str(tmp_path / "." / "b.img"), "--json")
     assert [r["device"] for r in json.loads(p.stdout)["attachments"]] == ["/dev/nbd2"]
-    assert nbdloop(rt, "list", "-j", str(tmp_path / "other.img")).stdout == ""
-    assert_one_line_error(nbdloop(rt, "list", "-O", "NAME,AUTOCLEAR"), "AUTOCLEAR", "--output")
+    assert run_cli("list", "-j", str(tmp_path / "other.img")).stdout == ""
+    assert_one_line_error(run_cli("list", "-O", "NAME,AUTOCLEAR"), "AUTOCLEAR", "--output")
 
 
 def test_attach_refuses_an_image_that_is_already_attached(tmp_path, state, image, cleanup):
@@ -397,7 +379,7 @@ def test_bad_input_is_one_line(rt, tmp_path, image, args, phrase):
     data.write_bytes(b"precious" * (8 * MiB))   # 64 MiB of data: not a fresh image
     before = data.read_bytes()[:4096]
     args = [a.format(tmp=tmp_path, img=image, data=data) for a in args]
-    assert_one_line_error(nbdloop(rt, *args), phrase)
+    assert_one_line_error(run_cli(*args), phrase)
     assert data.read_bytes()[:4096] == before
     assert processes_mentioning(str(tmp_path)) == []
 
@@ -405,7 +387,7 @@ def test_bad_input_is_one_line(rt, tmp_path, image, args, phrase):
 def test_attach_read_only_file_needs_readonly(rt, image):
     image.chmod(0o444)
     try:
-        assert_one_line_error(nbdloop(rt, "attach", str(image)), "--readonly")
+        assert_one_line_error(run_cli("attach", str(image)), "--readonly")
     finally:
         image.chmod(0o644)
 
@@ -419,8 +401,7 @@ def test_a_server_that_cannot_start_is_reported_in_one_line(tmp_path, state, ima
     sys_block = fake_sys_block(tmp_path, {"nbd0": False, "nbd1": False})
     try:
         with pytest.raises(A.AttachError) as e:
-            A.attach(state, str(image),
-                     device="/dev/nbd1", sys_block=sys_block)
+            A.attach(state, str(image), A.Options(device="/dev/nbd1"), sys_block=sys_block)
     finally:
         (tmp_path / "hidden.json").rename(state / "nbd0.json")
     message = str(e.value)
@@ -477,3 +458,27 @@ def test_users_sees_mounts_and_swap_on_partitions(tmp_path):
         run(["losetup", "-d", dev])
     with pytest.raises(A.AttachFailed, match="cannot tell whether /dev/nonexistent"):
         A.users("/dev/nonexistent")
+
+
+def test_a_record_of_the_version_before_typed_options_still_loads(state):
+    """An upgrade restarts the servers under mounted filesystems from the
+    records the old version wrote: their serve options become typed ones."""
+    record = {"device": "/dev/nbd3", "image": "/srv/x.img", "mode": "direct",
+              "readonly": False, "socket": str(state / "nbd3.sock"), "pid": 10,
+              "server_pid": 11, "connections": 2, "block_size": 4096,
+              "log": str(state / "nbd3.log"), "started": "2026-12-06T10:00:00+0000",
+              "offset": 4096, "sizelimit": 1 << 20,
+              "serve_options": ["--mlock", "--stats-file", "/run/s.json",
+                                "--offset", "4096", "--sizelimit", str(1 << 20)]}
+    (state / "nbd3.json").write_text(json.dumps(record))
+    [att] = A.load(state)
+    assert (att.mlock, att.stats_file, att.offset, att.sizelimit) == \
+        (True, "/run/s.json", 4096, 1 << 20)
+    server = att.server()
+    assert server.mlock and server.stats_file == "/run/s.json"
+    assert (server.export.offset, server.export.length) == (4096, 1 << 20)
+    assert server.pidfile == str(state / "nbd3.pid")
+    assert "serve_options" not in A.describe(att) and "mlock" not in A.describe(att)
+    # A record naming what this version does not know says which, in one line.
+    with pytest.raises(ValueError, match="serve option --sched is not known"):
+        A.Attachment.from_dict({**record, "serve_options": ["--sched", "normal"]})

@@ -10,21 +10,12 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from nbdloop import paths
-from nbdloop.cli.common import (SIZE, UsageError, block_size_option, connections_option,
-                                mode_option, one_line_error, warn_if_unsettled)
-from nbdloop.engine import backing
+from nbdloop import extents, paths
+from nbdloop.cli.common import (SIZE, block_size_option, connections_option, mode_option,
+                                one_line_error)
 from nbdloop.kernel import attach as attach_mod
 from nbdloop.kernel import table
-from nbdloop.serve.cmdline import image_key, require_permissions, require_slice
-
-
-def image_geometry(image: str, mode: str, readonly: bool) -> backing.Geometry:
-    """Validate IMAGE the way serve will, without locking it."""
-    require_permissions(image, readonly)
-    fd, geometry = backing.open_image(image, mode=mode, readonly=readonly, lock=False)
-    os.close(fd)
-    return geometry
+from nbdloop.serve.cmdline import image_key
 
 
 #: attach's own options, which a line of the table cannot hold.
@@ -175,54 +166,25 @@ def _table_options(ctx: click.Context, options: dict) -> list[str]:
     return found
 
 
-def attach_image(image, *, mode, device, connections, block_size, readonly, partscan, offset,
-                 sizelimit, mlock, processes, stats_file, timeout, recover_timeout,
-                 foreground=False):
+def attach_image(image, foreground=False, **options):
     """Check IMAGE and the options, then attach (or, foreground, be the agent
     until detach: returns its exit status)."""
-    geometry = image_geometry(image, mode, readonly)
-    part = require_slice(geometry.size, geometry.align, mode, offset, sizelimit)
     try:
-        if block_size is None:
-            block_size = attach_mod.default_block_size(geometry.align)
-    except attach_mod.AttachError as e:
-        raise UsageError(f"{image}: {e}") from None
-    if processes > 1 and mode == "direct" and not readonly and block_size < geometry.align:
-        # Several processes refuse what would need a read-modify-write, and
-        # the kernel would send it: every sub-block write an I/O error.
-        raise UsageError(f"{image}: --block-size {block_size} is below the image's direct-I/O "
-                         f"alignment, {geometry.align}, which --processes needs for writes")
-    if part.length % block_size:
-        raise UsageError(f"{image}: the device's size, {part.length}, is not a multiple of "
-                         f"its block size, {block_size} (give another --block-size)")
-    if device is not None:
-        try:
-            attach_mod.check_device_name(device)
-        except attach_mod.AttachError as e:
-            raise click.BadParameter(str(e), param_hint="--device") from None
-    problem = attach_mod.nbd_support_problem()
-    if problem:
-        raise attach_mod.AttachFailed(problem)
-    serve_options = (["--mlock"] if mlock else []) + \
-        (["--stats-file", os.path.abspath(stats_file)] if stats_file else []) + \
-        (["--offset", str(part.offset), "--sizelimit", str(part.length)] if part.filtered
-         else [])
-    kw = dict(device=device, mode=mode, readonly=readonly, connections=connections,
-              block_size=block_size, serve_options=serve_options, timeout=timeout,
-              recover_timeout=recover_timeout, offset=part.offset,
-              sizelimit=part.length if sizelimit else 0, partscan=partscan,
-              processes=processes)
+        options, part, regular = attach_mod.check_options(image, attach_mod.Options(**options))
+    except attach_mod.DeviceNameError as e:
+        raise click.BadParameter(str(e), param_hint="--device") from None
 
     def warn() -> None:     # once attached: a failure is one line alone
-        if not geometry.block_device and not readonly:
-            warn_if_unsettled(image, mode, part.offset, part.end)
+        if regular and not options.readonly:
+            extents.warn_if_unsettled(image, options.mode, part.offset, part.end,
+                                      lambda line: click.echo(line, err=True))
 
     if foreground:
         def ready(att) -> None:
             click.echo(f"nbdloop: {image} attached to {att.device}", err=True)
             warn()
-        return attach_mod.attach_foreground(paths.state_dir(), image, on_ready=ready, **kw)
-    att = attach_mod.attach(paths.state_dir(), image, **kw)
+        return attach_mod.attach_foreground(paths.state_dir(), image, options, on_ready=ready)
+    att = attach_mod.attach(paths.state_dir(), image, options)
     warn()
     return att
 

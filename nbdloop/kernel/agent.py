@@ -66,11 +66,10 @@ class _Stop(Exception):
 class Agent:
     """One device's agent; :meth:`run` is its whole life."""
 
-    def __init__(self, state_dir: Path, att: Attachment, *, serve_options: list[str],
+    def __init__(self, state_dir: Path, att: Attachment, *,
                  report: Callable[[str], None] | None = None) -> None:
         self.state_dir = state_dir
         self.att = att
-        self.serve_options = serve_options
         # Told once whether the device is connected: "ok" or "error N: why".
         self._report = report
         self.index = int(att.name[3:])
@@ -256,13 +255,9 @@ class Agent:
     # ---- the server ------------------------------------------------------------
 
     def start_server(self, timeout: float, meanwhile=None) -> None:
-        name = self.att.name
-        pidfile = self.state_dir / f"{name}.pid"
-        argv = srv.nbdloop_serve_argv(self.att.image, self.att.socket, mode=self.att.mode,
-                                      pidfile=str(pidfile), readonly=self.att.readonly,
-                                      processes=self.att.processes,
-                                      extra=["--agent", *self.serve_options])
-        server = srv.ServerProcess(argv, socket_path=self.att.socket, pidfile=str(pidfile),
+        config = self.att.server()
+        argv = srv.serve_argv(config, processes=self.att.processes, agent=True)
+        server = srv.ServerProcess(argv, socket_path=self.att.socket, pidfile=config.pidfile,
                                    log=self.att.log, processes=self.att.processes)
         self.server = server
         later = None
@@ -388,7 +383,7 @@ class Agent:
             uring.set_io_flusher()
         except PermissionError:
             self.log("warning: PR_SET_IO_FLUSHER not permitted (no CAP_SYS_RESOURCE)")
-        if "--mlock" in self.serve_options:
+        if self.att.mlock:
             uring.lock_memory()
 
     def log(self, message: str) -> None:
@@ -477,7 +472,7 @@ def notify(socket_path: str, message: str) -> None:
         s.sendto(message.encode(), address)
 
 
-def spawn(state_dir: Path, att: Attachment, serve_options: list[str]) -> AttachError | None:
+def spawn(state_dir: Path, att: Attachment) -> AttachError | None:
     """Fork the agent for ``att`` and wait until it has connected the device
     (None) or given up (why, as the error attach raises).  The agent leaves this
     process's session and terminal, and keeps none of its descriptors."""
@@ -496,7 +491,7 @@ def spawn(state_dir: Path, att: Attachment, serve_options: list[str]) -> AttachE
                         os.close(fd)
                     except OSError:
                         pass
-            status = Agent(state_dir, att, serve_options=serve_options,
+            status = Agent(state_dir, att,
                            report=_pipe_writer(w)).run()
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else 1
@@ -512,7 +507,7 @@ def spawn(state_dir: Path, att: Attachment, serve_options: list[str]) -> AttachE
     return _reported_error(message)
 
 
-def run_here(state_dir: Path, att: Attachment, serve_options: list[str],
+def run_here(state_dir: Path, att: Attachment,
              on_ready: Callable[[], None], resume: bool = False) -> int:
     """Be ``att``'s agent in this process, in the foreground (``attach
     --foreground``: the main process of a systemd service, which supervises
@@ -532,7 +527,7 @@ def run_here(state_dir: Path, att: Attachment, serve_options: list[str],
                 notify(notify_socket, f"READY=1\nSTATUS={att.device}: {att.image}")
 
     try:
-        status = Agent(state_dir, att, serve_options=serve_options, report=report).run(resume)
+        status = Agent(state_dir, att, report=report).run(resume)
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else 1
     if not told:
@@ -564,8 +559,7 @@ def main(argv: list[str]) -> int:
     record = Path(argv[0])
     from nbdloop.kernel.attach import read_record
     att = read_record(record)
-    options = att.serve_options
-    return Agent(record.parent, att, serve_options=options).run(resume=True)
+    return Agent(record.parent, att).run(resume=True)
 
 
 if __name__ == "__main__":

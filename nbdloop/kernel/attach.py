@@ -36,9 +36,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from nbdloop.engine.backing import open_image
+from nbdloop.engine.config import Export, Server
 from nbdloop.kernel.nbdclient import BLOCK_SIZES, DEFAULT_TIMEOUT
 from nbdloop.process import cmdline, process_started
 from nbdloop.process import terminate as _terminate
+from nbdloop.serve.cmdline import Slice, require_permissions, require_slice
 
 SYS_BLOCK = Path("/sys/block")
 DEV = Path("/dev")
@@ -61,6 +64,10 @@ class AttachError(Exception):
     exit_status = 2
 
 
+class DeviceNameError(AttachError):
+    """A device that is not named /dev/nbdN."""
+
+
 class AttachFailed(AttachError):
     """What should have worked did not: the server did not start, the
     kernel refused, the agent died, time ran out."""
@@ -77,6 +84,63 @@ def default_block_size(align: int) -> int:
         raise AttachError(f"the image's direct-I/O alignment {align} is larger than the "
                           f"largest NBD block size {BLOCK_SIZES[-1]}; give --block-size")
     return max(align, BLOCK_SIZES[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How to attach an image: attach's options, typed, as the command line
+    or a line of the table of attachments gives them."""
+
+    mode: str = "direct"
+    device: str | None = None      # /dev/nbdN; None: the first free one
+    connections: int = 1
+    block_size: int | None = None  # None: the image's direct-I/O alignment
+    readonly: bool = False
+    partscan: bool = False
+    offset: int = 0                # the slice of the image (losetup -o, --sizelimit);
+    sizelimit: int = 0             # 0: to its end
+    mlock: bool = False
+    processes: int = 1
+    stats_file: str | None = None
+    timeout: int = DEFAULT_TIMEOUT
+    recover_timeout: int = DEFAULT_RECOVER_TIMEOUT
+
+
+def check_options(image: str, options: Options) -> tuple[Options, Slice, bool]:
+    """Refuse what attach cannot do with ``image`` before anything starts,
+    the way serve will; returns the options with the block size chosen,
+    the slice served, and whether the image is a regular file."""
+    require_permissions(image, options.readonly)
+    fd, geometry = open_image(image, mode=options.mode, readonly=options.readonly, lock=False)
+    os.close(fd)
+    part = require_slice(geometry.size, geometry.align, options.mode, options.offset,
+                         options.sizelimit)
+    block_size = options.block_size
+    if block_size is None:
+        try:
+            block_size = default_block_size(geometry.align)
+        except AttachError as e:
+            raise AttachError(f"{image}: {e}") from None
+    if options.processes > 1 and options.mode == "direct" and not options.readonly and \
+            block_size < geometry.align:
+        # Several processes refuse what would need a read-modify-write, and
+        # the kernel would send it: every sub-block write an I/O error.
+        raise AttachError(f"{image}: --block-size {block_size} is below the image's "
+                          f"direct-I/O alignment, {geometry.align}, which --processes "
+                          "needs for writes")
+    if part.length % block_size:
+        raise AttachError(f"{image}: the device's size, {part.length}, is not a multiple of "
+                          f"its block size, {block_size} (give another --block-size)")
+    if options.device is not None:
+        check_device_name(options.device)
+    problem = nbd_support_problem()
+    if problem:
+        raise AttachFailed(problem)
+    stats = os.path.abspath(options.stats_file) if options.stats_file else None
+    options = dataclasses.replace(options, block_size=block_size, stats_file=stats,
+                                  offset=part.offset,
+                                  sizelimit=part.length if options.sizelimit else 0)
+    return options, part, not geometry.block_device
 
 
 @dataclasses.dataclass
@@ -104,7 +168,8 @@ class Attachment:
     identifier: str = ""           # the kernel's backend identifier for the device
     recoveries: int = 0
     last_recovery: dict | None = None   # cause, seconds, at
-    serve_options: list[str] = dataclasses.field(default_factory=list)
+    mlock: bool = False            # serve --mlock
+    stats_file: str = ""           # serve --stats-file
     offset: int = 0        # the slice of the image served (losetup's columns); 0: from
     sizelimit: int = 0     # its start, 0: to its end
     partscan: bool = False         # attach -P: the partition table was read at attach
@@ -124,8 +189,18 @@ class Attachment:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def server(self) -> Server:
+        """The server this device is served by, as ``nbdloop serve`` runs it."""
+        pidfile = Path(self.socket).with_suffix(".pid")
+        return Server(exports=(Export(image=self.image, mode=self.mode, readonly=self.readonly,
+                                      offset=self.offset, length=self.sizelimit),),
+                      mlock=self.mlock, stats_file=self.stats_file or None,
+                      socket=self.socket, pidfile=str(pidfile))
+
     @classmethod
     def from_dict(cls, data: dict) -> Attachment:
+        if "serve_options" in data:
+            data = {**data, **_typed_serve_options(data["serve_options"])}
         fields = {f.name: f for f in dataclasses.fields(cls)}
         required = {n for n, f in fields.items() if f.default is dataclasses.MISSING
                     and f.default_factory is dataclasses.MISSING}
@@ -133,6 +208,24 @@ class Attachment:
         if missing:
             raise ValueError(f"missing {', '.join(sorted(missing))}")
         return cls(**{k: data[k] for k in fields if k in data})
+
+
+def _typed_serve_options(options: list[str]) -> dict:
+    """What a record of an nbdloop before the typed options held as serve's
+    options, as the fields that hold them now.  The slice it repeated is in
+    the record's ``offset`` and ``sizelimit``."""
+    typed: dict = {}
+    args = iter(options)
+    for option in args:
+        if option == "--mlock":
+            typed["mlock"] = True
+        elif option == "--stats-file":
+            typed["stats_file"] = next(args, "")
+        elif option in ("--offset", "--sizelimit"):
+            next(args, None)
+        else:
+            raise ValueError(f"serve option {option} is not known to this nbdloop")
+    return typed
 
 
 def now_iso() -> str:
@@ -232,7 +325,7 @@ def check_device_name(device: str) -> str:
     """``/dev/nbdN`` -> ``nbdN``; anything else is refused."""
     m = _DEVICE.fullmatch(device)
     if m is None:
-        raise AttachError(f"{device}: not an NBD device name (expected /dev/nbdN)")
+        raise DeviceNameError(f"{device}: not an NBD device name (expected /dev/nbdN)")
     return m.group(1)
 
 
@@ -362,7 +455,7 @@ def stale_reason(att: Attachment) -> str:
 def describe(att: Attachment, sys_block: Path = SYS_BLOCK, now: float | None = None) -> dict:
     """What ``list --json`` shows for one attachment."""
     data = att.as_dict()
-    for private in ("agent_started", "serve_options", "since"):
+    for private in ("agent_started", "mlock", "stats_file", "since"):
         del data[private]
     state = state_of(att, sys_block)
     data["state"] = state
@@ -431,32 +524,23 @@ def new_identifier(image: str) -> str:
     return f"nbdloop:{os.urandom(6).hex()}:{image}"
 
 
-def attach(state_dir: Path, image: str, *, device: str | None = None,
-           mode: str = "direct", readonly: bool = False, connections: int = 1,
-           block_size: int = 4096, serve_options: Sequence[str] = (),
-           timeout: int = DEFAULT_TIMEOUT, recover_timeout: int = DEFAULT_RECOVER_TIMEOUT,
-           offset: int = 0, sizelimit: int = 0, partscan: bool = False,
-           processes: int = 1, sys_block: Path = SYS_BLOCK) -> Attachment:
+def attach(state_dir: Path, image: str, options: Options = Options(), *,
+           sys_block: Path = SYS_BLOCK) -> Attachment:
     """Serve ``image`` and connect a kernel NBD device to it, through a new
     agent.  On any failure nothing is left behind: the agent stops the
     server and removes the record before it reports."""
     from nbdloop.kernel import agent
 
     with locked(state_dir):
-        att, _ = _claim(state_dir, image, device=device, mode=mode, readonly=readonly,
-                        connections=connections, block_size=block_size,
-                        serve_options=serve_options, timeout=timeout,
-                        recover_timeout=recover_timeout, offset=offset,
-                        sizelimit=sizelimit, partscan=partscan, processes=processes,
-                        sys_block=sys_block)
-        problem = agent.spawn(state_dir, att, list(serve_options))
+        att, _ = _claim(state_dir, image, options, sys_block=sys_block)
+        problem = agent.spawn(state_dir, att)
         if problem is not None:
             Path(att.log).unlink(missing_ok=True)
             raise problem
         found = find(state_dir, att.device)
     if found is None:
         raise AttachFailed(f"{att.device}: the agent reported success but left no record")
-    if partscan:
+    if options.partscan:
         try:
             read_partitions(found.device)
         except AttachFailed:
@@ -465,25 +549,24 @@ def attach(state_dir: Path, image: str, *, device: str | None = None,
     return found
 
 
-def attach_foreground(state_dir: Path, image: str, *, on_ready: Callable[[Attachment], None],
-                      serve_options: Sequence[str] = (), sys_block: Path = SYS_BLOCK,
-                      **options) -> int:
+def attach_foreground(state_dir: Path, image: str, options: Options, *,
+                      on_ready: Callable[[Attachment], None],
+                      sys_block: Path = SYS_BLOCK) -> int:
     """attach, with this process as the device's agent until detach (attach
     --foreground: a systemd service's main process); ``on_ready(record)``
     once the device is connected.  An image whose agent has died while its
     device stays connected (the service's last main process, killed) is
     taken over: its server is killed and replaced, as in a recovery, under
-    the mounted filesystem.  Returns the agent's exit status."""
+    the mounted filesystem, with the options of its record.  Returns the
+    agent's exit status."""
     from nbdloop.kernel import agent
 
     with contextlib.ExitStack() as lock:
         lock.enter_context(locked(state_dir))
-        att, adopted = _claim(state_dir, image, serve_options=serve_options,
-                              sys_block=sys_block, adopt=True, **options)
+        att, adopted = _claim(state_dir, image, options, sys_block=sys_block, adopt=True)
         if adopted:
             for pid in att.server_processes:
                 _terminate(pid, lambda pid=pid: _serves(pid, att), 10.0, signal.SIGKILL)
-            serve_options = att.serve_options
 
         def ready() -> None:
             lock.close()        # the agent's watch lasts until detach
@@ -494,18 +577,15 @@ def attach_foreground(state_dir: Path, image: str, *, on_ready: Callable[[Attach
                     print(f"nbdloop: warning: {e}", file=sys.stderr, flush=True)
             on_ready(att)
 
-        return agent.run_here(state_dir, att, list(serve_options), ready, resume=adopted)
+        return agent.run_here(state_dir, att, ready, resume=adopted)
 
 
-def _claim(state_dir: Path, image: str, *, device: str | None = None, mode: str = "direct",
-           readonly: bool = False, connections: int = 1, block_size: int = 4096,
-           serve_options: Sequence[str] = (), timeout: int = DEFAULT_TIMEOUT,
-           recover_timeout: int = DEFAULT_RECOVER_TIMEOUT, offset: int = 0,
-           sizelimit: int = 0, partscan: bool = False, processes: int = 1,
-           sys_block: Path = SYS_BLOCK, adopt: bool = False) -> tuple[Attachment, bool]:
+def _claim(state_dir: Path, image: str, options: Options, *, sys_block: Path = SYS_BLOCK,
+           adopt: bool = False) -> tuple[Attachment, bool]:
     """Under the state lock: a new record for ``image`` on a free device, or
     (``adopt``) the record of its connected device whose agent has died.
     Returns it and whether it was adopted."""
+    block_size = options.block_size or 4096
     if block_size not in BLOCK_SIZES:
         raise AttachError(f"block size {block_size} is not one of "
                           f"{', '.join(map(str, BLOCK_SIZES))}")
@@ -518,18 +598,19 @@ def _claim(state_dir: Path, image: str, *, device: str | None = None, mode: str 
             hint = (f" (its server has died: `nbdloop detach {other.device}` cleans up)"
                     if state_of(other, sys_block) == "stale" else "")
             raise AttachError(f"{image}: already attached to {other.device}{hint}")
-    device = choose_device(state_dir, device, sys_block)
+    device = choose_device(state_dir, options.device, sys_block)
     name = check_device_name(device)
     sock, pidfile, log = (str(state_dir / f"{name}.{s}") for s in ("sock", "pid", "log"))
     for leftover in (sock, pidfile, log):
         Path(leftover).unlink(missing_ok=True)
-    return Attachment(device=device, image=real, mode=mode, readonly=readonly, socket=sock,
-                      pid=0, server_pid=0, connections=connections,
+    return Attachment(device=device, image=real, mode=options.mode, readonly=options.readonly,
+                      socket=sock, pid=0, server_pid=0, connections=options.connections,
                       block_size=block_size, log=log, started=now_iso(),
-                      timeout=timeout, recover_timeout=recover_timeout,
-                      identifier=new_identifier(real), serve_options=list(serve_options),
-                      offset=offset, sizelimit=sizelimit, partscan=partscan,
-                      processes=processes), False
+                      timeout=options.timeout, recover_timeout=options.recover_timeout,
+                      identifier=new_identifier(real), mlock=options.mlock,
+                      stats_file=options.stats_file or "", offset=options.offset,
+                      sizelimit=options.sizelimit, partscan=options.partscan,
+                      processes=options.processes), False
 
 
 def detach(state_dir: Path, target: str, *, sys_block: Path = SYS_BLOCK
