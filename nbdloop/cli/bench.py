@@ -1,55 +1,39 @@
 """``nbdloop bench``: nbdloop's two modes against its peers, with fio; and
-how long each mode leaves acknowledged writes off the disk."""
+how long each mode leaves acknowledged writes off the disk.  The work is
+:mod:`nbdloop.bench.command`."""
 from __future__ import annotations
 
-import datetime
-import os
-import platform
-import shutil
-import subprocess
+import contextlib
 import sys
-import tempfile
-from pathlib import Path
 
 import click
 
-from nbdloop import paths
-from nbdloop.bench import durability, report
+from nbdloop.bench import command
 from nbdloop.bench import run as bench
-from nbdloop.cli.common import SIZE, Failure, UsageError, parse_cpus
-from nbdloop.engine.placement import format_cpu_list
-from nbdloop.sizes import format_size
-
-QUICK = {"workloads": bench.QUICK_WORKLOADS, "rounds": 1, "runtime": 3.0,
-         "peers": ["qemu-nbd", "raw"], "footprint": 256 << 20}
-FULL = {"workloads": bench.DEFAULT_WORKLOADS, "rounds": 2, "runtime": 5.0,
-        "peers": list(bench.PEERS), "footprint": 512 << 20}
+from nbdloop.cli.common import SIZE, parse_cpus
 
 
-def _csv(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+def _choices(known, what: str):
+    """Click callback: a comma-separated list of ``known`` names."""
+    def check(ctx, param, value):
+        names = [v.strip() for v in value.split(",") if v.strip()] if value else None
+        for name in names or []:
+            if name not in known:
+                raise click.BadParameter(f"{name!r} is not {what} ({', '.join(known)})")
+        return names
+    return check
 
 
-def default_image(size: int) -> Path:
-    return paths.cache_dir() / f"bench-{format_size(size)}.img"
-
-
-def _meta(fio: bool) -> dict:
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": " ".join(["nbdloop", "bench"] + sys.argv[2:]),
-            "host": platform.node(), "kernel": platform.release(),
-            "cpus": os.cpu_count()}
-    if fio:
-        meta["fio"] = subprocess.run(["fio", "--version"], capture_output=True,
-                                     text=True, check=False).stdout.strip()
-    return meta
-
-
-def _durability(modes: list[str], writes: int, window: float) -> durability.Durability:
-    """The durability measurement, its progress a line each on stderr;
-    DurabilityError if it cannot run or its figures are void."""
-    return durability.measure(modes, writes, window,
-                              progress=lambda what: click.echo(what, err=True))
+@contextlib.contextmanager
+def _progress(total: int):
+    """Each run reported: a bar on a terminal, a line a run in a log."""
+    if sys.stderr.isatty():
+        with click.progressbar(length=total, label="bench", file=sys.stderr,
+                               show_pos=True, item_show_func=lambda what: what) as bar:
+            yield lambda done, what: bar.update(done - bar.pos, what)
+            bar.update(total - bar.pos)
+    else:   # a log: a line a run (click's bar would print only its label)
+        yield lambda done, what: click.echo(f"[{done + 1}/{total}] {what}", err=True)
 
 
 @click.command()
@@ -58,11 +42,12 @@ def _durability(modes: list[str], writes: int, window: float) -> durability.Dura
 @click.option("--size", type=SIZE, default="2G", show_default=True,
               help="Size of the image made for the benchmark when --image is not given.")
 @click.option("--modes", default="direct,buffered", show_default=True,
+              callback=_choices(("direct", "buffered"), "a mode"),
               help="nbdloop modes to measure.")
-@click.option("--peers", default=None,
+@click.option("--peers", default=None, callback=_choices(bench.PEERS, "a peer"),
               help=f"Peers to compare against [default: all: {','.join(bench.PEERS)}; "
                    "--quick: qemu-nbd,raw].")
-@click.option("--workloads", default=None,
+@click.option("--workloads", default=None, callback=_choices(bench.WORKLOADS, "a workload"),
               help=f"Workloads [default: all: {','.join(bench.WORKLOADS)}].")
 @click.option("--runtime", type=click.FloatRange(0.5, 600), default=None,
               help="Seconds per run [default 5; --quick 3].")
@@ -76,8 +61,9 @@ def _durability(modes: list[str], writes: int, window: float) -> durability.Dura
               help="Also measure nbdloop direct mode pinned to these CPUs "
                    "(nbdloop serve --cpus).")
 @click.option("--placements", default=None, metavar="LIST",
+              callback=_choices(("off",), "a placement to compare"),
               help="Also measure nbdloop direct mode with each of these --placement "
-                   "rules (irq, off), beside the default (auto).")
+                   "rules (off), beside the default (irq).")
 @click.option("--processes", type=click.IntRange(1, 64), default=1,
               help="Also measure nbdloop direct mode served by this many processes "
                    "(serve --processes); fio's jobs connect to their sockets in turn.")
@@ -110,111 +96,14 @@ def bench_command(image, size, modes, peers, workloads, runtime, rounds, out_dir
     device (--direct-io=on) and the raw file, in interleaved rounds; then
     (not with --quick) how long each mode leaves acknowledged writes off
     the disk."""
-    preset = QUICK if quick else FULL
-    modes_l = _csv(modes) or []
-    for m in modes_l:
-        if m not in ("direct", "buffered"):
-            raise click.BadParameter(f"{m!r} is not a mode (direct, buffered)",
-                                     param_hint="--modes")
-    placements_l = _csv(placements) or []
-    for p in placements_l:
-        if p not in ("irq", "off"):
-            raise click.BadParameter(f"{p!r} is not a placement to compare (irq, off)",
-                                     param_hint="--placements")
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(out_dir) if out_dir else Path("bench-results") / stamp
+    opts = command.Options.with_preset(
+        quick=quick, peers=peers, workloads=workloads, runtime=runtime, rounds=rounds,
+        footprint=footprint_size, out=out_dir, image=image, size=size,
+        modes=tuple(modes or ()), pin=pin, placements=tuple(placements or ()),
+        processes=processes, client_cpus=frozenset(client_cpus) if client_cpus else None,
+        durability_window=durability_window, durability_writes=durability_writes)
+    say = lambda line: click.echo(line, err=True)   # noqa: E731
     if durability_only:
-        if not modes_l:
-            raise UsageError("nothing to measure: give --modes")
-        try:
-            result = _durability(modes_l, durability_writes, durability_window)
-        except durability.DurabilityError as e:
-            raise Failure(str(e)) from None
-        written = report.write_reports(None, [], {}, out, _meta(fio=False), durability=result)
-        click.echo((out / "results.md").read_text())
-        click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
-        return
-    peers_l = _csv(peers) if peers is not None else list(preset["peers"])
-    for p in peers_l:
-        if p not in bench.PEERS:
-            raise click.BadParameter(f"{p!r} is not a peer ({', '.join(bench.PEERS)})",
-                                     param_hint="--peers")
-    wl_names = _csv(workloads) or list(preset["workloads"])
-    for w in wl_names:
-        if w not in bench.WORKLOADS:
-            raise click.BadParameter(f"{w!r} is not a workload ({', '.join(bench.WORKLOADS)})",
-                                     param_hint="--workloads")
-    runtime = runtime if runtime is not None else preset["runtime"]
-    rounds = rounds if rounds is not None else preset["rounds"]
-    fp_bytes = footprint_size if footprint_size is not None else preset["footprint"]
-    if shutil.which("fio") is None:
-        raise Failure("fio is not installed (apt-get install fio)")
-    if not modes_l and not peers_l:
-        raise UsageError("nothing to measure: give --modes or --peers")
-
-    if image:
-        if not os.path.isfile(image):
-            raise UsageError(f"{image}: no such file (or use --size to make one)")
-        size = os.path.getsize(image)
+        command.durability_only(opts, say, click.echo)
     else:
-        image = str(default_image(size))
-        Path(image).parent.mkdir(parents=True, exist_ok=True)
-        click.echo(f"preparing {image} ({format_size(size)}, fully written)", err=True)
-        bench.prepare_image(image, size)
-    fp_bytes = min(fp_bytes, size)
-
-    with tempfile.TemporaryDirectory(prefix="nbdloop-bench-") as wd:
-        subjects, skipped = bench.make_subjects(image, wd, modes_l, peers_l, pin=pin,
-                                                placements=tuple(placements_l),
-                                                processes=processes)
-        for name, why in skipped.items():
-            click.echo(f"skipping {name}: {why}", err=True)
-        campaign = bench.Campaign(image=image, subjects=subjects, rounds=rounds, runtime=runtime,
-                          size=size, workloads=[bench.WORKLOADS[w] for w in wl_names],
-                          client_cpus=format_cpu_list(client_cpus) if client_cpus else None)
-        click.echo(f"{len(subjects)} subjects x {len(campaign.workloads)} workloads x {rounds} "
-                   f"round(s) of {runtime:g} s", err=True)
-        total = rounds * len(subjects) * len(campaign.workloads)
-        if sys.stderr.isatty():
-            with click.progressbar(length=total, label="bench", file=sys.stderr,
-                                   show_pos=True, item_show_func=lambda what: what) as bar:
-                bench.run(campaign, lambda done, what: bar.update(done - bar.pos, what))
-                bar.update(total - bar.pos)
-        else:   # a log: a line a run (click's bar would print only its label)
-            bench.run(campaign, lambda done, what: click.echo(f"[{done + 1}/{total}] {what}",
-                                                              err=True))
-        footprints = []
-        if fp_bytes:
-            for s in subjects:
-                if s.kind == "nbdloop" or s.name == "raw":
-                    click.echo(f"page-cache footprint: write+read {format_size(fp_bytes)} "
-                               f"on {s.name}", err=True)
-                    try:
-                        footprints.append(bench.footprint(s, image, fp_bytes, size))
-                    except Exception as e:  # noqa: BLE001 - reported, the rest goes on
-                        click.echo(f"footprint on {s.name} failed: {e}", err=True)
-    dur = None
-    if not quick and modes_l:
-        try:
-            durability.require_prerequisites()
-        except durability.DurabilityError as e:
-            skipped["durability"] = str(e)
-            click.echo(f"skipping durability: {e}", err=True)
-        else:
-            try:
-                dur = _durability(modes_l, durability_writes, durability_window)
-            except durability.DurabilityError as e:
-                dur = durability.Durability(modes_l, durability_writes, durability_window,
-                                            error=str(e))
-    written = report.write_reports(campaign, footprints, skipped, out, _meta(fio=True),
-                                   durability=dur)
-    click.echo((out / "results.md").read_text())
-    click.echo("wrote " + ", ".join(str(p) for p in written), err=True)
-    failed = []
-    runs_failed = sum(1 for r in campaign.results if r.error)
-    if runs_failed:
-        failed.append(f"{runs_failed} run(s)")
-    if dur is not None and dur.error:
-        failed.append("the durability measurement")
-    if failed:
-        raise click.ClickException(f"{' and '.join(failed)} failed; see {out / 'results.md'}")
+        command.measure(opts, say, click.echo, _progress)
