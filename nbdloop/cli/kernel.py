@@ -15,7 +15,6 @@ from nbdloop.cli.common import (SIZE, block_size_option, connections_option, mod
                                 one_line_error)
 from nbdloop.kernel import attach as attach_mod
 from nbdloop.kernel import table
-from nbdloop.serve.cmdline import image_key
 
 
 #: attach's own options, which a line of the table cannot hold.
@@ -228,9 +227,6 @@ def detach_all(table_path: Path) -> int:
 
 def _report_detach(att, state: str) -> None:
     if state == "stale":
-        # serve's ready file, which a killed server could not remove.
-        (paths.runtime_dir() / f"{image_key(att.image)}.{att.pid}.ready"
-         ).unlink(missing_ok=True)
         click.echo(f"nbdloop: {att.device}: removed a stale attachment of {att.image} "
                    f"({attach_mod.stale_reason(att) or 'its server had died'})", err=True)
 

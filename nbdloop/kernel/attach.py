@@ -41,7 +41,7 @@ from nbdloop.engine.config import Export, Server
 from nbdloop.kernel.nbdclient import BLOCK_SIZES, DEFAULT_TIMEOUT
 from nbdloop.process import cmdline, process_started
 from nbdloop.process import terminate as _terminate
-from nbdloop.serve.cmdline import Slice, require_permissions, require_slice
+from nbdloop.serve.cmdline import Slice, ready_files, require_permissions, require_slice
 
 SYS_BLOCK = Path("/sys/block")
 DEV = Path("/dev")
@@ -466,9 +466,12 @@ def describe(att: Attachment, sys_block: Path = SYS_BLOCK, now: float | None = N
 
 
 def remove_files(state_dir: Path, att: Attachment) -> None:
+    """The record and what its server left: the socket, the log, the pidfile
+    and serve's ready files, which a killed server could not remove."""
     stem = state_dir / att.name
+    ready = ready_files(att.image, att.pid, att.processes) if att.pid else []
     for path in (Path(att.socket), Path(att.log), stem.with_suffix(".pid"),
-                 state_file(state_dir, att.device)):
+                 state_file(state_dir, att.device), *ready):
         try:
             path.unlink()
         except FileNotFoundError:
