@@ -267,13 +267,13 @@ class Campaign:
     size: int
     # An unrecorded run of the same workload before each measured one, so that
     # no subject is measured cold (fresh threads, rings, caches) and none pays
-    # for what the previous subject left behind (docs/BENCHMARKS.md, "What
-    # was tried", has what that cost).
+    # for what the previous subject left behind (docs/decisions.md, "Measuring",
+    # has what that cost).
     warmup: float = 1.0
     # fio's CPUs ("1", "0-3"), or None to leave the client to the scheduler.
     # On a small machine where the client shares CPUs with the server, where
     # the scheduler puts it moves the results more than anything the servers
-    # do (docs/BENCHMARKS.md, "Where the client runs").
+    # do (docs/benchmarks.md, "Where the client runs").
     client_cpus: str | None = None
     results: list[RunResult] = field(default_factory=list)
 
