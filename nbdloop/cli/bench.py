@@ -56,7 +56,7 @@ def _progress(total: int):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Where to write results.json, results.md and the charts "
                    "[default: bench-results/DATE].")
-@click.option("--quick", is_flag=True, help="A short run: under 3 minutes.")
+@click.option("--quick", is_flag=True, help="A short run: the main workloads, one round each.")
 @click.option("--pin", metavar="CPUS", default=None,
               help="Also measure nbdloop direct mode pinned to these CPUs "
                    "(nbdloop serve --cpus).")
