@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from nbdloop.serve import children as srv  # noqa: E402
 
 MODES = ["direct", "buffered"]
 STRICT = os.environ.get("NBDLOOP_STRICT") == "1"
+#: The command line as ``python -m`` runs it, with this interpreter.
+CLI = [sys.executable, "-m", "nbdloop.cli"]
 
 
 def read_stats(path: Path, timeout: float = 5.0) -> dict:
@@ -46,6 +49,26 @@ def preads_in_flight(h, size: int, depth: int, rounds: int, stride: int | None =
             h.aio_pread(b, i * (stride or size))
         while h.aio_in_flight() > 0:
             h.poll(1000)
+
+
+def in_threads(worker, count: int) -> None:
+    """``worker(0)`` ... ``worker(count - 1)``, each in a thread of its own;
+    wait for them all, then assert that none raised (what they raised is
+    the message)."""
+    errors: list[Exception] = []
+
+    def run_one(i: int) -> None:
+        try:
+            worker(i)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run_one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
 
 
 def require(condition: bool, what: str) -> None:
@@ -75,6 +98,73 @@ def run(argv, **kw) -> subprocess.CompletedProcess:
     return p
 
 
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+            check: bool = False) -> subprocess.CompletedProcess:
+    """``nbdloop ARGS...`` in a process of its own, from the checkout, with
+    ``env`` added to the environment; its output captured as text.  With
+    ``check`` it must exit 0 (the assertion shows its output)."""
+    kw = {"cwd": ROOT, "timeout": timeout,
+          "env": None if env is None else {**os.environ, **env}}
+    if check:
+        return run([*CLI, *args], **kw)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, **kw)
+
+
+def create_image(path: Path, size: str, *options: str) -> Path:
+    """``nbdloop create PATH SIZE OPTIONS...``, which must succeed."""
+    run_cli("create", str(path), size, *options, check=True)
+    return path
+
+
+def invoke(*args: str):
+    """``nbdloop ARGS...`` in this process, through click's test runner
+    (stdout and stderr apart): a ``click.testing.Result``."""
+    from click.testing import CliRunner
+
+    from nbdloop.cli import main as cli
+    return CliRunner().invoke(cli.main, list(args))
+
+
+def assert_one_line_error(result, *phrases: str, status: int = 2) -> str:
+    """The command failed as bad input must make it fail: exit status
+    ``status`` (2 for bad input, 1 for a failure at run time), one line on
+    stderr that holds every phrase, and no traceback.  ``result`` is
+    ``run_cli``'s (a process) or ``invoke``'s (click's Result).  Returns
+    the line."""
+    if isinstance(result, subprocess.CompletedProcess):
+        code, out = result.returncode, result.stdout
+    else:
+        code, out = result.exit_code, result.output
+    assert code == status, (code, out, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr + out
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    return lines[0]
+
+
+def connect(uri: str, *meta_contexts: str, strict: bool = False):
+    """A libnbd handle connected to ``uri``, having asked for
+    ``meta_contexts``.  Unless ``strict``, libnbd's own checks of requests
+    are off, so that what a test sends reaches the server even below the
+    minimum block size or out of range."""
+    import nbd
+    h = nbd.NBD()
+    if not strict:
+        h.set_strict_mode(0)
+    for context in meta_contexts:
+        h.add_meta_context(context)
+    h.connect_uri(uri)
+    return h
+
+
+def nbdinfo_json(uri: str) -> dict:
+    """What ``nbdinfo --json`` says about ``uri``."""
+    require_tools("nbdinfo")
+    return json.loads(run(["nbdinfo", "--json", uri]).stdout)
+
+
 def umount(mnt: Path, wait: float = 30.0) -> None:
     """Unmount ``mnt``, retrying while the kernel says it is busy.
 
@@ -101,6 +191,13 @@ def nbdsh(uri: str, code: str, check: bool = True) -> subprocess.CompletedProces
     return subprocess.run(argv, capture_output=True, text=True)
 
 
+@pytest.fixture(scope="session")
+def qemu_installed() -> None:
+    """For a VM test module as a whole (``pytest.mark.usefixtures``): session
+    scope, so that it is checked before the module's assets are built."""
+    require_tools("qemu-system-x86_64")
+
+
 @pytest.fixture(params=MODES)
 def mode(request) -> str:
     return request.param
@@ -109,9 +206,7 @@ def mode(request) -> str:
 @pytest.fixture
 def image(tmp_path) -> Path:
     """A 64 MiB sparse image."""
-    path = tmp_path / "disk.img"
-    run([sys.executable, "-m", "nbdloop.cli", "create", str(path), "64M"], cwd=ROOT)
-    return path
+    return create_image(tmp_path / "disk.img", "64M")
 
 
 @pytest.fixture
