@@ -15,30 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from conftest import ROOT, require_root, require_tools, run
-from nbdloop.cli import main as cli
+from conftest import (CLI, ROOT, assert_one_line_error, invoke, nbdinfo_json, require,
+                      require_root, require_tools, run)
 from nbdloop.sizes import parse_size
 
 MiB = 1 << 20
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(cli.main, list(args))
-
-
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def assert_one_line_error(result, *phrases: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr + result.output
-    for p in phrases:
-        assert p in lines[0], lines[0]
 
 
 # ---- sizes and create -----------------------------------------------------------
@@ -135,8 +121,8 @@ def test_serve_immutable_file_needs_readonly(img):
     require_root()
     require_tools("chattr")
     before = digest(img)
-    if subprocess.run(["chattr", "+i", str(img)], capture_output=True).returncode != 0:
-        pytest.skip("this filesystem has no immutable attribute")
+    immutable = subprocess.run(["chattr", "+i", str(img)], capture_output=True).returncode == 0
+    require(immutable, "the immutable attribute (chattr +i) on tmp_path's filesystem")
     try:
         assert_one_line_error(invoke("serve", str(img)), "cannot open for writing",
                               "--readonly")
@@ -222,7 +208,7 @@ def test_filesystem_without_o_direct(tmp_path, serve):
         assert_one_line_error(invoke("serve", str(p)), "O_DIRECT", "--mode buffered")
         s = serve(p, "buffered")
         require_tools("nbdinfo")
-        info = json.loads(run(["nbdinfo", "--json", s.uri]).stdout)
+        info = nbdinfo_json(s.uri)
         assert info["exports"][0]["export-size"] == MiB
         s.stop()
         assert p.read_bytes() == b"\7" * MiB
@@ -233,7 +219,7 @@ def test_filesystem_without_o_direct(tmp_path, serve):
 def test_errors_from_the_installed_command(tmp_path):
     """The real executable, not CliRunner: exit status 2, one line, no traceback."""
     exe = Path(sys.executable).parent / "nbdloop"
-    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "nbdloop.cli"]
+    argv = [str(exe)] if exe.exists() else CLI
     p = subprocess.run(argv + ["serve", str(tmp_path / "missing.img")],
                        capture_output=True, text=True)
     assert p.returncode == 2
@@ -244,7 +230,7 @@ def test_errors_from_the_installed_command(tmp_path):
 # ---- serve's behaviour -------------------------------------------------------------
 
 def serve_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "nbdloop.cli", "serve", *args]
+    return [*CLI, "serve", *args]
 
 
 @contextlib.contextmanager
@@ -287,7 +273,7 @@ def test_tcp_listens_on_loopback_only(img, tmp_path):
         listening = run(["ss", "-Hltn", f"sport = :{port}"]).stdout
         assert f"127.0.0.1:{port}" in listening
         assert f"0.0.0.0:{port}" not in listening and f"*:{port}" not in listening
-        info = json.loads(run(["nbdinfo", "--json", f"nbd://127.0.0.1:{port}"]).stdout)
+        info = nbdinfo_json(f"nbd://127.0.0.1:{port}")
         assert info["exports"][0]["export-size"] == MiB
 
 

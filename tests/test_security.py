@@ -2,16 +2,13 @@
 itself under memory pressure (PR_SET_IO_FLUSHER, --mlock)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from conftest import require_tools, run
-from nbdloop.cli import main as cli
+from conftest import invoke, nbdinfo_json, require_tools
 
 MiB = 1 << 20
 PF_MEMALLOC_NOIO = 0x00080000
@@ -29,7 +26,7 @@ def test_tls_psk_required(image, serve, tmp_path):
     keys = psk_file(tmp_path / "keys.psk")
     s = serve(image, "direct", extra=["--tls-psk", str(keys)])
     tls_uri = f"nbds+unix://alice@/?socket={s.socket_path}&tls-psk-file={keys}"
-    info = json.loads(run(["nbdinfo", "--json", tls_uri]).stdout)
+    info = nbdinfo_json(tls_uri)
     assert info["TLS"] is True
     assert info["exports"][0]["export-size"] == 64 * MiB
     # Data really flows over TLS.
@@ -56,7 +53,7 @@ def test_tls_psk_required(image, serve, tmp_path):
 def test_bad_psk_file(image, tmp_path, content):
     f = tmp_path / "bad.psk"
     f.write_text(content)
-    r = CliRunner().invoke(cli.main, ["serve", str(image), "--tls-psk", str(f)])
+    r = invoke("serve", str(image), "--tls-psk", str(f))
     assert r.exit_code == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "PSK file" in r.stderr
 
