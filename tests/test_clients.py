@@ -10,14 +10,9 @@ import time
 
 import pytest
 
-from conftest import nbdsh, require_root, require_tools, run
+from conftest import connect, nbdinfo_json, nbdsh, require_root, require_tools, run
 
 MiB = 1 << 20
-
-
-def nbdinfo_json(uri: str) -> dict:
-    require_tools("nbdinfo")
-    return json.loads(run(["nbdinfo", "--json", uri]).stdout)
 
 
 def test_nbdinfo_shows_advertised_flags(image, serve, mode):
@@ -41,9 +36,7 @@ def test_readonly_serving_rejects_writes(image, serve, mode):
     s = serve(image, mode, readonly=True)
     assert nbdinfo_json(s.uri)["exports"][0]["is_read_only"] is True
     import nbd
-    h = nbd.NBD()
-    h.set_strict_mode(0)          # let the write reach the server
-    h.connect_uri(s.uri)
+    h = connect(s.uri)            # not strict: let the write reach the server
     with pytest.raises(nbd.Error) as e:
         h.pwrite(b"x" * 512, 0)
     assert e.value.errno in ("EPERM", "EROFS")

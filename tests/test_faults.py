@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import read_stats, require_root, require_tools, run
+from conftest import connect, read_stats, require_root, require_tools, run
 
 from nbdloop.serve.children import ServerProcess
 
@@ -39,14 +39,6 @@ KiB = 1 << 10
 IMAGE_SIZE = 64 * MiB
 #: No request here takes more than a moment; a reply later than this is a hang.
 HANG = 120.0
-
-
-def connect(uri: str):
-    import nbd
-    h = nbd.NBD()
-    h.set_strict_mode(0)
-    h.connect_uri(uri)
-    return h
 
 
 def outcome(h, op: str, *args) -> str:

@@ -14,27 +14,16 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import ROOT, require_tools, run
+from conftest import connect, nbdinfo_json, require_tools, run, run_cli
 
 from nbdloop.engine.placement import irq_cpus
 from nbdloop.serve.supervise import connections
 
 MiB = 1 << 20
-
-
-def handle(uri: str, strict: bool = True):
-    import nbd
-    h = nbd.NBD()
-    if not strict:
-        h.set_strict_mode(0)       # send what we ask, even below the minimum block size
-    h.connect_uri(uri)
-    return h
 
 
 def test_each_process_has_a_cpu_and_a_socket_and_sees_the_others(image, serve):
@@ -46,7 +35,7 @@ def test_each_process_has_a_cpu_and_a_socket_and_sees_the_others(image, serve):
     irq = irq_cpus(str(image)) & {0, 1}
     if len(irq) == 1:
         assert cpus[0] != irq, "process 0 (a lone client's) is on the interrupts' CPU"
-    hs = [handle(uri) for uri in s.uris]
+    hs = [connect(uri, strict=True) for uri in s.uris]
     for k, pid in enumerate(pids):
         assert connections(pid) == 1, f"process {k} holds the connection to its socket"
     rng = random.Random(3)
@@ -62,7 +51,7 @@ def test_each_process_has_a_cpu_and_a_socket_and_sees_the_others(image, serve):
         for off, data in blocks.items():
             assert os.pread(f.fileno(), 4096, off) == data
     # The usual socket is process 0's too.
-    h = handle(s.uri)
+    h = connect(s.uri, strict=True)
     off = next(iter(blocks))
     assert h.pread(4096, off) == blocks[off]
     assert [connections(p) for p in pids] == [2, 1]
@@ -75,7 +64,7 @@ def test_the_minimum_block_size_is_the_alignment(fourk_fs, serve):
     os.truncate(img, 32 * MiB)
     s = serve(img, "direct", processes=2)
     for uri in s.uris + [s.uri]:
-        info = json.loads(run(["nbdinfo", "--json", uri]).stdout)["exports"][0]
+        info = nbdinfo_json(uri)["exports"][0]
         assert info["block_size_minimum"] == 4096, uri
 
 
@@ -85,7 +74,7 @@ def test_unaligned_writes_are_refused_and_change_nothing(fourk_fs, serve):
     content = random.Random(7).randbytes(8 * MiB)
     img.write_bytes(content)
     s = serve(img, "direct", processes=2)
-    h = handle(s.uris[1], strict=False)
+    h = connect(s.uris[1])
     for what, call in (("pwrite", lambda: h.pwrite(b"x" * 512, 4096 + 512)),
                        ("pwrite across blocks", lambda: h.pwrite(b"x" * 8192, 1024)),
                        ("zero", lambda: h.zero(1024, 3 * 4096 + 512)),
@@ -115,9 +104,7 @@ def test_attach_refuses_a_block_size_below_the_alignment(fourk_fs):
                            False),
                           (["--processes", "2", "--block-size", "512", "--readonly"], False),
                           (["--block-size", "512"], False)):
-        p = subprocess.run([sys.executable, "-m", "nbdloop.cli", "attach", str(img), *args,
-                            "--device", "/dev/not-nbd"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        p = run_cli("attach", str(img), *args, "--device", "/dev/not-nbd", timeout=60)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1, (args, p.stderr)
         if refused:
@@ -131,14 +118,14 @@ def test_attach_refuses_a_block_size_below_the_alignment(fourk_fs):
 
 def test_buffered_mode_still_serves_any_byte_range(image, serve):
     s = serve(image, "buffered", processes=2)
-    h = handle(s.uris[1], strict=False)
+    h = connect(s.uris[1])
     h.pwrite(b"abc", 1001)
-    assert handle(s.uris[0], strict=False).pread(5, 1000) == b"\0abc\0"
+    assert connect(s.uris[0]).pread(5, 1000) == b"\0abc\0"
 
 
 def test_a_crashed_process_is_restarted_on_its_socket(image, serve):
     s = serve(image, "direct", processes=2)
-    a, b = (handle(uri) for uri in s.uris)
+    a, b = (connect(uri, strict=True) for uri in s.uris)
     a.pwrite(b"a" * 4096, 0)
     victim = s.server_pids[1]
     os.kill(victim, signal.SIGSEGV)
@@ -155,7 +142,7 @@ def test_a_crashed_process_is_restarted_on_its_socket(image, serve):
     import nbd
     with pytest.raises(nbd.Error):
         b.pread(4096, 0)
-    assert handle(s.uris[1]).pread(4096, 0) == b"a" * 4096
+    assert connect(s.uris[1], strict=True).pread(4096, 0) == b"a" * 4096
     assert "crashed (SIGSEGV); restarting" in s.log_tail()
 
 
@@ -166,7 +153,7 @@ def _ready_files(s):
 
 def test_a_stop_with_idle_connections_is_clean(image, serve):
     s = serve(image, "direct", processes=2)
-    held = [handle(uri) for uri in s.uris] + [handle(s.uri)]
+    held = [connect(uri, strict=True) for uri in s.uris] + [connect(s.uri, strict=True)]
     sockets = [s.socket_path] + s.sockets
     t = time.monotonic()
     assert s.stop() == 0, s.log_tail()
@@ -184,7 +171,7 @@ def test_a_killed_process_ends_the_server_and_the_image_is_free(image, serve):
     assert s.proc.wait(30) != 0
     assert not any(os.path.exists(p) for p in s.sockets)
     s2 = serve(image, "direct", name="again")
-    handle(s2.uri).pread(4096, 0)
+    connect(s2.uri, strict=True).pread(4096, 0)
 
 
 def test_nbdcopy_over_four_connections_copies_exactly(image, serve, tmp_path):
@@ -205,8 +192,7 @@ def test_nbdcopy_over_four_connections_copies_exactly(image, serve, tmp_path):
 ])
 def test_bad_usage_is_one_line(image, tmp_path, args, phrase):
     before = hashlib.sha256(image.read_bytes()).digest()
-    p = subprocess.run([sys.executable, "-m", "nbdloop.cli", "serve", str(image), *args],
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    p = run_cli("serve", str(image), *args, timeout=60)
     assert p.returncode == 2, p.stderr
     assert phrase in p.stderr and "Traceback" not in p.stderr
     assert hashlib.sha256(image.read_bytes()).digest() == before
@@ -219,7 +205,7 @@ def test_every_socket_stays_served_and_a_stop_is_prompt(image, serve):
     non-blocking, retried it without pause and never stopped)."""
     s = serve(image, "direct", processes=2)
     for _ in range(6):
-        handle(s.uri).pread(4096, 0)
+        connect(s.uri, strict=True).pread(4096, 0)
         for uri in s.uris:
             h = handle_within(uri, 10)
             h.pread(4096, 0)
@@ -232,7 +218,7 @@ def handle_within(uri: str, seconds: float):
     """A connection, or AssertionError if the handshake is not answered in time."""
     import threading
     got = []
-    t = threading.Thread(target=lambda: got.append(handle(uri)), daemon=True)
+    t = threading.Thread(target=lambda: got.append(connect(uri, strict=True)), daemon=True)
     t.start()
     t.join(seconds)
     assert got, f"{uri} was not answered in {seconds} s"
@@ -243,7 +229,7 @@ def test_each_process_writes_its_own_stats_file(image, serve, tmp_path):
     stats = tmp_path / "stats.json"
     s = serve(image, "direct", processes=2, extra=["--stats-file", str(stats)])
     for uri in s.uris:
-        h = handle(uri)
+        h = connect(uri, strict=True)
         h.pread(4096, 0)
         h.shutdown()
     assert s.stop() == 0

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import connect, require
+
 MiB = 1 << 20
 
 
 @pytest.fixture
 def shm_image():
     base = Path("/dev/shm")
-    if not base.is_dir():
-        pytest.skip("no /dev/shm tmpfs")
+    require(base.is_dir(), "a tmpfs at /dev/shm")
     d = Path(tempfile.mkdtemp(dir=base, prefix="nbdloop-test-"))
     img = d / "disk.img"
     # 100 MiB of non-zero data: more than nbdkit 1.32's broken 64 MiB fallback.
@@ -27,14 +28,6 @@ def shm_image():
     yield img
     img.unlink()
     d.rmdir()
-
-
-def connect(uri):
-    import nbd
-    h = nbd.NBD()
-    h.set_strict_mode(0)
-    h.connect_uri(uri)
-    return h
 
 
 def test_ordinary_zero_without_zero_range_is_complete(shm_image, serve, mode):
