@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from conftest import require_tools, run
+from conftest import connect, in_threads, nbdinfo_json, require_tools, run
 
 MiB = 1 << 20
 
@@ -33,21 +33,13 @@ def test_the_test_bed_refuses_512_byte_direct_writes(fourk_fs):
         os.close(fd)
 
 
-def connect(uri):
-    import nbd
-    h = nbd.NBD()
-    h.set_strict_mode(0)       # send what we ask, even below the minimum block size
-    h.connect_uri(uri)
-    return h
-
-
 def test_alignment_is_discovered_and_advertised(fourk_fs, serve):
     require_tools("nbdinfo")
     img = fourk_fs / "disk.img"
     img.write_bytes(b"")
     os.truncate(img, 32 * MiB)
     s = serve(img, "direct")
-    info = json.loads(run(["nbdinfo", "--json", s.uri]).stdout)["exports"][0]
+    info = nbdinfo_json(s.uri)["exports"][0]
     assert info["block_size_minimum"] == 1       # served exactly, by read-modify-write
     assert info["block_size_preferred"] == 4096
 
@@ -90,7 +82,6 @@ def test_concurrent_512_byte_writes_lose_no_update(fourk_fs, serve):
     writers = 16          # 4 connections x 4 threads; 8 sectors per block
     passes = 3
     handles = [connect(s.uri) for _ in range(4)]
-    errors = []
     start = threading.Barrier(writers)
 
     def sector_data(sector: int, p: int) -> bytes:
@@ -100,22 +91,14 @@ def test_concurrent_512_byte_writes_lose_no_update(fourk_fs, serve):
     def writer(w: int) -> None:
         h = handles[w % 4]
         start.wait()
-        try:
-            for p in range(passes):
-                for b in range(blocks):
-                    for k in range(8):
-                        sector = b * 8 + k
-                        if sector % writers == w:
-                            h.pwrite(sector_data(sector, p), sector * 512)
-        except Exception as e:  # reported below
-            errors.append(e)
+        for p in range(passes):
+            for b in range(blocks):
+                for k in range(8):
+                    sector = b * 8 + k
+                    if sector % writers == w:
+                        h.pwrite(sector_data(sector, p), sector * 512)
 
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(writers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    in_threads(writer, writers)
     for h in handles:
         h.flush()
         h.shutdown()

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, rule,
                                  run_state_machine_as_test)
 
-from conftest import dio_alignment, require
+from conftest import dio_alignment, in_threads, require
 from nbdloop.engine import uring
 from nbdloop.engine.backing import Backing
 
@@ -340,7 +340,6 @@ def run_stress(b: Backing, region: int, length: int, nthreads: int, iters: int,
     once.  Returns the bytes each thread last wrote (the expectation) and the
     number of edge blocks of all requests in direct mode (the pre-reads)."""
     start = threading.Barrier(nthreads)
-    errors: list[BaseException] = []
     expected = bytearray(length)
     b.pread(expected, region)
     edge_blocks = [0] * nthreads
@@ -350,39 +349,31 @@ def run_stress(b: Backing, region: int, length: int, nthreads: int, iters: int,
         rng = random.Random(seed * 1000 + t)
         mine = [k for k in granules if k % nthreads == t]
         start.wait()
-        try:
-            for gen in range(1, iters + 1):
-                k = rng.choice(mine)
-                g0 = max(k * GRANULE - SHIFT, 0)
-                g1 = min((k + 1) * GRANULE - SHIFT, length)
-                if rng.random() < 0.25:
-                    a, z = g0, g1
-                else:
-                    a = rng.randrange(g0, g1)
-                    z = rng.randrange(a + 1, g1 + 1)
-                n, off = z - a, region + a
-                if rng.random() < 0.1:
-                    b.zero(n, off)
-                    value = bytes(n)
-                else:
-                    # The write's generation is in its data: a lost update
-                    # leaves an older generation (or the initial byte).
-                    value = bytes([gen % 255 + 1]) * n
-                    buf = value if rng.random() < 0.5 else \
-                        memoryview(bytearray(b"\0" + value))[1:]
-                    b.pwrite(buf, off)
-                expected[a:z] = value
-                if b.direct and (off % b.align or n % b.align):
-                    edge_blocks[t] += (off + n - 1) // b.align - off // b.align + 1
-        except Exception as e:  # reported by the caller
-            errors.append(e)
+        for gen in range(1, iters + 1):
+            k = rng.choice(mine)
+            g0 = max(k * GRANULE - SHIFT, 0)
+            g1 = min((k + 1) * GRANULE - SHIFT, length)
+            if rng.random() < 0.25:
+                a, z = g0, g1
+            else:
+                a = rng.randrange(g0, g1)
+                z = rng.randrange(a + 1, g1 + 1)
+            n, off = z - a, region + a
+            if rng.random() < 0.1:
+                b.zero(n, off)
+                value = bytes(n)
+            else:
+                # The write's generation is in its data: a lost update
+                # leaves an older generation (or the initial byte).
+                value = bytes([gen % 255 + 1]) * n
+                buf = value if rng.random() < 0.5 else \
+                    memoryview(bytearray(b"\0" + value))[1:]
+                b.pwrite(buf, off)
+            expected[a:z] = value
+            if b.direct and (off % b.align or n % b.align):
+                edge_blocks[t] += (off + n - 1) // b.align - off // b.align + 1
 
-    threads = [threading.Thread(target=writer, args=(t,)) for t in range(nthreads)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors
+    in_threads(writer, nthreads)
     return expected, sum(edge_blocks)
 
 
