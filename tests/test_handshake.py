@@ -8,7 +8,6 @@ spec) is played by a scripted server in a thread.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import struct
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_tools, run
+from conftest import nbdinfo_json, require_tools
 from nbdloop.kernel import handshake as hs
 from nbdloop.serve import children as srv
 
@@ -70,9 +69,7 @@ def qemu_nbd(server, *args: str) -> str:
 
 
 def nbdinfo(sock: str, export_name: str = "") -> dict:
-    require_tools("nbdinfo")
-    out = run(["nbdinfo", "--json", f"nbd+unix:///{export_name}?socket={sock}"]).stdout
-    (export,) = json.loads(out)["exports"]
+    (export,) = nbdinfo_json(f"nbd+unix:///{export_name}?socket={sock}")["exports"]
     return export
 
 
