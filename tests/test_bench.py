@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import ROOT, require_tools
+from conftest import require_tools, run_cli
 
 MiB = 1 << 20
 
@@ -18,12 +16,10 @@ MiB = 1 << 20
 def test_bench_quick_writes_results(tmp_path):
     require_tools("fio", "qemu-nbd", "nbdkit")
     out = tmp_path / "out"
-    env = dict(os.environ, NBDLOOP_CACHE=str(tmp_path / "cache"))
-    p = subprocess.run(
-        [sys.executable, "-m", "nbdloop.cli", "bench", "--quick", "--size", "256M",
-         "--runtime", "1", "--workloads", "randread-4k-qd32,write-1m-qd8",
-         "--footprint", "64M", "--client-cpus", "0", "--out", str(out)],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    p = run_cli("bench", "--quick", "--size", "256M",
+                "--runtime", "1", "--workloads", "randread-4k-qd32,write-1m-qd8",
+                "--footprint", "64M", "--client-cpus", "0", "--out", str(out),
+                env={"NBDLOOP_CACHE": str(tmp_path / "cache")}, timeout=600)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "[1/" in p.stderr and " on nbdloop-" in p.stderr   # a line a run, in a log
     data = json.loads((out / "results.json").read_text())
@@ -82,10 +78,8 @@ def test_rounds_alternate_the_subject_order(tmp_path):
 
 @pytest.mark.parametrize("cpus", ["999", "x", ""])
 def test_bench_rejects_cpus_it_does_not_have(tmp_path, cpus):
-    p = subprocess.run(
-        [sys.executable, "-m", "nbdloop.cli", "bench", "--client-cpus", cpus,
-         "--image", str(tmp_path / "missing.img"), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, cwd=ROOT, timeout=60)
+    p = run_cli("bench", "--client-cpus", cpus, "--image", str(tmp_path / "missing.img"),
+                "--out", str(tmp_path / "out"), timeout=60)
     assert p.returncode == 2, p.stdout + p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "--client-cpus" in lines[0], p.stderr

@@ -9,11 +9,10 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, require_root, require_tools
+from conftest import CLI, ROOT, require_root, require_tools, run_cli
 
 from nbdloop.bench import durability
 from nbdloop.extents import Extent
@@ -23,19 +22,14 @@ WRITES = 12
 WINDOW = 2
 
 
-def bench(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nbdloop.cli", "bench", *args], check=False,
-                          capture_output=True, text=True, cwd=ROOT, timeout=300, **kw)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One measurement for the whole file: it takes a few windows."""
     require_root()
     require_tools(*durability.TOOLS)
     out = tmp_path_factory.mktemp("durability") / "out"
-    p = bench("--durability", "--durability-writes", str(WRITES),
-              "--durability-window", str(WINDOW), "--out", str(out))
+    p = run_cli("bench", "--durability", "--durability-writes", str(WRITES),
+                "--durability-window", str(WINDOW), "--out", str(out), timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     data = json.loads((out / "results.json").read_text())
     phases = {(ph["subject"], ph["phase"]): ph for ph in data["durability"]["phases"]}
@@ -118,8 +112,7 @@ def test_a_user_without_root_is_refused_in_one_line(tmp_path):
     require_tools("setpriv")
     out = tmp_path / "out"
     p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                        sys.executable, "-m", "nbdloop.cli", "bench", "--durability",
-                        "--out", str(out)],
+                        *CLI, "bench", "--durability", "--out", str(out)],
                        check=False, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 1, p.stdout + p.stderr
     lines = p.stderr.strip().splitlines()
@@ -134,7 +127,7 @@ def test_a_user_without_root_is_refused_in_one_line(tmp_path):
     (["--durability-window", "-1"], "--durability-window"),
     (["--durability-writes", "0"], "--durability-writes")])
 def test_bad_options_are_refused_in_one_line(tmp_path, args, phrase):
-    p = bench("--durability", *args, "--out", str(tmp_path / "out"))
+    p = run_cli("bench", "--durability", *args, "--out", str(tmp_path / "out"), timeout=300)
     assert p.returncode == 2, p.stdout + p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and phrase in lines[0], p.stderr

@@ -4,20 +4,14 @@ them: there an acknowledged write is durable only after a flush."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run
+from conftest import create_image, run, run_cli
 from nbdloop import extents
 
 MiB = 1 << 20
-
-
-def create(path: Path, size: str, *extra: str) -> str:
-    return run([sys.executable, "-m", "nbdloop.cli", "create", str(path), size, *extra],
-               cwd=ROOT).stdout
 
 
 def unsettled(path: Path, start: int = 0, end: int | None = None) -> int:
@@ -52,8 +46,10 @@ def test_holes_and_unwritten_extents_are_counted_once(tmp_path):
 
 def test_create_preallocate_writes_every_block(tmp_path):
     sparse, full = tmp_path / "sparse.img", tmp_path / "full.img"
-    assert create(sparse, "8M").strip().endswith("(8388608 bytes), sparse")
-    assert create(full, "8M", "--preallocate").strip().endswith("(8388608 bytes), fully written")
+    said = run_cli("create", str(sparse), "8M", check=True).stdout
+    assert said.strip().endswith("(8388608 bytes), sparse")
+    said = run_cli("create", str(full), "8M", "--preallocate", check=True).stdout
+    assert said.strip().endswith("(8388608 bytes), fully written")
     assert unsettled(sparse) == 8 * MiB
     assert unsettled(full) == 0
     assert full.read_bytes() == bytes(8 * MiB)
@@ -62,8 +58,8 @@ def test_create_preallocate_writes_every_block(tmp_path):
 @pytest.mark.parametrize("mode,preallocate,warned", [
     ("direct", False, True), ("direct", True, False), ("buffered", False, False)])
 def test_serve_warns_of_holes_in_direct_mode(tmp_path, serve, mode, preallocate, warned):
-    image = tmp_path / "disk.img"
-    create(image, "8M", *(["--preallocate"] if preallocate else []))
+    image = create_image(tmp_path / "disk.img", "8M",
+                         *(["--preallocate"] if preallocate else []))
     s = serve(image, mode)
     log = s.log.read_text()
     line = [ln for ln in log.splitlines() if "holes or unwritten extents" in ln]

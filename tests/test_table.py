@@ -5,22 +5,20 @@ bad lines.  Attaching for real (attach --all, --persist, the systemd unit's
 commands) runs in the one-kernel VM (tests/e2e/guest/attach.sh)."""
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require_root
+from conftest import create_image, require_root, run_cli
 from nbdloop.kernel import table
 
 
-def nbdloop(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "NBDLOOP_ATTACHMENTS": str(tmp_path / "attachments"),
-           "NBDLOOP_RUNTIME_DIR": str(tmp_path / "rt")}
-    return subprocess.run([sys.executable, "-m", "nbdloop.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+def table_env(tmp_path: Path) -> dict[str, str]:
+    """For ``run_cli``: an attachments table and a runtime directory of the
+    test's own."""
+    return {"NBDLOOP_ATTACHMENTS": str(tmp_path / "attachments"),
+            "NBDLOOP_RUNTIME_DIR": str(tmp_path / "rt")}
 
 
 def test_lines_are_read_as_a_shell_would(tmp_path):
@@ -95,7 +93,7 @@ def test_attach_all_says_which_line_is_wrong(tmp_path):
     (tmp_path / "attachments").write_text(f"{tmp_path}/a.img mode=sideways\n"
                                           f"{tmp_path}/b.img colour=blue\n"
                                           f"{tmp_path}/c.img from-table\n")
-    p = nbdloop(tmp_path, "attach", "--all")
+    p = run_cli("attach", "--all", env=table_env(tmp_path))
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 3, p.stderr
@@ -110,10 +108,9 @@ def test_attach_all_goes_on_after_a_failure(tmp_path):
     and the host has no NBD driver for the second (1): both say so, in one
     line each, and the exit status is the worst."""
     image = tmp_path / "b.img"
-    subprocess.run([sys.executable, "-m", "nbdloop.cli", "create", str(image), "16M"],
-                   cwd=ROOT, check=True, capture_output=True)
+    create_image(image, "16M")
     (tmp_path / "attachments").write_text(f"{tmp_path}/missing.img\n{image} mode=buffered\n")
-    p = nbdloop(tmp_path, "attach", "--all")
+    p = run_cli("attach", "--all", env=table_env(tmp_path))
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 2 and "missing.img: " in lines[0] and "no such file" in lines[0], lines
     if not list(Path("/sys/block").glob("nbd*")):
@@ -133,7 +130,7 @@ def test_attach_all_goes_on_after_a_failure(tmp_path):
     (["detach", "--forget", "/nowhere.img"], "/nowhere.img: not attached"),
 ])
 def test_table_commands_refuse_bad_usage_in_one_line(tmp_path, args, phrase):
-    p = nbdloop(tmp_path, *args)
+    p = run_cli(*args, env=table_env(tmp_path))
     assert p.returncode == 2, (p.stdout, p.stderr)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and phrase in lines[0], p.stderr
@@ -142,7 +139,7 @@ def test_table_commands_refuse_bad_usage_in_one_line(tmp_path, args, phrase):
 def test_detach_forget_of_an_image_that_is_not_attached(tmp_path):
     path = tmp_path / "attachments"
     table.put(path, "/srv/gone.img", ["partscan"])
-    p = nbdloop(tmp_path, "detach", "--forget", "/srv/gone.img")
+    p = run_cli("detach", "--forget", "/srv/gone.img", env=table_env(tmp_path))
     assert p.returncode == 0, p.stderr
     assert "was not attached; removed from" in p.stderr
     assert table.read(path) == []
@@ -150,5 +147,5 @@ def test_detach_forget_of_an_image_that_is_not_attached(tmp_path):
 
 def test_detach_all_with_nothing_attached(tmp_path):
     table.put(tmp_path / "attachments", "/srv/a.img", [])
-    p = nbdloop(tmp_path, "detach", "--all")
+    p = run_cli("detach", "--all", env=table_env(tmp_path))
     assert (p.returncode, p.stdout, p.stderr) == (0, "", "")

@@ -28,13 +28,12 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, require_root, require_tools, run
+from conftest import create_image, require_root, require_tools, run
 
 from nbdloop import vm
 from nbdloop.kernel.nbdclient import nbd_client_args
@@ -76,9 +75,7 @@ def read_mark(image: Path) -> tuple[int, int] | None:
 @pytest.mark.parametrize("mode", ["direct", "buffered"])
 def test_fsynced_files_survive_server_kills(assets, tmp_path, serve, mode):
     require_root()
-    image = tmp_path / "disk.img"
-    run([sys.executable, "-m", "nbdloop.cli", "create", str(image), str(IMAGE_SIZE)],
-        cwd=ROOT)
+    image = create_image(tmp_path / "disk.img", str(IMAGE_SIZE))
     server = serve(image, mode)
     argv = nbd_client_args(vm.GUEST_NBD_DEVICE, host=vm.GUEST_SERVER_HOST,
                            port=vm.GUEST_SERVER_PORT, block_size=512, timeout=10)

@@ -26,12 +26,11 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require_tools, run
+from conftest import create_image, require_tools, run_cli
 from nbdloop import vm
 from nbdloop.kernel import vmcheck
 from nbdloop.kernel.nbdclient import nbd_client_args
@@ -47,11 +46,6 @@ GUEST = Path(__file__).resolve().parent / "guest"
 def assets() -> vm.VmAssets:
     require_tools("qemu-system-x86_64", "socat", "nbdkit", "e2fsck", "debugfs", "xfs_repair")
     return vm.ensure_assets()
-
-
-def create(path: Path, size: str) -> Path:
-    run([sys.executable, "-m", "nbdloop.cli", "create", str(path), size], cwd=ROOT)
-    return path
 
 
 def assert_passed(report: vmcheck.VmCheckReport) -> None:
@@ -70,7 +64,7 @@ def debugfs_sha256(image: Path, name: str) -> str:
 
 
 def test_ext4_direct_takes_the_block_size_from_the_alignment(assets, fourk_fs):
-    image = create(fourk_fs / "disk.img", "128M")
+    image = create_image(fourk_fs / "disk.img", "128M")
     report = vmcheck.run_vm_check(str(image), mode="direct", fstype="ext4", seed=1,
                                   assets=assets)
     print("\n".join(report.lines()))
@@ -86,10 +80,9 @@ def test_ext4_direct_takes_the_block_size_from_the_alignment(assets, fourk_fs):
 
 
 def test_ext4_buffered_through_the_vm_check_command(assets, tmp_path):
-    image = create(tmp_path / "disk.img", "128M")
-    p = subprocess.run([sys.executable, "-m", "nbdloop.cli", "vm-check", str(image),
-                        "--mode", "buffered", "--fstype", "ext4", "--seed", "2"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    image = create_image(tmp_path / "disk.img", "128M")
+    p = run_cli("vm-check", str(image), "--mode", "buffered", "--fstype", "ext4", "--seed", "2",
+                timeout=600)
     print(p.stdout, p.stderr)
     assert p.returncode == 0, p.stdout + p.stderr
     out = p.stdout
@@ -108,7 +101,7 @@ def test_ext4_buffered_through_the_vm_check_command(assets, tmp_path):
 
 
 def test_xfs_direct_two_connections_512_byte_blocks_on_4k_sectors(assets, fourk_fs):
-    image = create(fourk_fs / "disk.img", "400M")
+    image = create_image(fourk_fs / "disk.img", "400M")
     report = vmcheck.run_vm_check(str(image), mode="direct", fstype="xfs", connections=2,
                                   block_size=512, seed=3, assets=assets)
     print("\n".join(report.lines()))
@@ -121,7 +114,7 @@ def test_xfs_direct_two_connections_512_byte_blocks_on_4k_sectors(assets, fourk_
 def test_hung_server_is_a_failure_with_the_console_tail(assets, tmp_path, serve):
     """nbdkit is frozen (SIGSTOP): nbd-client's handshake never completes,
     the guest is killed at the timeout, and the failure says where."""
-    image = create(tmp_path / "disk.img", "64M")
+    image = create_image(tmp_path / "disk.img", "64M")
     server = serve(image, "direct")
     argv = nbd_client_args(vm.GUEST_NBD_DEVICE, host=vm.GUEST_SERVER_HOST,
                            port=vm.GUEST_SERVER_PORT, block_size=512)
@@ -142,10 +135,8 @@ def test_hung_server_is_a_failure_with_the_console_tail(assets, tmp_path, serve)
 
 
 def test_vm_check_command_reports_a_timeout_with_exit_status_1(assets, tmp_path):
-    image = create(tmp_path / "disk.img", "64M")
-    p = subprocess.run([sys.executable, "-m", "nbdloop.cli", "vm-check", str(image),
-                        "--timeout", "2"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    image = create_image(tmp_path / "disk.img", "64M")
+    p = run_cli("vm-check", str(image), "--timeout", "2", timeout=300)
     assert p.returncode == 1, p.stdout + p.stderr
     assert "guest: verdict FAIL timed out after 2 s" in p.stdout
     assert "--- last 30 console lines ---" in p.stdout
@@ -157,7 +148,7 @@ def test_vm_check_command_reports_a_timeout_with_exit_status_1(assets, tmp_path)
 def test_kernel_marks_a_connected_device_the_way_attach_reads_it(assets, tmp_path, serve):
     """attach and list take /sys/block/nbdN/pid as "connected": check that
     the real kernel creates it on connect and removes it on disconnect."""
-    server = serve(create(tmp_path / "disk.img", "64M"), "direct")
+    server = serve(create_image(tmp_path / "disk.img", "64M"), "direct")
     argv = nbd_client_args(vm.GUEST_NBD_DEVICE, host=vm.GUEST_SERVER_HOST,
                            port=vm.GUEST_SERVER_PORT, block_size=512)
     script = (GUEST / "sysfs-pid.sh").read_text()
