@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,13 +28,7 @@ from nbdloop import vm
 from nbdloop.paths import SBIN_PATH
 from nbdloop.vm import product
 
-pytestmark = [
-    pytest.mark.vm,
-    pytest.mark.skipif(
-        shutil.which("qemu-system-x86_64") is None,
-        reason="qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)",
-    ),
-]
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("qemu_installed")]
 
 GUEST = ROOT / "tests" / "e2e" / "guest"
 #: Data-disk size of the smoke run: small, so that mkfs and e2fsck are quick.

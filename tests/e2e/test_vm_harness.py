@@ -18,17 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require
 from nbdloop import paths, vm
 from nbdloop.kernel import vmcheck
 from nbdloop.kernel.nbdclient import nbd_client_args
 
-pytestmark = [
-    pytest.mark.vm,
-    pytest.mark.skipif(
-        shutil.which("qemu-system-x86_64") is None,
-        reason="qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)",
-    ),
-]
+pytestmark = [pytest.mark.vm, pytest.mark.usefixtures("qemu_installed")]
 
 #: mkfs.xfs refuses filesystems smaller than 300 MB.
 IMAGE_SIZE = 512 << 20
@@ -38,8 +33,7 @@ SEED = 20240611
 
 def _need(tool: str, package: str) -> str:
     path = shutil.which(tool, path=paths.SBIN_PATH)
-    if path is None:
-        pytest.skip(f"{tool} is not installed (apt-get install {package})")
+    require(path is not None, f"{tool} not installed (apt-get install {package})")
     return path
 
 
