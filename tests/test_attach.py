@@ -482,3 +482,20 @@ def test_a_record_of_the_version_before_typed_options_still_loads(state):
     # A record naming what this version does not know says which, in one line.
     with pytest.raises(ValueError, match="serve option --sched is not known"):
         A.Attachment.from_dict({**record, "serve_options": ["--sched", "normal"]})
+
+
+def test_removing_a_record_removes_the_ready_files_of_every_process(rt, state):
+    """A killed server of several processes leaves one ready file each."""
+    from nbdloop.serve.cmdline import ready_files
+    att = A.Attachment(device="/dev/nbd4", image="/srv/y.img", mode="direct", readonly=False,
+                       socket=str(state / "nbd4.sock"), pid=4242, server_pid=4243,
+                       connections=2, block_size=4096, log=str(state / "nbd4.log"),
+                       started=A.now_iso(), processes=2)
+    A.save(state, att)
+    ready = ready_files(att.image, att.pid, 2)
+    assert len(ready) == 2 and all(p.parent == rt for p in ready)
+    for path in ready:
+        path.write_text("4243\n")
+    A.remove_files(state, att)
+    assert leftovers(state) == []
+    assert sorted(f.name for f in rt.iterdir()) == ["attached"]

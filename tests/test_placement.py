@@ -95,8 +95,7 @@ def test_plan_uses_affinity_before_there_are_counts(tmp_path):
 
 
 def test_no_block_device_no_placement():
-    if not Path("/dev/shm").is_dir():
-        pytest.skip("no /dev/shm")
+    require(Path("/dev/shm").is_dir(), "a tmpfs at /dev/shm")
     assert placement.choose("/dev/shm") is None
 
 

@@ -55,7 +55,7 @@ def attach_run(product_assets, tmp_path_factory):
     from nbdloop import vm
     disk = tmp_path_factory.mktemp("attach-vm") / "data.img"
     # A guard against a hang, not a time limit: under TCG the scenarios
-    # take minutes, and more on a slow day (docs/RELIABILITY.md).
+    # take minutes, and more on a slow day (docs/reliability.md).
     result = vm.run_product(GUEST / "attach.sh", disk=disk, disk_size=3 << 30,
                             assets=product_assets, timeout=1500)
     print(f"\nattach scenarios: {result.verdict} in {result.elapsed:.0f} s")
