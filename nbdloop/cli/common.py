@@ -13,11 +13,9 @@ from nbdloop.sizes import parse_size
 
 
 class UsageError(click.ClickException):
-    """Bad usage or input: one line on stderr and exit status 2."""
+    """Bad usage or input: one line on stderr (nbdloop.cli.main prints it)
+    and exit status 2."""
     exit_code = 2
-
-    def show(self, file=None) -> None:
-        click.echo(f"nbdloop: {self.format_message()}", err=True)
 
 
 class Failure(UsageError):
