@@ -499,3 +499,20 @@ def test_removing_a_record_removes_the_ready_files_of_every_process(rt, state):
     A.remove_files(state, att)
     assert leftovers(state) == []
     assert sorted(f.name for f in rt.iterdir()) == ["attached"]
+
+
+def test_an_agent_given_a_record_it_cannot_read_says_so_in_one_line(state):
+    """restart execs the new agent on the old record: one it cannot read is
+    one line in the log, not a traceback."""
+    record = state / "nbd5.json"
+    record.write_text(json.dumps({
+        "device": "/dev/nbd5", "image": "/srv/z.img", "mode": "direct", "readonly": False,
+        "socket": str(state / "nbd5.sock"), "pid": 1, "server_pid": 1, "connections": 1,
+        "block_size": 512, "log": str(state / "nbd5.log"), "started": A.now_iso(),
+        "serve_options": ["--sched", "normal"]}))
+    p = subprocess.run([sys.executable, "-m", "nbdloop.kernel.agent", str(record)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [
+        f"nbdloop agent: {record}: cannot take the device over: "
+        "serve option --sched is not known to this nbdloop"]

@@ -558,7 +558,14 @@ def main(argv: list[str]) -> int:
     """``python -m nbdloop.kernel.agent RECORD``: the agent after exec."""
     record = Path(argv[0])
     from nbdloop.kernel.attach import read_record
-    att = read_record(record)
+    try:
+        att = read_record(record)
+    except (OSError, ValueError, TypeError) as e:
+        # A record this version cannot read (a hand-edited one, or one
+        # naming an option it does not know): one line in the log.
+        print(f"nbdloop agent: {record}: cannot take the device over: {one_line(e)}",
+              file=sys.stderr, flush=True)
+        return 1
     return Agent(record.parent, att).run(resume=True)
 
 
