@@ -143,12 +143,18 @@ def faulty_store(tmp_path):
         store.stop()
 
 
+def eio_store(faulty_store, rate: str, write_fault: Path, read_fault: Path):
+    """A store whose writes (reads) fail with EIO at ``rate`` while the file
+    ``write_fault`` (``read_fault``) exists."""
+    return faulty_store("error=EIO",
+                        f"error-pwrite-rate={rate}", f"error-pwrite-file={write_fault}",
+                        f"error-pread-rate={rate}", f"error-pread-file={read_fault}")
+
+
 def test_eio_reaches_the_client_and_the_server_recovers(faulty_store, serve, mode, tmp_path):
     write_fault = tmp_path / "write-fault"
     read_fault = tmp_path / "read-fault"
-    store = faulty_store("error=EIO",
-                         "error-pwrite-rate=100%", f"error-pwrite-file={write_fault}",
-                         "error-pread-rate=100%", f"error-pread-file={read_fault}")
+    store = eio_store(faulty_store, "100%", write_fault, read_fault)
     s = serve(store.path, mode)
     h = connect(s.uri)
     before = block(1, 4 * MiB)
@@ -280,9 +286,7 @@ def test_random_eio_under_load(faulty_store, serve, mode, tmp_path):
     rounds, each rewriting every slot of the second half with new data."""
     import nbd
     faults = tmp_path / "faults"
-    store = faulty_store("error=EIO",
-                         "error-pwrite-rate=25%", f"error-pwrite-file={faults}",
-                         "error-pread-rate=25%", f"error-pread-file={faults}")
+    store = eio_store(faulty_store, "25%", faults, faults)
     s = serve(store.path, mode)
     h = connect(s.uri)
     rng = random.Random(11)
