@@ -189,13 +189,17 @@ class Attachment:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def pidfile(self) -> Path:
+        """Where the server's supervisor writes its pid: beside its socket."""
+        return Path(self.socket).with_suffix(".pid")
+
     def server(self) -> Server:
         """The server this device is served by, as ``nbdloop serve`` runs it."""
-        pidfile = Path(self.socket).with_suffix(".pid")
         return Server(exports=(Export(image=self.image, mode=self.mode, readonly=self.readonly,
                                       offset=self.offset, length=self.sizelimit),),
                       mlock=self.mlock, stats_file=self.stats_file or None,
-                      socket=self.socket, pidfile=str(pidfile))
+                      socket=self.socket, pidfile=str(self.pidfile))
 
     @classmethod
     def from_dict(cls, data: dict) -> Attachment:
@@ -468,9 +472,8 @@ def describe(att: Attachment, sys_block: Path = SYS_BLOCK, now: float | None = N
 def remove_files(state_dir: Path, att: Attachment) -> None:
     """The record and what its server left: the socket, the log, the pidfile
     and serve's ready files, which a killed server could not remove."""
-    stem = state_dir / att.name
     ready = ready_files(att.image, att.pid, att.processes) if att.pid else []
-    for path in (Path(att.socket), Path(att.log), stem.with_suffix(".pid"),
+    for path in (Path(att.socket), Path(att.log), att.pidfile,
                  state_file(state_dir, att.device), *ready):
         try:
             path.unlink()
