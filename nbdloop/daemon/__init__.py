@@ -1,0 +1,1 @@
+"""The daemon that owns every attached device."""
