@@ -86,7 +86,8 @@ def test_engine_imports_only_itself_sizes_and_the_stdlib(name):
 
 @pytest.mark.parametrize("name, allowed", [
     ("plan", {"__future__", "errno", "dataclasses"}),
-    ("config", {"__future__", "dataclasses", "nbdloop.sizes", "nbdloop.sizes.parse_size"}),
+    ("config", {"__future__", "dataclasses", "json", "nbdloop.sizes",
+                "nbdloop.sizes.parse_size"}),
 ])
 def test_the_decision_logic_is_pure(name, allowed):
     """plan (a request's segments) and config (what a server serves, and

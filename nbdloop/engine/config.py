@@ -13,6 +13,7 @@ loads, parses its keys into it.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
 from nbdloop.sizes import parse_size
@@ -45,8 +46,9 @@ class Export:
     readonly: bool = False
     segment_size: int = DEFAULT_SEG_SIZE
     name: str = ""               # the export name offered; "" takes any
-    offset: int = 0              # a slice (losetup -o, --sizelimit), served through
-    length: int = 0              # nbdkit's offset filter; length 0: to the image's end
+    offset: int = 0              # a slice (losetup -o, --sizelimit), served by nbdkit's
+    length: int = 0              # offset filter, or by the plugin for an exports
+                                 # directory's export; length 0: to the image's end
     fd: int | None = None        # the image, already opened and locked, inherited
 
     def __post_init__(self) -> None:
@@ -65,10 +67,12 @@ class Export:
 
 @dataclass(frozen=True)
 class Server:
-    """One nbdkit process and what it serves.  Today a server has one export;
-    the tuple is there for a server of several."""
+    """One nbdkit process and what it serves: the exports given here, or
+    (``exports_dir``) those defined in a directory, one JSON file per export
+    (:func:`export_json`), which may be added while the server runs."""
 
-    exports: tuple[Export, ...]
+    exports: tuple[Export, ...] = ()
+    exports_dir: str | None = None       # DIR/NAME.json defines the export NAME
     threads: int = DEFAULT_THREADS       # nbdkit's workers per connection
     placement: str = "irq"               # irq: off the disk's interrupt CPUs under load
     mlock: bool = False                  # mlockall(MCL_ONFAULT) in the server
@@ -84,8 +88,13 @@ class Server:
     tls_psk: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.exports:
-            raise ConfigError("a server needs an export")
+        if self.exports_dir is not None and self.exports:
+            raise ConfigError("a server serves its exports or an exports directory's, "
+                              "not both")
+        if self.exports_dir == "":
+            raise ConfigError("the exports directory has no name")
+        if not self.exports and self.exports_dir is None:
+            raise ConfigError("a server needs an export or an exports directory")
         if len({e.name for e in self.exports}) != len(self.exports):
             raise ConfigError("two exports of one server have the same name")
         if not 1 <= self.threads <= 256:
@@ -114,8 +123,9 @@ class Server:
 _EXPORT_KEYS = {"image": "file", "fd": "fd", "mode": "mode", "readonly": "readonly",
                 "segment_size": "segment-size", "name": "export-name"}
 #: Server field -> plugin key.
-_SERVER_KEYS = {"placement": "placement", "mlock": "mlock", "stats_file": "stats-file",
-                "shared": "shared", "outlive_parent": "outlive-parent"}
+_SERVER_KEYS = {"exports_dir": "exports-dir", "placement": "placement", "mlock": "mlock",
+                "stats_file": "stats-file", "shared": "shared",
+                "outlive_parent": "outlive-parent"}
 _DEFAULT_EXPORT = {f.name: f.default for f in dataclasses.fields(Export)}
 _DEFAULT_SERVER = {f.name: f.default for f in dataclasses.fields(Server)
                    if f.default is not dataclasses.MISSING}
@@ -128,7 +138,8 @@ def _render(value) -> str:
 def plugin_keys(server: Server) -> list[str]:
     """The plugin's ``key=value`` arguments for ``server``: each export's
     (``file`` first), then the server's that differ from the default.  The
-    slice is not among them: nbdkit's offset filter serves it."""
+    slice of a fixed export is not among them: nbdkit's offset filter
+    serves it."""
     keys = []
     for export in server.exports:
         for field, key in _EXPORT_KEYS.items():
@@ -192,6 +203,72 @@ def from_plugin_keys(pairs: list[tuple[str, str]]) -> Server:
             server[field] = _PARSE.get(field, _text)(key, value)
         else:
             raise ConfigError(f"unknown parameter {key!r}")
-    if not exports:
-        raise ConfigError("the file parameter is required: file=IMAGE")
+    if not exports and "exports_dir" not in server:
+        raise ConfigError("the file parameter is required: file=IMAGE (or exports-dir=DIR)")
     return Server(exports=tuple(Export(**e) for e in exports), **server)
+
+
+# ---- an export of an exports directory ------------------------------------------------
+
+#: What an export's definition holds, with each field's JSON type.  Not its
+#: name, which is the file's, nor ``fd``, a descriptor of whoever made it.
+_DEFINITION = {"image": str, "mode": str, "readonly": bool, "segment_size": int,
+               "offset": int, "length": int}
+_JSON_TYPES = {str: "a string", bool: "true or false", int: "an integer"}
+EXPORT_NAME_MAX = 64
+
+
+def check_export_name(name: str) -> str:
+    """``name``, if it can name an export of an exports directory: 1 to 64
+    of ``A-Z a-z 0-9 _ . : -``, the first a letter or a digit.  Such a name
+    is never a path: it holds no ``/`` and cannot be ``.`` or ``..``."""
+    if 0 < len(name) <= EXPORT_NAME_MAX and all(
+            c.isascii() and (c.isalnum() or (i > 0 and c in "_.:-"))
+            for i, c in enumerate(name)):
+        return name
+    raise ConfigError(f"{name[:EXPORT_NAME_MAX + 1]!r} is not an export name: up to "
+                      f"{EXPORT_NAME_MAX} letters, digits and _.:-, the first a letter or digit")
+
+
+def _absolute(image: str) -> str:
+    # The server that reads the definition runs wherever it was started:
+    # a relative path would name another file there.
+    if not image.startswith("/"):
+        raise ConfigError(f"an export's image must be an absolute path, not {image!r}")
+    return image
+
+
+def export_json(export: Export) -> str:
+    """The definition of ``export`` in an exports directory, one line of
+    JSON, as :func:`export_from_json` reads it back."""
+    _absolute(export.image)
+    return json.dumps({field: getattr(export, field) for field in _DEFINITION})
+
+
+def export_from_json(text: str | bytes) -> Export:
+    """The :class:`Export` that ``text``, an export's definition,
+    describes; ConfigError (one line) for anything that is not one."""
+    try:
+        fields = json.loads(text)
+    except (ValueError, RecursionError) as e:   # not JSON, not text, or nested too deep
+        raise ConfigError(f"not JSON: {e}") from None
+    if not isinstance(fields, dict):
+        raise ConfigError(f"an export definition is a JSON object, not {_shown(fields)}")
+    for key, value in fields.items():
+        kind = _DEFINITION.get(key)
+        if kind is None:
+            raise ConfigError(f"an export definition has no key {_shown(key)}")
+        # type(), not isinstance: JSON's true is no integer, nor 1 a boolean.
+        if type(value) is not kind:
+            raise ConfigError(f"{key} must be {_JSON_TYPES[kind]}, not {_shown(value)}")
+    if "image" not in fields:
+        raise ConfigError("an export definition needs its image")
+    _absolute(fields["image"])
+    return Export(**fields)
+
+
+def _shown(value: object) -> str:
+    """``value`` as JSON writes it, cut short: it comes from a file, and
+    may be anything."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -168,7 +168,12 @@ def nbdkit_argv(server: Server, *, exit_with_parent: bool = True) -> list[str]:
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise ServeError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
-    export = server.export
+    # An exports directory's exports each have their own slice and readonly
+    # flag, which the plugin applies: the offset filter and --readonly would
+    # apply to all of them alike.
+    export = server.export if server.exports_dir is None else None
+    readonly = export is not None and export.readonly
+    sliced = export is not None and export.sliced
     argv = [nbdkit, "--foreground", "--threads", str(server.threads)]
     if exit_with_parent:
         argv.append("--exit-with-parent")
@@ -177,7 +182,7 @@ def nbdkit_argv(server: Server, *, exit_with_parent: bool = True) -> list[str]:
     elif server.port is not None:
         argv += ["--port", str(server.port), "--ipaddr", server.bind]
     # else nbdkit inherits its listening sockets (supervise.Child).
-    if export.readonly:
+    if readonly:
         argv.append("--readonly")
     if server.pidfile:
         argv += ["--pidfile", server.pidfile]
@@ -186,10 +191,10 @@ def nbdkit_argv(server: Server, *, exit_with_parent: bool = True) -> list[str]:
     if server.tls_psk:
         # require: a client that does not do TLS with a key from the file is refused.
         argv += ["--tls=require", f"--tls-psk={os.path.abspath(server.tls_psk)}"]
-    if export.sliced:
+    if sliced:
         argv.append("--filter=offset")
     argv += ["python", str(paths.PLUGIN), *plugin_keys(server)]
-    if export.sliced:
+    if sliced:
         argv += [f"offset={export.offset}", f"range={export.length}"]
     return argv
 
