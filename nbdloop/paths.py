@@ -67,6 +67,11 @@ def state_dir() -> Path:
     return d
 
 
+def control_socket() -> Path:
+    """The daemon's control socket (nbdloop.daemon.control)."""
+    return runtime_dir() / "control.sock"
+
+
 def attachments_table() -> Path:
     """The table of attachments (nbdloop.kernel.table)."""
     return Path(os.environ.get(ATTACHMENTS_ENV) or "/etc/nbdloop/attachments")

@@ -485,8 +485,6 @@ def test_sigterm_ends_the_daemon_with_status_0(rt, daemon):
         daemon.call("list")
 
 
-@pytest.mark.xfail(strict=True, reason="the daemon leaves its control socket when it ends, and "
-                   "client.needed() takes the socket for a daemon that runs")
 def test_a_daemon_that_ended_leaves_no_reason_to_start_another(rt, daemon):
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(60) == 0, daemon.log_text()
@@ -518,8 +516,6 @@ def test_list_without_a_daemon_or_records_starts_none(rt):
 
 #: What the daemon's attach refuses: (params, a phrase of its one-line
 #: refusal).  "{img}" is an image that exists.
-WRONG_TYPE = pytest.mark.xfail(strict=True, reason="the daemon does not check the types of "
-                               "attach's options (_attach_params)")
 BAD_ATTACH = [
     pytest.param({"image": "disk.img"}, "disk.img: the image's path must be absolute",
                  id="relative"),
@@ -534,8 +530,7 @@ BAD_ATTACH = [
                  "unknown mode 'sideways'", id="mode"),
     pytest.param({"image": "{img}", "options": {"device": "/dev/sda"}},
                  "not an NBD device name", id="device-name"),
-] + [pytest.param({"image": "{img}", "options": {name: value}}, name, marks=WRONG_TYPE,
-                  id=f"{name}-type")
+] + [pytest.param({"image": "{img}", "options": {name: value}}, name, id=f"{name}-type")
      for name, value in [("connections", "two"), ("readonly", "yes"), ("offset", "x"),
                          ("block_size", "4096"), ("device", 5)]]
 
@@ -614,8 +609,6 @@ def test_list_with_records_starts_a_daemon_that_shows_them_stale(rt, state, tmp_
     assert daemons_of(rt) == [started]      # the first command's daemon served them all
 
 
-@pytest.mark.xfail(strict=True, reason="Daemon.detach answers with the record after _detach "
-                   "has cleared its reason")
 def test_detach_of_a_stale_device_says_why_it_was_stale(rt, state, image):
     A.save(state, record("/dev/nbd3", os.path.realpath(image), state="stale",
                          reason="nbdkit (pid 9) ended; recovery is off (--recover-timeout 0)"))

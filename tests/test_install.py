@@ -91,7 +91,7 @@ def test_the_units_run_the_installed_nbdloop(prefix, unitdir):
     nbdloop = prefix / "bin" / "nbdloop"
     daemon = unit_settings(unitdir / "nbdloop.service")
     template = unit_settings(unitdir / "nbdloop@.service")
-    assert daemon["Service.ExecStart"] == [f"{nbdloop} daemon"]
+    assert daemon["Service.ExecStart"] == [f"{nbdloop} daemon --attach-table"]
     assert template["Service.ExecStart"] == [f"{nbdloop} attach --from-table %f"]
     assert template["Service.ExecStop"] == [f"{nbdloop} detach %f"]
     assert unit_settings(unitdir / "nbdloop.socket")["Socket.ListenSequentialPacket"] == \

@@ -9,6 +9,8 @@ module (after h11's ``_state.py``, which states its rules, and
 - Only ``engine/uring`` imports the compiled extension, and nothing leaves
   it as cffi objects: no test imports ``lib`` or ``ffi``.
 - ``vm/`` never imports ``engine/``: it runs where the extension is not built.
+- Only ``daemon/`` imports ``kernel/netlink``; the CLI never imports the
+  daemon's state or servers.
 - Only ``uring.check`` makes an OSError out of an errno.
 """
 from __future__ import annotations
@@ -142,3 +144,17 @@ def test_only_uring_check_builds_an_oserror_from_an_errno():
                         and node.func.id == "OSError" and node.args:
                     builders.append(f"{name}.{func.name}")
     assert builders == ["nbdloop.engine.uring.check"]
+
+
+def test_only_the_daemon_speaks_to_the_nbd_driver():
+    """The daemon owns every device: only daemon/ imports kernel/netlink, and
+    the CLI asks the daemon (daemon/client, and daemon/main to run it)
+    rather than reaching into its state or its servers."""
+    for name, path in modules().items():
+        found = imports(path)
+        if "nbdloop.kernel.netlink" in found:
+            assert is_within(name, "nbdloop.daemon"), f"{name} imports kernel.netlink"
+        if is_within(name, "nbdloop.cli"):
+            for imp in found:
+                assert not is_within(imp, "nbdloop.daemon.daemon") and \
+                    not is_within(imp, "nbdloop.daemon.servers"), f"{name} imports {imp}"

@@ -3,10 +3,10 @@ types and the options that several commands take."""
 from __future__ import annotations
 
 import os
-import sys
 
 import click
 
+from nbdloop import errors
 from nbdloop.engine.config import MODES, ConfigError, check_segment_size
 from nbdloop.kernel.nbdclient import BLOCK_SIZES
 from nbdloop.sizes import parse_size
@@ -24,35 +24,13 @@ class Failure(UsageError):
     exit_code = 1
 
 
-#: The errors of the layers below, shown as one line.  The exit status is
-#: the error's ``exit_status``: 2 for bad usage or input (the default), 1 for
-#: a failure at run time (the server died, the kernel refused).  Named, not
-#: imported: an error can only be of a type whose module has been loaded.
-KNOWN_ERRORS = (
-    ("nbdloop.bench.command", "BenchError"),
-    ("nbdloop.engine.backing", "ImageError"),
-    ("nbdloop.engine.config", "ConfigError"),
-    ("nbdloop.kernel.attach", "AttachError"),
-    ("nbdloop.kernel.netlink", "KernelError"),
-    ("nbdloop.kernel.table", "TableError"),
-    ("nbdloop.kernel.vmcheck", "VmCheckError"),
-    ("nbdloop.paths", "PathError"),
-    ("nbdloop.serve.cmdline", "ServeError"),
-    ("nbdloop.vm.tools", "VmError"),
-)
-
-
 def one_line_error(e: BaseException) -> tuple[int, str] | None:
     """(exit status, message) of an error that nbdloop shows as one line:
-    click's usage errors and ours (2, or 1 for a failure at run time).
-    None for anything else, which is a bug."""
+    click's usage errors (2) and ours (nbdloop.errors).  None for anything
+    else, which is a bug."""
     if isinstance(e, click.ClickException):
         return e.exit_code, e.format_message()     # 2 for click's usage errors
-    for module, name in KNOWN_ERRORS:
-        loaded = sys.modules.get(module)
-        if loaded is not None and isinstance(e, getattr(loaded, name)):
-            return getattr(e, "exit_status", 2), str(e)
-    return None
+    return errors.one_line_error(e)
 
 
 # ---- parameter types ----------------------------------------------------------

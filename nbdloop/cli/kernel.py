@@ -1,10 +1,15 @@
-"""``nbdloop attach``, ``detach`` and ``list``: images on kernel NBD devices,
-like losetup.  The logic is in :mod:`nbdloop.kernel.attach`."""
+"""``nbdloop attach``, ``detach``, ``list``, ``restart`` and ``daemon``:
+images on kernel NBD devices, like losetup.  The commands are clients of
+the daemon (:mod:`nbdloop.daemon`), which does the work; the checks that
+need no daemon are made here first, in :mod:`nbdloop.kernel.attach`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -13,6 +18,7 @@ from click.core import ParameterSource
 from nbdloop import extents, paths
 from nbdloop.cli.common import (SIZE, block_size_option, connections_option, mode_option,
                                 one_line_error)
+from nbdloop.daemon import client, control
 from nbdloop.kernel import attach as attach_mod
 from nbdloop.kernel import table
 
@@ -62,11 +68,11 @@ _NOT_IN_TABLE = {"image", "all_", "persist", "foreground", "from_table"}
                    "attachments (replacing its line), so that attach --all attaches it.")
 @click.option("--from-table", is_flag=True,
               help="Take IMAGE's options from its line in the table (what the systemd "
-                   "unit nbdloop@.service runs).")
+                   "unit nbdloop@.service runs); an image attached already is not an error.")
 @click.option("--foreground", is_flag=True,
-              help="Stay in the foreground as the device's agent until detach, logging to "
-                   "stderr and telling systemd when the device is ready (Type=notify).  "
-                   "Takes over a device whose agent has died.")
+              help="Stay in the foreground until the device is detached, telling systemd "
+                   "once it is attached (Type=notify), for a service of your own.  The "
+                   "daemon serves the device either way.")
 @click.pass_context
 def attach(ctx, image, all_, persist, from_table, foreground, **options):
     """Serve IMAGE in the background and attach it to a kernel NBD device
@@ -90,6 +96,11 @@ def attach(ctx, image, all_, persist, from_table, foreground, **options):
             raise table.TableError(f"{image}: not in {table_path}")
         sub = _entry_context(ctx, entry, table_path)
         options = {k: v for k, v in sub.params.items() if k not in _NOT_IN_TABLE}
+        row = _row_of(image)
+        if row is not None and not foreground:
+            # The daemon attached it from the table at its start.
+            click.echo(row["device"])
+            return
     if foreground:
         sys.exit(attach_image(image, foreground=True, **options))
     att = attach_image(image, **options)
@@ -100,7 +111,7 @@ def attach(ctx, image, all_, persist, from_table, foreground, **options):
 
 def attach_all(ctx: click.Context, table_path: Path) -> int:
     """attach --all: every entry not attached yet."""
-    attached = {a.image for a in attach_mod.load(paths.state_dir())}
+    attached = {r["image"] for r in _rows()}
 
     def attach_entry(entry: table.Entry) -> None:
         sub = _entry_context(ctx, entry, table_path)
@@ -166,26 +177,56 @@ def _table_options(ctx: click.Context, options: dict) -> list[str]:
 
 
 def attach_image(image, foreground=False, **options):
-    """Check IMAGE and the options, then attach (or, foreground, be the agent
-    until detach: returns its exit status)."""
+    """Check IMAGE and the options, then ask the daemon to attach it; the
+    attachment (or, foreground, the exit status once it is detached)."""
     try:
         options, part, regular = attach_mod.check_options(image, attach_mod.Options(**options))
     except attach_mod.DeviceNameError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None
+    att = attach_mod.Attachment.from_dict(client.call("attach", {
+        "image": os.path.abspath(image), "options": dataclasses.asdict(options)}))
+    if regular and not options.readonly:
+        extents.warn_if_unsettled(image, options.mode, part.offset, part.end,
+                                  lambda line: click.echo(line, err=True))
+    if not foreground:
+        return att
+    click.echo(f"nbdloop: {image} attached to {att.device}", err=True)
+    _notify("READY=1")
+    while _row_of(att.device) is not None:
+        time.sleep(1)
+    return 0
 
-    def warn() -> None:     # once attached: a failure is one line alone
-        if regular and not options.readonly:
-            extents.warn_if_unsettled(image, options.mode, part.offset, part.end,
-                                      lambda line: click.echo(line, err=True))
 
-    if foreground:
-        def ready(att) -> None:
-            click.echo(f"nbdloop: {image} attached to {att.device}", err=True)
-            warn()
-        return attach_mod.attach_foreground(paths.state_dir(), image, options, on_ready=ready)
-    att = attach_mod.attach(paths.state_dir(), image, options)
-    warn()
-    return att
+def _notify(state: str) -> None:
+    try:
+        from systemd import daemon as sd
+    except ImportError:
+        return
+    sd.notify(state)
+
+
+def _rows() -> list[dict]:
+    """What ``list --json`` lists; without asking a daemon that is not
+    running when there is nothing for it to take over."""
+    if not client.needed():
+        return []
+    return client.call("list")["attachments"]
+
+
+def _row_of(target: str) -> dict | None:
+    device = _target(target)
+    for row in _rows():
+        if row["device"] == device or row["image"] == os.path.realpath(target):
+            return row
+    return None
+
+
+def _target(target: str) -> str:
+    """A device as /dev/nbdN, an image as an absolute path (the daemon's
+    working directory is not the caller's)."""
+    if re.fullmatch(r"nbd\d+", target):
+        return f"/dev/{target}"
+    return target if target.startswith("/dev/") else os.path.abspath(target)
 
 
 @click.command()
@@ -203,32 +244,33 @@ def detach(target, all_, forget):
         sys.exit(detach_all(table_path))
     if target is None:
         raise click.UsageError("Missing argument 'DEVICE|IMAGE' (or give --all)")
-    try:
-        att, state = attach_mod.detach(paths.state_dir(), target)
-    except attach_mod.AttachError:
+    if forget and _row_of(target) is None:
         # Forgetting an image that is not attached is still forgetting it.
-        if not (forget and attach_mod.find(paths.state_dir(), target) is None
-                and table.remove(table_path, target)):
-            raise
-        click.echo(f"nbdloop: {target}: was not attached; removed from {table_path}", err=True)
-        return
-    _report_detach(att, state)
+        if table.remove(table_path, target):
+            click.echo(f"nbdloop: {target}: was not attached; removed from {table_path}",
+                       err=True)
+            return
+    answer = _detach(target)
     if forget:
-        table.remove(table_path, att.image)
+        table.remove(table_path, answer["attachment"]["image"])
+
+
+def _detach(target: str) -> dict:
+    if not client.needed():
+        raise attach_mod.AttachError(f"{target}: not attached (see nbdloop list)")
+    answer = client.call("detach", {"target": _target(target)})
+    att, state = answer["attachment"], answer["state"]
+    if state == "stale":
+        click.echo(f"nbdloop: {att['device']}: removed a stale attachment of {att['image']} "
+                   f"({att['reason'] or 'its server had died'})", err=True)
+    return answer
 
 
 def detach_all(table_path: Path) -> int:
     """detach --all: every attached image that the table names."""
     wanted = {os.path.realpath(e.image) for e in table.read(table_path)}
-    return each([a for a in attach_mod.load(paths.state_dir()) if a.image in wanted],
-                lambda a: a.image,
-                lambda a: _report_detach(*attach_mod.detach(paths.state_dir(), a.device)))
-
-
-def _report_detach(att, state: str) -> None:
-    if state == "stale":
-        click.echo(f"nbdloop: {att.device}: removed a stale attachment of {att.image} "
-                   f"({attach_mod.stale_reason(att) or 'its server had died'})", err=True)
+    return each([r for r in _rows() if r["image"] in wanted],
+                lambda r: r["image"], lambda r: _detach(r["device"]))
 
 
 @click.command()
@@ -237,12 +279,35 @@ def _report_detach(att, state: str) -> None:
               metavar="SECONDS", help="How long to wait for the new server.")
 def restart(target, timeout):
     """Replace the server of an attached device, without unmounting: the
-    device's agent stops the server, starts again with the nbdloop now
-    installed, and hands the kernel new connections.  This is how a mounted
-    device moves to a new version of nbdloop."""
-    before, after = attach_mod.restart(paths.state_dir(), target, timeout)
-    took = (after.last_recovery or {}).get("seconds")
-    click.echo(f"{after.device}: server pid {before.server_pid} -> {after.server_pid}"
+    daemon stops the server (every device it serves goes through this too),
+    starts again as the nbdloop now installed, and hands the kernel new
+    connections.  This is how a mounted device moves to a new version of
+    nbdloop."""
+    before = _row_of(target)
+    if before is None:
+        raise attach_mod.AttachError(f"{target}: not attached (see nbdloop list)")
+    try:
+        client.call("restart", {"target": before["device"]})
+    except control.DaemonError as e:
+        # The daemon may exec itself before its answer leaves.
+        if "without an answer" not in str(e):
+            raise
+    deadline = time.monotonic() + timeout
+    while True:
+        time.sleep(0.2)
+        after = _row_of(before["device"])
+        if after is None:
+            raise attach_mod.AttachFailed(f"{before['device']} was detached during the restart")
+        if after["state"] == "stale":
+            raise attach_mod.AttachFailed(f"{before['device']}: the restart failed: "
+                                          f"{after['reason']}")
+        if after["state"] == "attached" and after["server_pid"] != before["server_pid"]:
+            break
+        if time.monotonic() > deadline:
+            raise attach_mod.AttachFailed(f"{before['device']}: no new server within "
+                                          f"{timeout:g} s (state {after['state']})")
+    took = (after["last_recovery"] or {}).get("seconds")
+    click.echo(f"{after['device']}: server pid {before['server_pid']} -> {after['server_pid']}"
                + (f" in {took:g} s" if took is not None else ""))
 
 
@@ -316,7 +381,7 @@ def table_lines(rows: list[dict], columns: list[str], headings: bool = True) -> 
               help="Only the attachments of image FILE (losetup -j).")
 def list_(as_json, columns, noheadings, associated):
     """List attached images, like losetup -l."""
-    rows = [attach_mod.describe(a) for a in attach_mod.load(paths.state_dir())]
+    rows = _rows()
     if associated is not None:
         rows = [r for r in rows if r["image"] == os.path.realpath(associated)]
     if as_json:
@@ -325,3 +390,19 @@ def list_(as_json, columns, noheadings, associated):
     if rows:
         for line in table_lines(rows, columns, headings=not noheadings):
             click.echo(line)
+
+
+@click.command()
+@click.option("--attach-table", is_flag=True,
+              help="Once started, attach every image of the table of attachments that is "
+                   "not attached (what the systemd service does at boot).")
+def daemon(attach_table):
+    """Run the daemon that owns every attached device.  systemd starts it
+    (nbdloop.socket, nbdloop.service); without systemd the first command
+    that needs it does.  Stopping it leaves the devices working: the next
+    daemon takes them over."""
+    from nbdloop.daemon import main
+    try:
+        sys.exit(main.run(attach_table))
+    except main.AlreadyRunning as e:
+        click.echo(f"nbdloop: {e}", err=True)

@@ -66,12 +66,9 @@ def serve_options(f):
                    "also on SOCKET (attach spreads its connections over them).  In direct "
                    "mode, a write that is not aligned to the image's direct-I/O alignment "
                    "is refused.")
-@click.option("--agent", is_flag=True, hidden=True,
-              help="Run under a device's agent (nbdloop attach): the agent, not this "
-                   "supervisor, restarts nbdkit, and a stop closes the connections first.")
 def serve(image, mode, readonly, threads, segment_size, export_name, offset, sizelimit,
           socket_path, port, bind, pidfile, verbose, stats_file, tls_psk, mlock, placement,
-          cpus, processes, agent):
+          cpus, processes):
     """Serve IMAGE over NBD in the foreground until SIGINT or SIGTERM."""
     if socket_path and port:
         raise click.BadParameter("use --socket or --port, not both", param_hint="--socket")
@@ -85,5 +82,5 @@ def serve(image, mode, readonly, threads, segment_size, export_name, offset, siz
                     stats_file=os.path.abspath(stats_file) if stats_file else None,
                     socket=socket_path, port=port, bind=bind, pidfile=pidfile,
                     verbose=verbose, tls_psk=tls_psk)
-    sys.exit(run.serve(server, cpus=cpus, processes=processes, agent=agent,
+    sys.exit(run.serve(server, cpus=cpus, processes=processes,
                        say=lambda line: click.echo(line, err=True)))

@@ -105,6 +105,8 @@ class ControlSocketError(Exception):
     """The control socket cannot be set up: its path is taken, or systemd
     passed something else than what the unit should listen on."""
 
+    exit_status = 1
+
 
 class _BadRequest(Exception):
     """A request that cannot be served as sent; becomes an error answer."""

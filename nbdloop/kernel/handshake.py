@@ -117,6 +117,8 @@ _ERROR_NAMES = {
 class HandshakeError(Exception):
     """The handshake failed; the message is one line naming the problem."""
 
+    exit_status = 1
+
 
 @dataclass(frozen=True)
 class Export:

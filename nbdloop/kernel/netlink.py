@@ -55,6 +55,10 @@ CMD_RECONFIGURE = 3
 CMD_LINK_DEAD = 4
 CMD_STATUS = 5
 
+#: Client flag: the kernel removes the device once it is disconnected (for
+#: the devices nbdloop made on demand, beyond the module's ``nbds_max``).
+CFLAG_DESTROY_ON_DISCONNECT = 1 << 0
+
 SYS_BLOCK = Path("/sys/block")
 
 
@@ -172,11 +176,13 @@ class Nbd:
 
     def connect(self, index: int, fds: Sequence[int], *, size: int, block_size: int,
                 server_flags: int, timeout: int, dead_conn_timeout: int,
-                identifier: str) -> int:
+                identifier: str, destroy_on_disconnect: bool = False) -> int:
         """Configure nbd``index`` on the negotiated sockets ``fds`` (the
         kernel takes its own reference; the caller may close them).  Returns
         the device's index.  A device that is configured already, or held
-        open, is refused with EBUSY."""
+        open, is refused with EBUSY.  An index the kernel has no device for
+        makes one (the driver adds it); ``destroy_on_disconnect`` removes it
+        again at disconnect."""
         attrs = [
             ["NBD_ATTR_INDEX", index],
             ["NBD_ATTR_SIZE_BYTES", size],
@@ -187,6 +193,8 @@ class Nbd:
             ["NBD_ATTR_BACKEND_IDENTIFIER", identifier],
             self._sockets(fds),
         ]
+        if destroy_on_disconnect:
+            attrs.append(["NBD_ATTR_CLIENT_FLAGS", CFLAG_DESTROY_ON_DISCONNECT])
         try:
             replies = self._request(CMD_CONNECT, attrs, f"connecting /dev/nbd{index}")
         except KernelError as e:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from nbdloop import vm
 from nbdloop.engine import backing
-from nbdloop.kernel.attach import AttachError, default_block_size, server_error
+from nbdloop.kernel.attach import AttachError, default_block_size
 from nbdloop.kernel.nbdclient import BLOCK_SIZES, nbd_client_args
 from nbdloop.paths import SBIN_PATH
 from nbdloop.serve import children as srv
@@ -204,7 +204,7 @@ def run_vm_check(image: str, *, mode: str = "direct", fstype: str = "ext4",
             server.start()
         except srv.ServerError:
             raise VmCheckFailed("the server did not start: "
-                               f"{server_error(server.log)}") from None
+                               f"{srv.server_error(server.log)}") from None
         try:
             progress(f"serving {image} ({geometry.size >> 20} MiB, {mode}, alignment "
                      f"{geometry.align}) on a private socket")

@@ -1,11 +1,13 @@
 """Run NBD servers as child processes: nbdloop itself (through ``nbdloop
 serve``, so what runs is what users run) and the peers we compare against.
 
-Used by ``attach``, the benchmark and the tests.
+Used by vm-check, the benchmark and the tests; and the one reader of a
+server's log.
 """
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +24,29 @@ class ServerError(Exception):
     """A server that would not start, with the end of its log."""
 
 
-def serve_argv(server: Server, *, processes: int = 1, agent: bool = False) -> list[str]:
+def server_error(log: Path, size: int = 16384) -> str:
+    """The reason a server failed, in one line, from the end of its log:
+    serve's own ``nbdloop: ...`` refusal, else the last error nbdkit or
+    Python printed, else the last line."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return "no log"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    noise = ("nbdloop: serving ", "nbdloop: server exited", "nbdloop: warning",
+             "nbdloop: workers run")
+    for line in reversed(lines):
+        if line.startswith("nbdloop: ") and not line.startswith(noise):
+            return line.removeprefix("nbdloop: ")
+    for line in reversed(lines):
+        if re.search(r"\b\w*Error\b|\berror\b", line) and not line.startswith(noise):
+            return line
+    return lines[-1] if lines else "no output"
+
+
+def serve_argv(server: Server, *, processes: int = 1) -> list[str]:
     """``nbdloop serve``'s command line for ``server``: the inverse of what
     the serve command builds from its options."""
     export = server.export
@@ -32,7 +56,7 @@ def serve_argv(server: Server, *, processes: int = 1, agent: bool = False) -> li
     if server.port:
         argv += ["--port", str(server.port), "--bind", server.bind]
     for flag, on in (("--readonly", export.readonly), ("--mlock", server.mlock),
-                     ("--verbose", server.verbose), ("--agent", agent)):
+                     ("--verbose", server.verbose)):
         if on:
             argv.append(flag)
     for option, value, default in (

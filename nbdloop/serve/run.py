@@ -54,11 +54,8 @@ def with_socket(server: Server) -> Server:
 
 
 def serve(server: Server, *, cpus: set[int] | None = None, processes: int = 1,
-          agent: bool = False, say=lambda line: print(line, file=sys.stderr, flush=True)
-          ) -> int:
-    """Serve until SIGINT or SIGTERM; returns the exit status.  ``agent``: a
-    device's agent runs this server (it restarts nbdkit, and a stop hands
-    the connections over first)."""
+          say=lambda line: print(line, file=sys.stderr, flush=True)) -> int:
+    """Serve until SIGINT or SIGTERM; returns the exit status."""
     server = with_socket(server)
     export = server.export
     sockets = check(server, processes)
@@ -125,16 +122,14 @@ def serve(server: Server, *, cpus: set[int] | None = None, processes: int = 1,
             f = single_fd()
             this = server.replace(placement="off" if cpus else server.placement)
             own = {}
-        this = this.replace(pidfile=str(ready[k]), outlive_parent=agent,
+        this = this.replace(pidfile=str(ready[k]),
                             exports=(dataclasses.replace(
                                 export, fd=f, image=os.path.abspath(export.image)),))
-        return Child(nbdkit_argv(this, exit_with_parent=not agent), (f,), **own)
+        return Child(nbdkit_argv(this), (f,), **own)
 
     where = (f"unix:{server.socket}" if server.socket else
              f"nbd://{server.bind}:{server.port}") + (" with TLS" if server.tls_psk else "")
-    # Under an agent, attach has said it once already: not again at every
-    # server start, a recovery's included.
-    if not geometry.block_device and not export.readonly and not agent:
+    if not geometry.block_device and not export.readonly:
         extents.warn_if_unsettled(export.image, export.mode, part.offset, part.end, say)
     what = (f"{format_size(part.length)} at offset {part.offset} of "
             f"{format_size(geometry.size)}" if part.filtered else format_size(geometry.size))
@@ -146,7 +141,7 @@ def serve(server: Server, *, cpus: set[int] | None = None, processes: int = 1,
     try:
         status = supervise(spawn, env=plugin_env(), ready_files=ready,
                            pidfile=Path(server.pidfile).absolute() if server.pidfile else None,
-                           sockets=sockets, handover=agent)
+                           sockets=sockets)
     except backing.ImageError as e:   # reopening after a crash failed
         say(f"nbdloop: cannot restart the server: {e}")
         status = 1

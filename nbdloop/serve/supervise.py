@@ -9,13 +9,8 @@ signal, gives nbdkit a moment, and then shuts down the read side of
 nbdkit's sockets (through pidfd_getfd), so each worker sees end-of-file,
 finishes the request it is on, and nbdkit exits cleanly.
 
-Under a device's agent (``serve --agent``) the order is the other way round,
-because nbdkit answers a request it reads after SIGTERM with an ESHUTDOWN
-error, which the kernel passes to the filesystem as an I/O error: the
-connections are closed first, and nbdkit is told to go only once they are
-gone (or killed, which answers nothing, so the kernel resends).  There
-nbdkit is also not restarted after a crash: the agent replaces the whole
-server, because it must hand the kernel new connections anyway.
+The daemon's servers are stopped the other way round (connections first:
+see nbdloop.daemon.servers.stop), with the helpers here.
 """
 from __future__ import annotations
 
@@ -84,11 +79,9 @@ def connections(pid: int) -> int:
     return sum(1 for _ in _sockets(pid, True))
 
 
-def stop(procs: list[subprocess.Popen], handover: bool = False) -> list[int]:
+def stop(procs: list[subprocess.Popen]) -> list[int]:
     """Stop nbdkit (every process of it) in an orderly way; returns their
     exit statuses."""
-    if handover:
-        return _hand_over(procs)
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -97,23 +90,6 @@ def stop(procs: list[subprocess.Popen], handover: bool = False) -> list[int]:
             if proc.poll() is None:
                 shutdown_sockets(proc.pid)
         _wait_all(procs, DRAIN)
-    return [process.kill(proc) for proc in procs]
-
-
-def _hand_over(procs: list[subprocess.Popen]) -> list[int]:
-    """Close nbdkit's connections, let it answer what it has read, and only
-    then stop it: SIGTERM once it has no connection left, SIGKILL if the
-    drain time runs out."""
-    for proc in procs:
-        shutdown_sockets(proc.pid, connected_only=True)
-    deadline = time.monotonic() + DRAIN
-    while any(proc.poll() is None and connections(proc.pid) for proc in procs) and \
-            time.monotonic() < deadline:
-        time.sleep(0.05)
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM if not connections(proc.pid) else signal.SIGKILL)
-    _wait_all(procs, GRACE * 5)
     return [process.kill(proc) for proc in procs]
 
 
@@ -147,10 +123,12 @@ class Child:
     cpu: int | None = None         # pinned to it, with every thread it makes
 
 
-def _popen(child: Child, env: dict[str, str]) -> subprocess.Popen:
-    """Start ``child``; its ``fds`` reach nbdkit under their own numbers."""
+def popen(child: Child, env: dict[str, str], **popen_args) -> subprocess.Popen:
+    """Start ``child``; its ``fds`` reach nbdkit under their own numbers.
+    ``popen_args`` go to Popen (the daemon's servers: a session of their
+    own and a log file)."""
     if not child.listen:
-        return subprocess.Popen(child.argv, env=env, pass_fds=child.fds)
+        return subprocess.Popen(child.argv, env=env, pass_fds=child.fds, **popen_args)
     base = 3
     # dup2 below must not overwrite a descriptor it has yet to copy, nor
     # the image's (whose number is in argv): the caller keeps them all above.
@@ -167,12 +145,12 @@ def _popen(child: Child, env: dict[str, str]) -> subprocess.Popen:
     env = dict(env, LISTEN_FDS=str(len(child.listen)))
     # LISTEN_PID must be nbdkit's own pid: a shell knows it and execs nbdkit.
     argv = ["/bin/sh", "-c", 'export LISTEN_PID=$$; exec "$@"', "sh"] + child.argv
-    return subprocess.Popen(argv, env=env, close_fds=False, preexec_fn=in_child)
+    return subprocess.Popen(argv, env=env, close_fds=False, preexec_fn=in_child, **popen_args)
 
 
 def supervise(spawn: Callable[[int], Child], *, env: dict[str, str],
               ready_files: list[Path], pidfile: Path | None, sockets: list[Path],
-              ready_timeout: float = 120, handover: bool = False,
+              ready_timeout: float = 120,
               log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)
               ) -> int:
     """Start nbdkit, one process per ready file, write ``pidfile`` (our pid)
@@ -187,8 +165,7 @@ def supervise(spawn: Callable[[int], Child], *, env: dict[str, str],
     is started again on the same socket; its clients lose their
     connections, not the server.  A SIGKILL or an ordinary exit is not a
     crash and ends the supervisor (and the other processes).
-    ``handover``: under a device's agent, which restarts the whole server
-    itself; stop with :func:`_hand_over` and never restart nbdkit."""
+    """
     stopping = False
 
     def on_signal(signum, frame):
@@ -214,7 +191,7 @@ def supervise(spawn: Callable[[int], Child], *, env: dict[str, str],
             # one's goes first, and the new one's mode is set once it listens.
             sockets[0].unlink(missing_ok=True)
             published = False
-        proc = _popen(child, env)
+        proc = popen(child, env)
         for fd in child.fds:
             os.close(fd)   # nbdkit holds the image (and its lock) now
         started[k] = time.monotonic()
@@ -238,16 +215,16 @@ def supervise(spawn: Callable[[int], Child], *, env: dict[str, str],
             start(k)
         while True:
             if stopping:
-                status = _stopped_status(stop(procs, handover), handover, log)
+                status = _stopped_status(stop(procs), log)
                 break
             dead = [k for k, proc in enumerate(procs) if proc.poll() is not None]
             if dead:
                 k = dead[0]
                 status = procs[k].returncode
                 startup_crashes[k] = 0 if ready(k) else startup_crashes[k] + 1
-                if handover or -status not in CRASH_SIGNALS or \
+                if -status not in CRASH_SIGNALS or \
                         startup_crashes[k] >= MAX_STARTUP_CRASHES:
-                    stop(procs, handover)
+                    stop(procs)
                     break
                 log(f"nbdloop: nbdkit crashed ({signal.Signals(-status).name}); "
                     "restarting it on the same image and socket")
@@ -260,7 +237,7 @@ def supervise(spawn: Callable[[int], Child], *, env: dict[str, str],
                     time.monotonic() > started[k] + ready_timeout]
             if late:
                 # Never got ready: stopped, and a failure whatever it says.
-                status = _stopped_status(stop(procs, handover), handover, log) or 1
+                status = _stopped_status(stop(procs), log) or 1
                 break
             time.sleep(0.05)
     finally:
@@ -277,8 +254,7 @@ def supervise(spawn: Callable[[int], Child], *, env: dict[str, str],
     return status
 
 
-def _stopped_status(statuses: list[int], handover: bool,
-                    log: Callable[[str], None]) -> int:
+def _stopped_status(statuses: list[int], log: Callable[[str], None]) -> int:
     """The exit status of a server stopped on request: 0 if every process
     ended as a stop ends, else the first that did not."""
     for status in statuses:
@@ -286,8 +262,7 @@ def _stopped_status(statuses: list[int], handover: bool,
             # Closing connections with replies pending can trip the same
             # nbdkit assertion; every request had been answered.
             log("nbdloop: nbdkit aborted while shutting down (RHBZ#2173054)")
-        if status not in (0, -signal.SIGTERM, -signal.SIGABRT) and \
-                not (handover and status == -signal.SIGKILL):
+        if status not in (0, -signal.SIGTERM, -signal.SIGABRT):
             return status
     return 0
 

@@ -38,7 +38,7 @@ MODULE_ROOTS = ("virtio_pci", "virtio_net", "nbd", "crc32c_generic", "ext4", "xf
 PRODUCT_MODULE_ROOTS = ("virtio_pci", "virtio_blk", "virtio_console", "nbd", "9pnet_virtio",
                         "9p", "overlay", "crc32c_generic", "ext4", "xfs")
 #: Module parameters of the product VM, given to insmod after the module's path.
-PRODUCT_MODULE_PARAMS = {"nbd": ("nbds_max=16", "max_part=8")}
+PRODUCT_MODULE_PARAMS = {"nbd": ("nbds_max=8", "max_part=8")}
 #: Host packages whose files go into the product initramfs.
 PRODUCT_HOST_PACKAGES = ("busybox-static",)
 

@@ -1,0 +1,603 @@
+"""The daemon's state and what it does with it: attach, detach, list,
+restart, and keep every device served.
+
+One :class:`Daemon` owns every attachment of the host: its record, the
+export its server serves, the kernel's device (over netlink) and the watch
+on its server.  Requests come from the control socket's threads
+(:mod:`nbdloop.daemon.control`); deaths come to :meth:`Daemon.watch`, the
+main thread, as pidfds that become readable and the kernel's link-dead
+events.  One lock serialises every change; ``list`` reads without it, so
+that it answers at once even during a recovery.
+
+Recovery is per server group (:mod:`nbdloop.daemon.servers`): when a
+process of a group ends, or the kernel finds a connection to it dead, the
+daemon kills what is left of the group, waits until it is gone (a killed
+server answers nothing, so the kernel resends what it had read; and a new
+server can open an image only once the old one's I/O has finished, since
+the image's lock goes with the last reference to its open file), starts it
+again and hands each of its devices new connections with
+NBD_CMD_RECONFIGURE.  Meanwhile the kernel holds the devices' requests for
+up to their ``--recover-timeout``.
+
+A daemon that starts takes over what the one before left (:meth:`take_over`):
+the records say which devices and groups there are, the kernel and /proc
+say which are still alive; what was half done is finished or undone, so
+that there is never a server without a device, nor a device without a
+record.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import select
+import signal
+import threading
+import time
+from pathlib import Path
+
+from nbdloop import process
+from nbdloop.daemon import servers
+from nbdloop.daemon.control import Refusal, Request
+from nbdloop.engine.config import Export, export_json
+from nbdloop.errors import one_line_error
+from nbdloop.kernel import attach as A
+from nbdloop.kernel import handshake
+
+CRASH_AT_ENV = "NBDLOOP_DAEMON_CRASH_AT"
+#: Seconds detach waits for the kernel to let a device go (and to remove
+#: one it made).
+DISCONNECT_TIMEOUT = 30.0
+#: Seconds an agent of an nbdloop before the daemon gets to stop (its
+#: server's drain time, and a moment for itself).
+AGENT_STOP_TIMEOUT = servers.DRAIN + 10.0
+
+
+class Daemon:
+    """Every attachment of the host, and the servers that serve them."""
+
+    def __init__(self, state_dir: Path, log=None, sys_block: Path = A.SYS_BLOCK) -> None:
+        self.state_dir = state_dir
+        self.sys_block = sys_block      # where the kernel shows its devices
+        self.log = log or (lambda message: None)
+        self.lock = threading.RLock()
+        self.devices: dict[str, A.Attachment] = {a.device: a for a in A.load(state_dir)}
+        self.groups: dict[str, servers.Group] = servers.load_all(state_dir)
+        self.watched: dict[int, tuple[str, int]] = {}    # pidfd -> (group, pid)
+        self.nl = None
+        self.events = None
+        self.late_dead: set[int] = set()    # link-dead events read during a recovery
+        self.restart_requested = False
+        self.stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # ---- the control socket's requests ------------------------------------------------
+
+    def methods(self) -> dict:
+        return {name: _answering(getattr(self, name)) for name in
+                ("attach", "detach", "list", "restart")}
+
+    def attach(self, request: Request) -> dict:
+        """Serve an image and connect a kernel device to it; the record."""
+        image, options = _attach_params(request.params)
+        with self.lock:
+            options, _, _ = A.check_options(image, options)
+            real = os.path.realpath(image)
+            for other in self.devices.values():
+                if other.image == real:
+                    hint = (f" (it is stale: `nbdloop detach {other.device}` cleans up)"
+                            if A.state_of(other, self.sys_block) == "stale" else "")
+                    raise A.AttachError(f"{image}: already attached to {other.device}{hint}")
+            device, made = A.choose_device(set(self.devices), options.device,
+                                           self.sys_block)
+            name = os.path.basename(device)
+            spec = servers.group_for(name, mlock=options.mlock,
+                                     stats_file=options.stats_file or "",
+                                     processes=options.processes)
+            att = A.Attachment(
+                device=device, image=real, mode=options.mode, readonly=options.readonly,
+                socket=spec.socket(self.state_dir), pid=0, server_pid=0,
+                connections=options.connections, block_size=options.block_size,
+                log=spec.log(self.state_dir), started=A.now_iso(), timeout=options.timeout,
+                recover_timeout=options.recover_timeout, identifier=A.new_identifier(real),
+                mlock=options.mlock, stats_file=options.stats_file or "",
+                offset=options.offset, sizelimit=options.sizelimit, partscan=options.partscan,
+                processes=options.processes, group=spec.name, export=name, made=made,
+                since=time.time())
+            self._write_export(att)
+            self.devices[device] = att
+            A.save(self.state_dir, att)
+            _crash_point("attach-recorded")
+            try:
+                group = self._running_group(spec)
+                _crash_point("attach-served")
+                self._connect(att, group)
+            except BaseException:
+                self._forget(att)
+                raise
+            _crash_point("attach-connected")
+            self._set_state(att, "attached", "")
+            self.log(f"{device} attached to {real}")
+            if options.partscan:
+                try:
+                    A.read_partitions(device)
+                except A.AttachFailed:
+                    self._detach(att, A.state_of(att, self.sys_block))
+                    raise
+            return att.as_dict()
+
+    def detach(self, request: Request) -> dict:
+        """Disconnect a device and forget it; the record and its state before."""
+        target = _text_param(request.params, "target")
+        with self.lock:
+            att = self._find(target)
+            state = A.state_of(att, self.sys_block)
+            if A.device_connected(att.device, self.sys_block):
+                where, held = A.users(att.device)
+                if where or held:
+                    why = f"mounted on {where[0]}" if where else f"held by {', '.join(held)}"
+                    raise A.AttachError(f"{att.device} is {why}: unmount it first")
+            before = att.as_dict()
+            self._detach(att, state)
+            return {"attachment": before, "state": state}
+
+    def list(self, request: Request) -> dict:
+        """Every attachment, as ``list --json`` shows it."""
+        now = time.time()
+        return {"attachments": [A.describe(a, self.sys_block, now=now) for a in
+                                sorted(list(self.devices.values()), key=lambda a: a.index)]}
+
+    def restart(self, request: Request) -> dict:
+        """Stop the server of a device in an orderly way and start the
+        daemon again, with the nbdloop now installed: it takes the devices
+        over with a new server.  Every device of that server goes through
+        it (they share it).  Answers before the daemon starts again."""
+        target = _text_param(request.params, "target")
+        with self.lock:
+            att = self._find(target)
+            if att.state == "stale":
+                raise A.AttachError(f"{att.device} is stale ({att.reason}): "
+                                    "detach it and attach again")
+            before = att.as_dict()
+            group = self.groups.get(att.group)
+            for other in self._devices_of(att.group):
+                self._set_state(other, "recovering", "restart requested")
+            if group is not None:
+                self._unwatch(group.name)
+                self.log(f"restart requested for {att.device}: stopping server "
+                         f"{group.name} (pids {', '.join(map(str, group.pids))})")
+                servers.stop(self.state_dir, group)
+            self.restart_requested = True
+            self._wake()
+            return {"attachment": before}
+
+    # ---- attach and detach, inside ------------------------------------------------
+
+    def _find(self, target: str) -> A.Attachment:
+        att = A.find(list(self.devices.values()), target)
+        if att is None:
+            raise A.AttachError(f"{target}: not attached (see nbdloop list)")
+        return att
+
+    def _devices_of(self, group: str) -> list[A.Attachment]:
+        return [a for a in self.devices.values() if a.group == group]
+
+    def _write_export(self, att: A.Attachment) -> None:
+        path = A.export_file(self.state_dir, att)
+        servers.exports_dir(self.state_dir)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(export_json(Export(image=att.image, mode=att.mode,
+                                          readonly=att.readonly, name=att.export,
+                                          offset=att.offset, length=att.sizelimit)) + "\n")
+        tmp.rename(path)
+
+    def _running_group(self, spec: servers.Group) -> servers.Group:
+        """The group ``spec`` names, started if it does not run."""
+        group = self.groups.get(spec.name)
+        if group is not None and group.same_kind(spec) and group.alive():
+            return group
+        if group is not None:
+            self._unwatch(group.name)
+            servers.kill(self.state_dir, group)
+        group = servers.start(self.state_dir, spec)
+        self.groups[group.name] = group
+        self._watch(group)
+        return group
+
+    def _connections(self, att: A.Attachment, group: servers.Group):
+        """The device's connections, negotiated: connection k to process
+        k mod n of its group."""
+        paths = group.sockets(self.state_dir)
+        socks = []
+        export = None
+        try:
+            for k in range(att.connections):
+                sock, export = handshake.connect_unix(paths[k % len(paths)],
+                                                      export_name=att.export)
+                socks.append(sock)
+        except BaseException:
+            for s in socks:
+                s.close()
+            raise
+        att.pid = att.server_pid = group.pids[0]
+        att.server_pids = list(group.pids)
+        return socks, export
+
+    def _connect(self, att: A.Attachment, group: servers.Group) -> None:
+        nl = self._kernel()
+        socks, export = self._connections(att, group)
+        try:
+            flags = export.flags | (handshake.NBD_FLAG_READ_ONLY if att.readonly else 0)
+            nl.connect(att.index, [s.fileno() for s in socks], size=export.size,
+                       block_size=att.block_size, server_flags=flags, timeout=att.timeout,
+                       dead_conn_timeout=att.recover_timeout, identifier=att.identifier,
+                       destroy_on_disconnect=att.made)
+        finally:
+            for s in socks:
+                s.close()
+
+    def _reconnect(self, att: A.Attachment, group: servers.Group) -> None:
+        nl = self._kernel()
+        socks, _ = self._connections(att, group)
+        try:
+            nl.reconfigure(att.index, [s.fileno() for s in socks], identifier=att.identifier)
+        finally:
+            for s in socks:
+                s.close()
+
+    def _detach(self, att: A.Attachment, state: str) -> None:
+        from nbdloop.kernel import netlink
+        self._set_state(att, "detaching", "")
+        _crash_point("detach-marked")
+        if A.device_connected(att.device, self.sys_block):
+            try:
+                self._kernel().disconnect(att.index)
+            except netlink.KernelError as e:
+                if state != "stale":
+                    self._set_state(att, state, att.reason)
+                    raise A.AttachFailed(f"{att.device}: {e}") from None
+            _wait_until(lambda: not A.device_connected(att.device, self.sys_block),
+                        DISCONNECT_TIMEOUT)
+        if att.made:
+            # The kernel removes a device it made at disconnect, a moment later.
+            _wait_until(lambda: not (self.sys_block / att.name).exists(), DISCONNECT_TIMEOUT)
+        _crash_point("detach-disconnected")
+        self._forget(att)
+        self.log(f"{att.device} detached from {att.image}")
+
+    def _forget(self, att: A.Attachment) -> None:
+        """The attachment's record and export, and its group if it was the
+        group's last device."""
+        A.remove(self.state_dir, att)
+        self.devices.pop(att.device, None)
+        group = self.groups.get(att.group)
+        if group is not None and not self._devices_of(group.name):
+            self._unwatch(group.name)
+            servers.stop(self.state_dir, group)
+            servers.forget(self.state_dir, group)
+            del self.groups[group.name]
+
+    def _set_state(self, att: A.Attachment, state: str, reason: str) -> None:
+        att.state = state
+        att.reason = reason
+        att.since = time.time()
+        A.save(self.state_dir, att)
+
+    # ---- watching ----------------------------------------------------------------
+
+    def _kernel(self):
+        """The netlink sockets, opened at first use: pyroute2 is slow to
+        import, and a daemon with no device needs none."""
+        if self.nl is None:
+            from nbdloop.kernel import netlink
+            self.nl = netlink.Nbd()
+            self.events = netlink.LinkEvents()
+            self._wake()
+        return self.nl
+
+    def _watch(self, group: servers.Group) -> None:
+        for fd, pid in servers.pidfds(group).items():
+            self.watched[fd] = (group.name, pid)
+        self._wake()
+
+    def _unwatch(self, name: str) -> None:
+        for fd in [fd for fd, (g, _) in self.watched.items() if g == name]:
+            os.close(fd)
+            del self.watched[fd]
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def wake(self) -> None:
+        """For a signal handler: look at the flags again."""
+        self._wake()
+
+    def watch(self) -> None:
+        """Until :attr:`stopping` or :attr:`restart_requested`: wait for a
+        server's death or a dead link, and recover."""
+        while not (self.stopping or self.restart_requested):
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            for fd in list(self.watched):
+                poller.register(fd, select.POLLIN)
+            if self.events is not None:
+                poller.register(self.events.fileno(), select.POLLIN)
+            ready = {fd for fd, _ in poller.poll()}
+            if self._wake_r in ready:
+                try:
+                    while os.read(self._wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+            servers.reap_children()
+            with self.lock:
+                if self.stopping or self.restart_requested:
+                    return
+                self._handle(ready)
+
+    def _handle(self, ready: set[int]) -> None:
+        causes: dict[str, str] = {}
+        for fd in ready & set(self.watched):
+            name, pid = self.watched[fd]
+            causes.setdefault(name, f"nbdkit (pid {pid}) ended")
+        dead = set(self.late_dead)
+        self.late_dead.clear()
+        if self.events is not None and self.events.fileno() in ready:
+            dead |= set(self.events.dead_links())
+        if dead and not causes:
+            # A server that died is often seen by the kernel first: give its
+            # end a moment to show, to name the right cause.
+            for fd in _readable(list(self.watched), 1.0):
+                name, pid = self.watched[fd]
+                causes.setdefault(name, f"nbdkit (pid {pid}) ended")
+        for att in list(self.devices.values()):
+            if att.index in dead and att.state == "attached" and att.group not in causes:
+                causes[att.group] = (f"the kernel found a connection of {att.device} dead "
+                                     "(a request timed out or the socket closed)")
+        for name, cause in causes.items():
+            self.recover(name, cause)
+
+    # ---- recovery ------------------------------------------------------------------
+
+    def recover(self, name: str, cause: str) -> None:
+        """Replace group ``name`` and hand each of its devices new
+        connections; a device whose recovery time runs out goes stale."""
+        self._unwatch(name)
+        group = self.groups.get(name)
+        if group is not None:
+            servers.kill(self.state_dir, group)
+        devices = [a for a in self._devices_of(name) if a.state in ("attached", "recovering")]
+        if not devices:
+            if group is not None:
+                servers.forget(self.state_dir, group)
+                self.groups.pop(name, None)
+            return
+        began = time.monotonic()
+        pending = []
+        for att in devices:
+            if att.recover_timeout == 0:
+                self._set_state(att, "stale", f"{cause}; recovery is off (--recover-timeout 0)")
+                self.log(f"{att.device}: {cause}; recovery is off, so the device fails")
+            else:
+                self._set_state(att, "recovering", cause)
+                pending.append(att)
+        if not pending:
+            return
+        self.log(f"{cause}; recovering {', '.join(a.device for a in pending)}")
+        spec = group or self._spec_of(pending[0])
+        problem = "no attempt"
+        delay = 0.1
+        while pending:
+            try:
+                group = self._running_group(spec)
+            except servers.ServerError as e:
+                problem = str(e)
+                group = None
+            for att in list(pending) if group is not None else []:
+                try:
+                    self._reconnect(att, group)
+                except Exception as e:    # noqa: BLE001 - each device tries again
+                    known = one_line_error(e)
+                    if known is None and not isinstance(e, OSError):
+                        raise
+                    problem = known[1] if known else str(e)
+                    continue
+                took = time.monotonic() - began
+                att.recoveries += 1
+                att.last_recovery = {"cause": cause, "seconds": round(took, 2),
+                                     "at": A.now_iso()}
+                self._set_state(att, "attached", "")
+                self.log(f"{att.device}: recovered in {took:.2f} s ({cause})")
+                pending.remove(att)
+            for att in list(pending):
+                if time.monotonic() - began >= att.recover_timeout:
+                    self._set_state(att, "stale", f"{cause}; no server within "
+                                                  f"{att.recover_timeout} s: {problem}")
+                    self.log(f"{att.device}: gave up: {problem}")
+                    pending.remove(att)
+            if pending:
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if self.events is not None:
+            # The old connections' deaths, reported late; another device's stay.
+            recovered = {a.index for a in devices}
+            self.late_dead |= set(self.events.dead_links()) - recovered
+
+    def _spec_of(self, att: A.Attachment) -> servers.Group:
+        return servers.group_for(att.name, mlock=att.mlock, stats_file=att.stats_file,
+                                 processes=att.processes)
+
+    # ---- a new daemon ----------------------------------------------------------------
+
+    def take_over(self) -> None:
+        """Make the records, the kernel and the servers agree again after
+        the daemon before this one ended, however it ended."""
+        from nbdloop.kernel import netlink
+        to_recover: dict[str, str] = {}
+        with self.lock:
+            for att in sorted(list(self.devices.values()), key=lambda a: a.index):
+                cause = self._take_over_device(att)
+                if cause is not None:
+                    to_recover.setdefault(att.group, cause)
+            for name, group in list(self.groups.items()):
+                if not self._devices_of(name):
+                    # Started for a device whose attach did not finish.
+                    servers.kill(self.state_dir, group)
+                    servers.forget(self.state_dir, group)
+                    del self.groups[name]
+                elif name not in to_recover:
+                    if group.alive():
+                        self._watch(group)
+                    else:
+                        to_recover[name] = "its server died while no daemon ran"
+            known = {a.index for a in self.devices.values()}
+            for device in A.nbd_devices(self.sys_block):
+                index = int(device[8:])
+                tag = netlink.backend_of(index, self.sys_block)
+                if index not in known and tag and tag.startswith("nbdloop:"):
+                    # Connected by an attach that died before its record said so.
+                    self.log(f"{device}: connected with no record; disconnecting it")
+                    try:
+                        self._kernel().disconnect(index)
+                    except netlink.KernelError as e:
+                        self.log(f"{device}: {e}")
+            exports = servers.exports_dir(self.state_dir)
+            wanted = {A.export_file(self.state_dir, a).name for a in self.devices.values()}
+            for path in exports.glob("*.json"):
+                if path.name not in wanted:
+                    path.unlink(missing_ok=True)
+            for name, cause in to_recover.items():
+                if self._devices_of(name):
+                    self.recover(name, cause)
+
+    def _take_over_device(self, att: A.Attachment) -> str | None:
+        """One record: finished, undone or kept.  Returns why its group
+        must be recovered, if it must."""
+        from nbdloop.kernel import netlink
+        cause = None
+        if att.agent_pid:
+            cause = self._take_from_agent(att)
+        if att.state == "detaching":
+            self._detach(att, "stale")
+            return None
+        connected = (A.device_connected(att.device, self.sys_block)
+                     and netlink.backend_of(att.index, self.sys_block) == att.identifier)
+        if not connected:
+            if att.state == "starting":
+                # The attach ended before the kernel connected the device.
+                self._forget(att)
+            elif att.state != "stale":
+                self._set_state(att, "stale", "the device was disconnected while no daemon "
+                                              "ran (its recovery time ran out, or nbd-client "
+                                              "-d)")
+            return None
+        if att.state == "starting":
+            self._set_state(att, "attached", "")
+        if att.state == "recovering" and cause is None:
+            cause = att.reason or "the daemon was restarted"
+        return cause
+
+    def _take_from_agent(self, att: A.Attachment) -> str:
+        """A device of an nbdloop before the daemon: its agent stops (SIGTERM
+        stops it and its server, and leaves the device connected), and the
+        device joins a group of ours."""
+        if att.agent_alive():
+            self.log(f"{att.device}: taking it over from its agent (pid {att.agent_pid})")
+            process.terminate(att.agent_pid, att.agent_alive, AGENT_STOP_TIMEOUT)
+        for pid in [att.pid, *(att.server_pids or [att.server_pid])]:
+            # What a killed agent left: its supervisor and nbdkit.
+            if pid > 0 and process.cmdline(pid) and \
+                    any(att.image.encode() in arg or b".sock" in arg
+                        for arg in process.cmdline(pid) or []):
+                process.terminate(pid, lambda pid=pid: process.cmdline(pid) is not None,
+                                  10.0, signal.SIGKILL)
+        spec = self._spec_of(att)
+        att.group, att.export, att.agent_pid, att.agent_started = spec.name, att.name, 0, 0
+        att.socket, att.log = spec.socket(self.state_dir), spec.log(self.state_dir)
+        self._write_export(att)
+        if att.state not in ("starting", "detaching", "stale"):
+            att.state = "recovering"
+        A.save(self.state_dir, att)
+        return "taken over from the agent of an nbdloop before the daemon"
+
+
+def _crash_point(step: str) -> None:
+    """Fault injection for the tests that kill the daemon in the middle of
+    an attach or a detach: SIGKILL here when $NBDLOOP_DAEMON_CRASH_AT names
+    this step (attach-recorded, attach-served, attach-connected,
+    detach-marked, detach-disconnected)."""
+    if os.environ.get(CRASH_AT_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _readable(fds: list[int], timeout: float) -> list[int]:
+    if not fds:
+        return []
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(timeout * 1000)]
+
+
+def _wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _answering(method):
+    """A request handler whose errors of ours are refusals in one line,
+    with the exit status the command should end with."""
+    def handler(request: Request):
+        try:
+            return method(request)
+        except Refusal:
+            raise
+        except Exception as e:
+            known = one_line_error(e)
+            if known is None:
+                raise
+            raise Refusal(known[1], known[0]) from None
+    handler.__name__ = method.__name__
+    return handler
+
+
+def _text_param(params: dict, name: str) -> str:
+    value = params.get(name)
+    if not isinstance(value, str) or not value:
+        raise Refusal(f"{name} must be a non-empty string")
+    return value
+
+
+def _attach_params(params: dict) -> tuple[str, A.Options]:
+    image = _text_param(params, "image")
+    if not os.path.isabs(image):
+        raise Refusal(f"{image}: the image's path must be absolute")
+    options = params.get("options", {})
+    if not isinstance(options, dict):
+        raise Refusal("options must be an object")
+    fields = {f.name: f for f in dataclasses.fields(A.Options)}
+    for name, value in options.items():
+        if name not in fields:
+            raise Refusal(f"unknown option {name!r}")
+        kind = _OPTIONAL.get(name, type(fields[name].default))
+        if value is None and name in _OPTIONAL:
+            continue
+        if type(value) is not kind:
+            raise Refusal(f"option {name!r} must be {kind.__name__}, not {value!r}")
+        if kind is int and not _RANGES.get(name, (0, 1 << 62))[0] <= value <= \
+                _RANGES.get(name, (0, 1 << 62))[1]:
+            raise Refusal(f"option {name!r}: {value} is out of range")
+    return image, A.Options(**options)
+
+
+#: Options that may be None (attach chooses), and their type otherwise.
+_OPTIONAL = {"device": str, "block_size": int, "stats_file": str}
+#: The ranges the command line's options have.
+_RANGES = {"connections": (1, 16), "processes": (1, 64), "timeout": (1, 3600),
+           "recover_timeout": (0, 86400), "block_size": (512, 4096)}
