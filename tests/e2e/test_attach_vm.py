@@ -136,12 +136,13 @@ def test_the_table_of_attachments(attach_run):
 
 
 def test_the_systemd_units_commands(attach_run):
-    """nbdloop@.service's ExecStart (attach --foreground --from-table) sends
-    READY=1 once the device is connected; with its agent killed (SIGKILL),
-    the device keeps working and list says why it is stale; ExecStart again
-    (Restart=on-failure) takes the device over under the mounted filesystem,
-    recorded as a recovery, with no I/O error; ExecStop (detach) refuses the
-    mounted device, then ends the agent with status 0."""
+    """nbdloop@.service's ExecStart (attach --from-table) attaches with the
+    line's options, and says the same device when the image is attached
+    already; with the daemon killed (SIGKILL) under a mounted filesystem the
+    device keeps working; nbdloop.service's ExecStart (daemon
+    --attach-table) takes it over and attaches the rest of the table before
+    READY=1; ExecStop (detach) refuses the mounted device, then detaches
+    it; attach --foreground says READY=1 and ends at detach."""
     check(attach_run, "unit-commands")
 
 

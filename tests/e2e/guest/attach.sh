@@ -12,10 +12,11 @@ here=$(dirname "$0")
 LISTCHECK=$here/listcheck.py
 
 free_again() {
-    # free_again DEV PID SERVER_PID: the device, the server, the record gone.
+    # free_again DEV PID SERVER_PID: the device, the server, the record gone
+    # (the device was its server's only one).
     name=${1#/dev/}
     [ -e "/sys/block/$name/pid" ] && fail "$1 still connected after detach"
-    kill -0 "$2" 2> /dev/null && fail "the supervisor $2 still runs"
+    kill -0 "$2" 2> /dev/null && fail "the server $2 still runs"
     kill -0 "$3" 2> /dev/null && fail "nbdkit $3 still runs"
     [ -z "$(nbdloop list)" ] || fail "nbdloop list is not empty: $(nbdloop list)"
     return 0
@@ -86,7 +87,9 @@ roundtrip() {
             [ "$n" -eq $((conns / procs)) ] || fail "$n connections to process $k, not $((conns / procs))"
             k=$((k + 1))
         done
-        n=$(pgrep -c -P "$pid" nbdkit)
+        n=$(python3 -c 'import json, os, sys
+a = json.load(open(sys.argv[1]))["attachments"][0]
+print(sum(os.path.exists(f"/proc/{p}") for p in a["server_pids"]))' /tmp/list.json)
         [ "$n" -eq "$procs" ] || fail "$n nbdkit processes, not $procs"
     fi
     step "$mode-$fstype-detach"
@@ -201,7 +204,7 @@ busy_device() {
     refused "/dev/nbd5 is busy" nbdloop attach "$img" --device /dev/nbd5
     kill "$holder"
     step busy-clean
-    pgrep -f "file=$img" && fail "a server for $img still runs"
+    pgrep -x nbdkit && fail "a server is left: $(pgrep -a nbdkit)"
     [ -z "$(nbdloop list)" ] || fail "a record was left: $(nbdloop list)"
     [ -e /run/nbdloop/attached/nbd5.json ] && fail "nbd5.json was left behind"
     return 0
@@ -338,51 +341,63 @@ table_attachments() {
 }
 
 unit_commands() {
-    # What nbdloop@.service runs, without booting systemd: ExecStart (attach
-    # --foreground --from-table) under a notification socket; the agent
-    # killed, and ExecStart again, as Restart=on-failure does: it takes the
-    # device over under the mounted filesystem; ExecStop (detach) ends it.
-    t1=$NBDLOOP_DATA/t1.img
+    # What the systemd units run, without booting systemd: nbdloop.service's
+    # ExecStart (the daemon, --attach-table) under a notification socket,
+    # after the daemon before it was killed under a mounted filesystem;
+    # nbdloop@.service's ExecStart (attach --from-table, which finds the
+    # image attached already) and ExecStop (detach); and attach
+    # --foreground, which tells systemd once attached and ends at detach.
+    t1=$NBDLOOP_DATA/t1.img t2=$NBDLOOP_DATA/t2.img
+    tab=/etc/nbdloop/attachments
+    printf '%s mode=buffered,connections=2\n%s\n' "$t1" "$t2" > "$tab"
     export NOTIFY_SOCKET=/tmp/notify.sock
     rm -f /tmp/notify.sock /tmp/notify.out
     socat -u UNIX-RECV:/tmp/notify.sock OPEN:/tmp/notify.out,creat,append &
     listener=$!
     trap 'kill "$listener" 2> /dev/null' EXIT
     sleep 0.5
-    step unit-start
-    nbdloop attach --foreground --from-table "$t1" 2> /tmp/fg1.err &
-    fg=$!
-    wait_for /tmp/notify.out READY=1 "READY=1 from the agent"
-    cat /tmp/notify.out; echo
-    dev=$(sed -n 's/^nbdloop: .* attached to \(.*\)$/\1/p' /tmp/fg1.err)
-    [ -n "$dev" ] || fail "the agent did not say its device: $(cat /tmp/fg1.err)"
+    step unit-from-table
+    dev=$(nbdloop attach --from-table "$t1") || fail "attach --from-table exited $?"
     must mkfs.ext4 -q -F "$dev"
     must mount "$dev" /mnt/a
     must put_files /mnt/a
     sums /mnt/a > /tmp/sums-unit || fail "sha256sum failed"
-    step unit-agent-killed
-    must kill -9 "$fg"
-    nbdloop list > /tmp/list.txt
-    grep -q "stale: its agent (pid $fg) has died" /tmp/list.txt || fail "list says: $(cat /tmp/list.txt)"
+    again=$(nbdloop attach --from-table "$t1") || fail "a second attach --from-table exited $?"
+    [ "$again" = "$dev" ] || fail "a second attach --from-table said $again, not $dev"
+    step unit-daemon-killed
+    old=$(pgrep -f "nbdloop.cli.main daemon")
+    must kill -9 "$old"
     must dd if="$dev" of=/dev/null bs=4096 count=16 iflag=direct status=none
-    : > /tmp/notify.out
-    nbdloop attach --foreground --from-table "$t1" 2> /tmp/fg2.err &
-    fg=$!
-    wait_for /tmp/notify.out READY=1 "READY=1 from the agent that took over"
+    nbdloop daemon --attach-table 2> /tmp/daemon.err &
+    daemon=$!
+    wait_for /tmp/notify.out READY=1 "READY=1 from the daemon"
+    cat /tmp/notify.out; echo
+    cat /tmp/daemon.err
     nbdloop list --json > /tmp/list.json
     python3 "$LISTCHECK" /tmp/list.json "$dev" "$t1" buffered 2 attached > /dev/null ||
         fail "after the takeover: $(cat /tmp/list.json)"
-    grep -q '"cause": "its agent (pid [0-9]*) had died"' /tmp/list.json ||
-        fail "the takeover is not recorded as a recovery: $(grep -A3 last_recovery /tmp/list.json)"
+    d2=$(python3 -c 'import json, os, sys
+print([a["device"] for a in json.load(open(sys.argv[1]))["attachments"]
+       if a["image"] == os.path.realpath(sys.argv[2])][0])' /tmp/list.json "$t2") ||
+        fail "the daemon did not attach $t2 from the table before READY=1"
     must dd if=/dev/urandom of=/mnt/a/after bs=1M count=1 conv=fsync status=none
     verify /mnt/a /tmp/sums-unit || fail "files differ after the takeover"
     step unit-stop
     refused "mounted on /mnt/a" nbdloop detach "$t1"
     must umount /mnt/a
     must nbdloop detach "$t1"
-    wait "$fg" || fail "the foreground agent exited $? after detach"
-    cat /tmp/fg2.err
+    must nbdloop detach "$d2"
+    step unit-foreground
+    : > /tmp/notify.out
+    nbdloop attach --foreground "$t2" 2> /tmp/fg.err &
+    fg=$!
+    wait_for /tmp/notify.out READY=1 "READY=1 from attach --foreground"
+    dev=$(sed -n 's/^nbdloop: .* attached to \(.*\)$/\1/p' /tmp/fg.err)
+    [ -n "$dev" ] || fail "attach --foreground did not say its device: $(cat /tmp/fg.err)"
+    must nbdloop detach "$dev"
+    wait "$fg" || fail "attach --foreground exited $? after detach"
     [ -z "$(nbdloop list)" ] || fail "a record was left: $(nbdloop list)"
+    kill "$daemon" 2> /dev/null
     kernel_clean=$(dmesg | grep -c "I/O error.*${dev#/dev/}")
     [ "$kernel_clean" -eq 0 ] || fail "the kernel logged I/O errors on $dev"
 }

@@ -76,6 +76,37 @@ verify() { (cd "$1" && sha256sum -c --quiet "$2"); }
 
 mkdir -p /mnt/a /mnt/b
 
+random_ms() {
+    # random_ms MIN MAX: a random number of milliseconds, as seconds for sleep
+    r=$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')
+    echo "$1 $2 $r" | awk '{ printf "%.2f", ($1 + ($2 - $1) * $3 / 65535) / 1000 }'
+}
+
+# writer DIR SUMS STOP: write, fsync and record files until STOP exists.
+# Its scratch files are named after SUMS, so that writers can run side by side.
+writer() {
+    i=0
+    while [ ! -e "$3" ]; do
+        n=$(( $(od -An -N2 -tu2 /dev/urandom | tr -d ' ') * 4 + 1 ))
+        head -c "$n" /dev/urandom > "$2.data"
+        if ! dd if="$2.data" of="$1/w$i" bs=64k conv=fsync status=none 2> "$2.err"; then
+            echo "writer: w$i: $(cat "$2.err")"
+            return 1
+        fi
+        echo "$(sha256sum < "$2.data" | cut -d' ' -f1)  w$i" >> "$2"
+        i=$((i + 1))
+    done
+    echo "writer: $i files"
+}
+
+kernel_log_clean() {
+    # kernel_log_clean DEV: no I/O error, no ext4 error, no remount on DEV
+    name=${1#/dev/}
+    if dmesg | grep -E "(I/O error|EXT4-fs error|Remounting|Buffer I/O).*$name|$name.*(I/O error|error)" > /tmp/klog; then
+        fail "the kernel logged errors on $1: $(head -n 3 /tmp/klog | tr '\n' ' ')"
+    fi
+}
+
 # report_port: the device of run_product's report port (its name is
 # GUEST_REPORT_PORT in nbdloop/vm/product.py), which reaches the host as
 # it is written and so outlives a power cut.  A virtio port has one opener

@@ -8,7 +8,7 @@ import sys
 from nbdloop.kernel import handshake, netlink
 
 record, index = json.load(open(sys.argv[1])), int(sys.argv[2])
-sock, export = handshake.connect_unix(record["socket"])
+sock, export = handshake.connect_unix(record["socket"], export_name=record["export"])
 with netlink.Nbd() as nl:
     try:
         nl.reconfigure(index, [sock.fileno()], identifier=record["identifier"])

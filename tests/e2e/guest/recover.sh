@@ -24,36 +24,6 @@ field() {
 }
 state() { sed -n 's/^  "state": "\(.*\)",$/\1/p' "$STATE/${1#/dev/}.json"; }
 
-random_ms() {
-    # random_ms MIN MAX: a random number of milliseconds, as seconds for sleep
-    r=$(od -An -N2 -tu2 /dev/urandom | tr -d ' ')
-    echo "$1 $2 $r" | awk '{ printf "%.2f", ($1 + ($2 - $1) * $3 / 65535) / 1000 }'
-}
-
-# writer DIR SUMS STOP: write, fsync and record files until STOP exists.
-writer() {
-    i=0
-    while [ ! -e "$3" ]; do
-        n=$(( $(od -An -N2 -tu2 /dev/urandom | tr -d ' ') * 4 + 1 ))
-        head -c "$n" /dev/urandom > /tmp/w.data
-        if ! dd if=/tmp/w.data of="$1/w$i" bs=64k conv=fsync status=none 2> /tmp/w.err; then
-            echo "writer: w$i: $(cat /tmp/w.err)"
-            return 1
-        fi
-        echo "$(sha256sum < /tmp/w.data | cut -d' ' -f1)  w$i" >> "$2"
-        i=$((i + 1))
-    done
-    echo "writer: $i files"
-}
-
-kernel_log_clean() {
-    # kernel_log_clean DEV: no I/O error, no ext4 error, no remount on DEV
-    name=${1#/dev/}
-    if dmesg | grep -E "(I/O error|EXT4-fs error|Remounting|Buffer I/O).*$name|$name.*(I/O error|error)" > /tmp/klog; then
-        fail "the kernel logged errors on $1: $(head -n 3 /tmp/klog | tr '\n' ' ')"
-    fi
-}
-
 wait_recovered() {
     # wait_recovered DEV COUNT: until the record counts COUNT recoveries and is attached
     n=0
