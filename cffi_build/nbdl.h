@@ -69,6 +69,7 @@ struct nbdl_stats {
   uint64_t threads;    /* threads that called into the engine */
   uint64_t io_flushers; /* ... of which PR_GET_IO_FLUSHER said 1 */
   uint64_t wait_slices; /* waits for completions that timed out with none */
+  uint64_t rings_idle_freed; /* rings freed by nbdl_release_idle */
 };
 
 struct nbdl_image;
@@ -143,5 +144,12 @@ int nbdl_mlockall (void);
 
 /* Free the calling thread's ring now (it is freed at thread exit anyway). */
 void nbdl_thread_release (void);
+
+/* Free the ring (and its bounce slots) of every thread that has not used
+ * it for idle_ms milliseconds, from any thread: nbdkit's workers live as
+ * long as their connection, and an idle one never calls in to free its
+ * own.  The thread builds a new ring at its next request.  Then gives
+ * free heap memory back to the system.  Returns how many were freed. */
+int nbdl_release_idle (uint32_t idle_ms);
 
 #endif

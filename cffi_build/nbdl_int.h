@@ -92,7 +92,14 @@ struct nbdl_thread {
   struct nbdl_ring *ring;
   int placed;            /* PLACED_*, for the image placed_img */
   uint64_t placed_img;
+  /* nbdl_release_idle may take the ring from another thread, only while
+   * it is RING_IDLE; the thread holds it RING_BUSY for a whole call. */
+  int ring_state;
+  uint64_t last_used;    /* CLOCK_MONOTONIC ns at the end of its last call */
+  struct nbdl_thread *prev, *next;   /* every thread's, under threads_lock */
 };
+
+enum { RING_IDLE, RING_BUSY, RING_TAKEN };
 
 /* threadstate.c.  get_thread: the calling thread's state, made (and the
  * thread set up as img asks) on its first call; NULL if out of memory.
@@ -100,6 +107,11 @@ struct nbdl_thread {
  * get_thread or nbdl_thread_release has created the pthread key. */
 struct nbdl_thread *get_thread (struct nbdl_image *img);
 struct nbdl_thread *current_thread (void);
+
+/* threadstate.c.  ring_enter: the calling thread's state, its ring held
+ * for one call (NULL if out of memory); ring_leave ends the call. */
+struct nbdl_thread *ring_enter (struct nbdl_image *img);
+void ring_leave (struct nbdl_thread *t);
 
 /* ring.c.  ring_free takes NULL; drop_ring frees the calling thread's. */
 void ring_free (struct nbdl_ring *r);

@@ -534,6 +534,7 @@ nbdl_rw (struct nbdl_image *img, int op, int fua, char *user,
          uint64_t lock_len, int lock_mode)
 {
   struct nbdl_range held;
+  struct nbdl_thread *t;
   struct nbdl_ring *r;
   uint32_t done = 0, next_order = 0, i, n_now;
   uint64_t total = 0;
@@ -548,9 +549,14 @@ nbdl_rw (struct nbdl_image *img, int op, int fua, char *user,
         (!img->direct && (segs[i].skip != 0 || segs[i].copy_len != segs[i].len)))
       return -EINVAL;
   }
+  t = ring_enter (img);
+  if (t == NULL)
+    return -ENOMEM;
   r = get_ring (img, &err);
-  if (r == NULL)
+  if (r == NULL) {
+    ring_leave (t);
     return err;
+  }
   STAT_ADD (requests, 1);
   n_now = __atomic_add_fetch (&img->inflight, 1, __ATOMIC_RELAXED);
   if (img->placement) {
@@ -586,6 +592,7 @@ nbdl_rw (struct nbdl_image *img, int op, int fua, char *user,
   if (lock_mode != NBDL_LOCK_NONE)
     range_unlock (img, &held);
   __atomic_fetch_sub (&img->inflight, 1, __ATOMIC_RELAXED);
+  ring_leave (t);
 
   bad = 0;
   for (i = 0; i < nsegs; i++)
@@ -617,14 +624,20 @@ run_fd_op (struct nbdl_image *img, enum fd_op op, int arg, uint64_t off,
 {
   struct nbdl_range held;
   struct io_uring_sqe *sqe;
+  struct nbdl_thread *t;
   struct nbdl_ring *r;
   int64_t res = NBDL_NOT_RUN;
   uint32_t order, next = 0;
   int err = 0, ret;
 
+  t = ring_enter (img);
+  if (t == NULL)
+    return -ENOMEM;
   r = get_ring (img, &err);
-  if (r == NULL)
+  if (r == NULL) {
+    ring_leave (t);
     return err;
+  }
   if (lock_mode != NBDL_LOCK_NONE)
     range_lock (img, &held, off, len, lock_mode);
   sqe = next_sqe (r);
@@ -650,6 +663,7 @@ run_fd_op (struct nbdl_image *img, enum fd_op op, int arg, uint64_t off,
     drop_ring ();
   if (lock_mode != NBDL_LOCK_NONE)
     range_unlock (img, &held);
+  ring_leave (t);
   return ret < 0 ? ret : (int) res;
 }
 

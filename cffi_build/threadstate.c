@@ -8,11 +8,26 @@
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
+#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 static pthread_key_t thread_key;
 static pthread_once_t thread_key_once = PTHREAD_ONCE_INIT;
+/* Every thread's state, for nbdl_release_idle; a thread leaves the list
+ * before its state is freed. */
+static pthread_mutex_t threads_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct nbdl_thread *threads;
+
+static uint64_t
+now_ns (void)
+{
+  struct timespec ts;
+
+  clock_gettime (CLOCK_MONOTONIC, &ts);
+  return (uint64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
 
 /* pthread key destructor: runs when an nbdkit worker thread exits, which
  * happens when its connection closes. */
@@ -21,6 +36,14 @@ thread_exit (void *p)
 {
   struct nbdl_thread *t = p;
 
+  pthread_mutex_lock (&threads_lock);
+  if (t->prev != NULL)
+    t->prev->next = t->next;
+  else
+    threads = t->next;
+  if (t->next != NULL)
+    t->next->prev = t->prev;
+  pthread_mutex_unlock (&threads_lock);
   ring_free (t->ring);
   if (t->pinned != NULL && Py_IsInitialized ()) {
     /* Take the GIL with our own thread state, then delete it.  We keep our
@@ -58,6 +81,12 @@ get_thread (struct nbdl_image *img)
       free (t);
       return NULL;
     }
+    pthread_mutex_lock (&threads_lock);
+    t->next = threads;
+    if (threads != NULL)
+      threads->prev = t;
+    threads = t;
+    pthread_mutex_unlock (&threads_lock);
     /* Read back what each worker inherited, so that it can be shown, not
      * assumed: nbdkit creates its workers after get_ready() set the flag. */
     STAT_ADD (threads, 1);
@@ -82,6 +111,73 @@ get_thread (struct nbdl_image *img)
   return t;
 }
 
+static void
+hold (struct nbdl_thread *t)
+{
+  int idle = RING_IDLE;
+
+  /* Only nbdl_release_idle competes, and only for the moment it takes to
+   * unhook the ring. */
+  while (!__atomic_compare_exchange_n (&t->ring_state, &idle, RING_BUSY, 0,
+                                       __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+    idle = RING_IDLE;
+    sched_yield ();
+  }
+}
+
+struct nbdl_thread *
+ring_enter (struct nbdl_image *img)
+{
+  struct nbdl_thread *t = get_thread (img);
+
+  if (t != NULL)
+    hold (t);
+  return t;
+}
+
+void
+ring_leave (struct nbdl_thread *t)
+{
+  t->last_used = now_ns ();
+  __atomic_store_n (&t->ring_state, RING_IDLE, __ATOMIC_RELEASE);
+}
+
+int
+nbdl_release_idle (uint32_t idle_ms)
+{
+  uint64_t before = now_ns () - (uint64_t) idle_ms * 1000000;
+  struct nbdl_thread *t;
+  int n = 0;
+
+  pthread_mutex_lock (&threads_lock);
+  for (t = threads; t != NULL; t = t->next) {
+    int idle = RING_IDLE;
+    struct nbdl_ring *r;
+
+    if (__atomic_load_n (&t->last_used, __ATOMIC_RELAXED) > before ||
+        !__atomic_compare_exchange_n (&t->ring_state, &idle, RING_TAKEN, 0,
+                                      __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+      continue;
+    r = t->ring;
+    t->ring = NULL;
+    __atomic_store_n (&t->ring_state, RING_IDLE, __ATOMIC_RELEASE);
+    if (r == NULL)
+      continue;
+    /* Nothing is in flight on an idle ring.  Its teardown from another
+     * thread cannot unregister first (a single-issuer ring takes that
+     * only from its own thread), so the kernel lets go of the file and
+     * the slots a moment later, as it does for a thread that exits. */
+    ring_free (r);
+    n++;
+  }
+  pthread_mutex_unlock (&threads_lock);
+  if (n > 0) {
+    STAT_ADD (rings_idle_freed, (uint64_t) n);
+    malloc_trim (0);
+  }
+  return n;
+}
+
 struct nbdl_thread *
 current_thread (void)
 {
@@ -91,6 +187,13 @@ current_thread (void)
 void
 nbdl_thread_release (void)
 {
+  struct nbdl_thread *t;
+
   pthread_once (&thread_key_once, make_thread_key);
-  drop_ring ();
+  t = current_thread ();
+  if (t != NULL) {
+    hold (t);
+    drop_ring ();
+    ring_leave (t);
+  }
 }

@@ -431,3 +431,45 @@ def test_a_read_never_writes_into_an_immutable_buffer(tmp_path, mode):
         got = bytearray(4096)
         b.pread(got, 0)
         assert got == bytes(range(256)) * 16
+
+
+@pytest.mark.parametrize("mode", ["direct", "buffered"])
+def test_idle_rings_are_freed_from_another_thread_and_built_again(tmp_path, mode):
+    """A worker that waits between requests (as nbdkit's do, for as long as
+    their connection lives) loses its ring to release_idle, which runs on
+    another thread, and its next request builds a new one and is served
+    right."""
+    require(mode != "direct" or dio_alignment(tmp_path) <= 4096, "no O_DIRECT here")
+    path = tmp_path / "img"
+    path.write_bytes(bytes(1 << 20))
+    workers = 4
+    served = threading.Barrier(workers + 1)
+    freed = threading.Barrier(workers + 1)
+    wrong: list[str] = []
+    with Backing.open(str(path), mode=mode) as backing:
+        def worker(i: int) -> None:
+            at = i * 131072
+            backing.pwrite(bytes([i + 1]) * 65536, at)
+            served.wait()
+            freed.wait()           # idle, ring and all, while another thread frees it
+            backing.pwrite(bytes([i + 101]) * 65536, at + 32768)
+            got = bytearray(98304)
+            backing.pread(got, at)
+            if got != bytes([i + 1]) * 32768 + bytes([i + 101]) * 65536:
+                wrong.append(f"worker {i} read back otherwise")
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
+        for t in threads:
+            t.start()
+        served.wait()
+        before = uring.stats()
+        n = uring.release_idle(0)
+        after = uring.stats()
+        freed.wait()
+        for t in threads:
+            t.join()
+        assert not wrong, wrong
+        assert n >= workers
+        assert after["rings_idle_freed"] - before["rings_idle_freed"] == n
+        assert uring.stats()["rings"] - after["rings"] >= workers
+    assert uring.release_idle(3600) == 0

@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import threading
+import time
 import traceback
 
 import nbdkit
@@ -61,6 +62,9 @@ _opened = {}
 _opened_lock = threading.Lock()
 #: An export's definition is a few hundred bytes: a larger file is not one.
 MAX_DEFINITION = 64 * 1024
+#: A worker's ring unused this long is freed (and built again at its next
+#: request).
+RING_IDLE_SECONDS = 10.0
 
 
 def _reports_errno(callback):
@@ -331,6 +335,7 @@ def get_ready():
         uring.outlive_parent()
     if _server.mlock:
         uring.lock_memory()
+    threading.Thread(target=_release_idle_rings, name="nbdloop-idle", daemon=True).start()
     if _server.exports_dir is not None:
         return   # each export's Backing is opened by its first connection
     export = _server.export
@@ -360,6 +365,15 @@ def _prepare(backing, image, who=""):
                                   (where.busy, where.idle, where.irq))
             _log(f"{who}workers run on CPU {busy} under load (CPU {irq} takes the disk's "
                  f"interrupts) and anywhere on CPU {idle} when alone")
+
+
+def _release_idle_rings():
+    """Give back what an idle worker holds: nbdkit's workers live as long
+    as their connection (a kernel device's: as long as the device), and a
+    ring with its bounce slots, once used, would stay with its worker."""
+    while True:
+        time.sleep(RING_IDLE_SECONDS / 2)
+        uring.release_idle(RING_IDLE_SECONDS)
 
 
 def _log(message):

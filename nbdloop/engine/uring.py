@@ -60,6 +60,12 @@ def stats() -> dict[str, int]:
     return {name: getattr(out, name) for name in _STAT_FIELDS}
 
 
+def release_idle(idle_seconds: float) -> int:
+    """Free the rings (and bounce slots) that no thread has used for
+    ``idle_seconds``, whichever thread owns them; how many were freed."""
+    return lib.nbdl_release_idle(int(idle_seconds * 1000))
+
+
 def set_io_flusher() -> None:
     """Mark the calling thread, and threads it creates later, as an I/O
     flusher (PR_SET_IO_FLUSHER), so reclaim never waits on our own device."""
