@@ -1,7 +1,7 @@
 """A device that outlives its server, on one kernel.
 
 In the one-kernel VM (nbdloop.vm.product), ext4 on /dev/nbdN with a writer
-that writes and fsyncs files in a loop, while nbdkit and its supervisor are
+that writes and fsyncs files in a loop, while nbdkit (alone, or with the daemon) is
 killed with SIGKILL in turn at random moments, in both modes, with one and
 two connections, and then ``nbdloop restart`` runs under the same load: the
 writer sees no error, the filesystem stays read-write, the kernel logs no
@@ -55,7 +55,7 @@ def check(run, name: str) -> None:
 @pytest.mark.parametrize("name", ["survive-direct-1", "survive-direct-2",
                                   "survive-buffered-1", "survive-buffered-2"])
 def test_the_device_survives_its_server(recover_run, name):
-    """Kills of nbdkit and of its supervisor, then a restart, under a
+    """Kills of nbdkit, alone or with the daemon, then a restart, under a
     writer: no error, still read-write, no I/O error in the kernel log,
     fsck clean, every fsynced file intact."""
     check(recover_run, name)
@@ -65,7 +65,7 @@ def test_every_kill_was_a_recovery(recover_run):
     found = RECOVERY.findall(recover_run.console)
     per_mode = {m: sum(1 for f in found if f[0] == m) for m in ("direct", "buffered")}
     assert per_mode == {"direct": 2 * KILLS, "buffered": 2 * KILLS}, recover_run.message
-    assert {who for *_, who, _ in found} == {"nbdkit", "supervisor"}
+    assert {who for *_, who, _ in found} == {"nbdkit", "both"}
     seconds = [float(s) for *_, s in found]
     print(f"\nrecovery seconds: median {statistics.median(seconds):.2f}, "
           f"max {max(seconds):.2f} over {len(seconds)}")

@@ -52,8 +52,9 @@ cleanup() {
     done
     for record in /run/nbdloop/attached/nbd*.json; do
         [ -e "$record" ] || continue
-        name=${record##*/}
-        nbdloop detach "/dev/${name%.json}" > /dev/null 2>&1
+        # Not $name: scenario() still needs its own.
+        left=${record##*/}
+        nbdloop detach "/dev/${left%.json}" > /dev/null 2>&1
     done
     return 0
 }
