@@ -70,7 +70,7 @@ many() {
     t=$(now)
     nbdloop --version > /dev/null
     echo "NBDLOOP-COST: bare_start_seconds $(since "$t")"
-    made=$(ls -d /sys/block/nbd* | wc -l)
+    made=$(find /sys/block -maxdepth 1 -name 'nbd*' | wc -l)
     echo "NBDLOOP-COST: nbd_devices $made"
     [ "$made" -ge "$DEVICES" ] || fail "only $made NBD devices for $DEVICES attachments"
     step many-write
@@ -160,7 +160,7 @@ kills() {
         sleep "$(random_ms 100 1500)"
         nbdloop list > /tmp/list.txt || fail "list exited $? after the kill"
         new=$(daemon_pid)
-        [ -n "$new" ] && [ "$new" != "$old" ] || fail "no new daemon after $old"
+        if [ -z "$new" ] || [ "$new" = "$old" ]; then fail "no new daemon after $old"; fi
         n=0
         until [ "$(grep -c ' attached$' /tmp/list.txt)" -eq 2 ]; do
             n=$((n + 1))
