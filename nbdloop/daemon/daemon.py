@@ -506,13 +506,14 @@ class Daemon:
         if att.agent_alive():
             self.log(f"{att.device}: taking it over from its agent (pid {att.agent_pid})")
             process.terminate(att.agent_pid, att.agent_alive, AGENT_STOP_TIMEOUT)
+        marks = (att.socket.encode(), f"file={att.image}".encode())
         for pid in [att.pid, *(att.server_pids or [att.server_pid])]:
-            # What a killed agent left: its supervisor and nbdkit.
-            if pid > 0 and process.cmdline(pid) and \
-                    any(att.image.encode() in arg or b".sock" in arg
-                        for arg in process.cmdline(pid) or []):
-                process.terminate(pid, lambda pid=pid: process.cmdline(pid) is not None,
-                                  10.0, signal.SIGKILL)
+            # What a killed agent left: its supervisor and nbdkit, known by
+            # the socket or the image their command line names.
+            def serves(pid=pid) -> bool:
+                return any(mark in arg for arg in process.cmdline(pid) or [] for mark in marks)
+            if pid > 0:
+                process.terminate(pid, serves, 10.0, signal.SIGKILL)
         spec = self._spec_of(att)
         att.group, att.export, att.agent_pid, att.agent_started = spec.name, att.name, 0, 0
         att.socket, att.log = spec.socket(self.state_dir), spec.log(self.state_dir)
