@@ -4,8 +4,8 @@ Stopping is one policy everywhere: a signal (SIGTERM unless said), a wait,
 then SIGKILL if it has not gone.  :func:`terminate` does it for any process
 by pid, through a pidfd, so a pid that has been reused is never signalled;
 :func:`stop` and :func:`kill` do it for our own children, and reap them.
-Policies of their own (the supervisor's orderly stop of nbdkit, the agent's
-kill-everything-under-it) are built where they live.
+Policies of their own (the supervisor's orderly stop of nbdkit, the
+daemon's orderly stop of a server group) are built where they live.
 
 The /proc readers are the few things psutil does not say the same way: a
 process's start in clock ticks (an identity that survives an exec and a
@@ -88,7 +88,7 @@ def kill(proc: subprocess.Popen, *, group: bool = False) -> int:
 def process_started(pid: int) -> int | None:
     """When ``pid`` started, in clock ticks after boot (/proc/PID/stat), or
     None if no such process runs.  With the pid it names one process for
-    good: pids are reused, and an exec (the agent's restart) changes the
+    good: pids are reused, and an exec (the daemon's restart) changes the
     command line but not this.  Not psutil's create_time(), which adds the
     boot time as the wall clock sees it now, so it moves when the clock is
     set."""

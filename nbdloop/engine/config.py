@@ -78,7 +78,7 @@ class Server:
     mlock: bool = False                  # mlockall(MCL_ONFAULT) in the server
     stats_file: str | None = None        # the engine's counters, written as JSON
     shared: bool = False                 # other processes serve the image too
-    outlive_parent: bool = False         # no death signal (a device's agent stops it)
+    outlive_parent: bool = False         # no death signal (the daemon's servers)
     # nbdkit's own settings, which the plugin never sees.
     socket: str | None = None            # unix socket to listen on
     port: int | None = None              # or TCP

@@ -21,7 +21,7 @@ opened and locked descriptor of it, inherited from ``nbdloop serve``),
 disk's interrupts, the default; off: leave them to the scheduler),
 ``stats-file`` (the engine's counters are written there as JSON whenever a
 connection closes), ``mlock`` (mlockall, default off), ``outlive-parent``
-(no death signal when the supervisor dies, for a device's agent to decide)
+(no death signal when the parent dies: the daemon's servers outlive it)
 and ``shared`` (other nbdkit processes serve the same image, ``serve
 --processes``: writes that would need a read-modify-write are refused).
 """

@@ -73,8 +73,8 @@ def set_io_flusher() -> None:
 
 
 def outlive_parent() -> None:
-    """No death signal when the parent (the supervisor) dies: nbdloop's
-    device agent stops this process itself."""
+    """No death signal when the parent dies: the daemon's servers outlive
+    the daemon, which stops them itself."""
     check(lib.nbdl_outlive_parent(), "prctl(PR_SET_PDEATHSIG)")
 
 

@@ -1,7 +1,7 @@
 """nbd-client's command line, for the guests that run it, and the NBD
 limits attach shares with it.
 
-``nbdloop attach`` does not run nbd-client: its agent does the handshake
+``nbdloop attach`` does not run nbd-client: the daemon does the handshake
 (:mod:`nbdloop.kernel.handshake`) and configures the device over netlink
 (:mod:`nbdloop.kernel.netlink`) itself.  :func:`nbd_client_args` is what
 ``nbdloop vm-check`` (:mod:`nbdloop.kernel.vmcheck`) and the VM tests run in

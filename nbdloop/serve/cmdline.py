@@ -163,8 +163,8 @@ def require_permissions(image: str, readonly: bool) -> None:
 def nbdkit_argv(server: Server, *, exit_with_parent: bool = True) -> list[str]:
     """The nbdkit command line that serves ``server`` with our plugin.
     ``exit_with_parent``: nbdkit gets SIGTERM when the supervisor dies (not
-    under a device's agent, which stops it itself; see supervise).  A slice
-    is served through nbdkit's offset filter."""
+    the daemon's servers, which outlive the daemon).  A slice of a fixed
+    export is served through nbdkit's offset filter."""
     nbdkit = shutil.which("nbdkit")
     if nbdkit is None:
         raise ServeError("nbdkit is not installed (apt-get install nbdkit nbdkit-plugin-python)")
