@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,20 @@ def in_threads(worker, count: int) -> None:
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+#: A guest script's verdict on one of its scenarios (tests/e2e/guest/product-lib.sh).
+SCENARIO = re.compile(r"^NBDLOOP-SCENARIO: (\S+) (PASS|FAIL)(?: (.*))?$", re.MULTILINE)
+
+
+def check_scenario(run, name: str) -> None:
+    """Scenario ``name`` of a VM run reported PASS; else its reason and its
+    part of the console."""
+    found = {m[1]: (m[2], m[3] or "") for m in SCENARIO.finditer(run.console)}
+    assert name in found, f"scenario {name} did not report:\n{run.message}"
+    verdict, reason = found[name]
+    start = run.console.find(f"NBDLOOP-SCENARIO-START: {name}")
+    assert verdict == "PASS", f"{name}: {reason}\n{run.console[start:start + 6000]}"
 
 
 def require(condition: bool, what: str) -> None:

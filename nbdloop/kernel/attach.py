@@ -401,10 +401,6 @@ def find(attachments, target: str) -> Attachment | None:
     return None
 
 
-def read_record(path: Path) -> Attachment:
-    return Attachment.from_dict(json.loads(path.read_text()))
-
-
 def state_of(att: Attachment, sys_block: Path = SYS_BLOCK) -> str:
     """``attached``: served and the kernel connected; ``recovering``: the
     daemon is replacing a server that died, while the kernel holds the

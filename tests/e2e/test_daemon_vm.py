@@ -15,12 +15,11 @@ import re
 
 import pytest
 
-from conftest import ROOT, require_tools
+from conftest import ROOT, check_scenario, require_tools
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 GUEST = ROOT / "tests" / "e2e" / "guest"
-SCENARIO = re.compile(r"^NBDLOOP-SCENARIO: (\S+) (PASS|FAIL)(?: (.*))?$", re.MULTILINE)
 COST = re.compile(r"^NBDLOOP-COST: (.*)$", re.MULTILINE)
 DEVICES = 64
 KILLS = 5
@@ -42,14 +41,6 @@ def daemon_run(tmp_path_factory):
     return result
 
 
-def check(run, name: str) -> None:
-    found = {m[1]: (m[2], m[3] or "") for m in SCENARIO.finditer(run.console)}
-    assert name in found, f"scenario {name} did not report:\n{run.message}"
-    verdict, reason = found[name]
-    start = run.console.find(f"NBDLOOP-SCENARIO-START: {name}")
-    assert verdict == "PASS", f"{name}: {reason}\n{run.console[start:start + 6000]}"
-
-
 def costs(run) -> dict[str, float]:
     return {k: float(v) for k, v in
             (line.split()[:2] for line in COST.findall(run.console) if line[:7] != "server ")}
@@ -57,12 +48,12 @@ def costs(run) -> dict[str, float]:
 
 @pytest.mark.parametrize("name", ["many", "kills", "steps", "bad-input"])
 def test_scenario(daemon_run, name):
-    check(daemon_run, name)
+    check_scenario(daemon_run, name)
 
 
 def test_at_most_one_process_per_device(daemon_run):
     """The daemon and the servers: never more processes than devices."""
-    check(daemon_run, "many")
+    check_scenario(daemon_run, "many")
     found = costs(daemon_run)
     assert 2 <= found["processes"] <= DEVICES, found
     assert found["nbd_devices"] >= DEVICES, found

@@ -17,12 +17,11 @@ import statistics
 
 import pytest
 
-from conftest import ROOT, require_tools
+from conftest import ROOT, check_scenario, require_tools
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 GUEST = ROOT / "tests" / "e2e" / "guest"
-SCENARIO = re.compile(r"^NBDLOOP-SCENARIO: (\S+) (PASS|FAIL)(?: (.*))?$", re.MULTILINE)
 RECOVERY = re.compile(r"^NBDLOOP-RECOVERY: (\w+) (\d) (\w+) ([\d.]+)$", re.MULTILINE)
 KILLS = 5        # per mode and connection count: ten per mode
 
@@ -44,21 +43,13 @@ def recover_run(tmp_path_factory):
     return result
 
 
-def check(run, name: str) -> None:
-    found = {m[1]: (m[2], m[3] or "") for m in SCENARIO.finditer(run.console)}
-    assert name in found, f"scenario {name} did not report:\n{run.message}"
-    verdict, reason = found[name]
-    start = run.console.find(f"NBDLOOP-SCENARIO-START: {name}")
-    assert verdict == "PASS", f"{name}: {reason}\n{run.console[start:start + 6000]}"
-
-
 @pytest.mark.parametrize("name", ["survive-direct-1", "survive-direct-2",
                                   "survive-buffered-1", "survive-buffered-2"])
 def test_the_device_survives_its_server(recover_run, name):
     """Kills of nbdkit, alone or with the daemon, then a restart, under a
     writer: no error, still read-write, no I/O error in the kernel log,
     fsck clean, every fsynced file intact."""
-    check(recover_run, name)
+    check_scenario(recover_run, name)
 
 
 def test_every_kill_was_a_recovery(recover_run):
@@ -79,11 +70,11 @@ def test_a_server_that_cannot_come_back_fails_the_device(recover_run):
     the recovery timeout (the writer sees EIO, or EROFS if ext4's journal
     met the EIO first), a direct read of the device fails with EIO,
     nothing hangs, list says stale and why, detach frees the device."""
-    check(recover_run, "gone-for-good")
+    check_scenario(recover_run, "gone-for-good")
 
 
 def test_a_connection_for_another_device_is_refused(recover_run):
-    check(recover_run, "wrong-device")
+    check_scenario(recover_run, "wrong-device")
 
 
 def test_every_scenario_passed(recover_run):
