@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import connect, create_image, nbdinfo_json, read_stats, require_tools, run
+from conftest import (connect, create_image, nbdinfo_json, read_stats, require_tools, run,
+                      stop_cleanly)
 from nbdloop.engine.backing import ImageError, open_image
 from nbdloop.engine.config import Export, Server, export_json
 from nbdloop.serve.children import ServerProcess
@@ -47,10 +48,7 @@ def start_server(tmp_path, exports):
         return s.start()
 
     yield start
-    for s in started:
-        if s.alive():
-            status = s.stop()
-            assert status == 0, f"server exited {status}: {s.log_tail()}"
+    stop_cleanly(started)
 
 
 def define(exports: Path, name: str, image: Path, **fields) -> None:

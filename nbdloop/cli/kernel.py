@@ -191,18 +191,10 @@ def attach_image(image, foreground=False, **options):
     if not foreground:
         return att
     click.echo(f"nbdloop: {image} attached to {att.device}", err=True)
-    _notify("READY=1")
+    control.notify("READY=1")
     while _row_of(att.device) is not None:
         time.sleep(1)
     return 0
-
-
-def _notify(state: str) -> None:
-    try:
-        from systemd import daemon as sd
-    except ImportError:
-        return
-    sd.notify(state)
 
 
 def _rows() -> list[dict]:

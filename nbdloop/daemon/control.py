@@ -261,6 +261,16 @@ def from_systemd() -> socket.socket | None:
     return socket.socket(fileno=fds[0])
 
 
+def notify(state: str) -> None:
+    """Tell systemd ``state`` (``READY=1``) if it is listening
+    ($NOTIFY_SOCKET); nothing without python3-systemd."""
+    try:
+        from systemd import daemon
+    except ImportError:
+        return
+    daemon.notify(state)
+
+
 class ControlServer:
     """Serves requests on a listening socket, which it owns, by calling
     ``methods[request.method](request)``.

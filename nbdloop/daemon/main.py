@@ -79,7 +79,7 @@ def run(attach_table: bool = False) -> int:
     threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
     if attach_table:
         _attach_table()
-    _notify("READY=1")
+    control.notify("READY=1")
     log(f"ready: {len(daemon.devices)} device(s), pid {os.getpid()}")
     daemon.watch()
     if daemon.restart_requested and not daemon.stopping:
@@ -99,14 +99,6 @@ def _attach_table() -> None:
                        capture_output=True, text=True, stdin=subprocess.DEVNULL)
     for line in (p.stdout + p.stderr).splitlines():
         log(f"table: {line}")
-
-
-def _notify(state: str) -> None:
-    try:
-        from systemd import daemon as sd
-    except ImportError:
-        return
-    sd.notify(state)
 
 
 def _stay_out_of_reclaim() -> None:
