@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -180,7 +181,7 @@ def start(state_dir: Path, group: Group, timeout: float = START_TIMEOUT) -> Grou
                                             listen=(listening.fileno(),),
                                             cpu=cpus[k] if cpus else None)
                     procs.append(supervise.popen(child, plugin_env(), stdout=log,
-                                                 stderr=log, stdin=open(os.devnull, "rb"),
+                                                 stderr=log, stdin=subprocess.DEVNULL,
                                                  start_new_session=True))
                 finally:
                     listening.close()
