@@ -67,6 +67,14 @@ def state_dir() -> Path:
     return d
 
 
+def write_whole(path: Path, text: str) -> None:
+    """Write ``path`` in one step: a reader sees the old file or the new
+    one, never a part (a temporary file beside it, renamed over it)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
 def control_socket() -> Path:
     """The daemon's control socket (nbdloop.daemon.control)."""
     return runtime_dir() / "control.sock"

@@ -35,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from nbdloop import process
+from nbdloop import paths, process
 from nbdloop.daemon import servers
 from nbdloop.daemon.control import Refusal, Request
 from nbdloop.engine.config import Export, export_json
@@ -167,7 +167,7 @@ class Daemon:
                          f"{group.name} (pids {', '.join(map(str, group.pids))})")
                 servers.stop(self.state_dir, group)
             self.restart_requested = True
-            self._wake()
+            self.wake()
             return {"attachment": before}
 
     # ---- attach and detach, inside ------------------------------------------------
@@ -182,13 +182,11 @@ class Daemon:
         return [a for a in self.devices.values() if a.group == group]
 
     def _write_export(self, att: A.Attachment) -> None:
-        path = A.export_file(self.state_dir, att)
         servers.exports_dir(self.state_dir)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(export_json(Export(image=att.image, mode=att.mode,
-                                          readonly=att.readonly, name=att.export,
-                                          offset=att.offset, length=att.sizelimit)) + "\n")
-        tmp.rename(path)
+        paths.write_whole(A.export_file(self.state_dir, att),
+                          export_json(Export(image=att.image, mode=att.mode,
+                                             readonly=att.readonly, name=att.export,
+                                             offset=att.offset, length=att.sizelimit)) + "\n")
 
     def _running_group(self, spec: servers.Group) -> servers.Group:
         """The group ``spec`` names, started if it does not run."""
@@ -291,28 +289,25 @@ class Daemon:
             from nbdloop.kernel import netlink
             self.nl = netlink.Nbd()
             self.events = netlink.LinkEvents()
-            self._wake()
+            self.wake()
         return self.nl
 
     def _watch(self, group: servers.Group) -> None:
         for fd, pid in servers.pidfds(group).items():
             self.watched[fd] = (group.name, pid)
-        self._wake()
+        self.wake()
 
     def _unwatch(self, name: str) -> None:
         for fd in [fd for fd, (g, _) in self.watched.items() if g == name]:
             os.close(fd)
             del self.watched[fd]
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Make watch() look again: at new pidfds, or the flags a signal set."""
         try:
             os.write(self._wake_w, b"x")
         except BlockingIOError:
             pass
-
-    def wake(self) -> None:
-        """For a signal handler: look at the flags again."""
-        self._wake()
 
     def watch(self) -> None:
         """Until :attr:`stopping` or :attr:`restart_requested`: wait for a

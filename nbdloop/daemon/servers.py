@@ -29,11 +29,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from nbdloop import process
+from nbdloop import paths, process
 from nbdloop.engine.config import Server
 from nbdloop.serve import supervise
 from nbdloop.serve.children import server_error
-from nbdloop.serve.cmdline import listen_unix, nbdkit_argv, plugin_env
+from nbdloop.serve.cmdline import (listen_unix, nbdkit_argv, plugin_env, process_socket,
+                                   process_stats_file)
 
 SHARED = "shared"
 MLOCK = "mlock"
@@ -79,7 +80,7 @@ class Group:
         base = self.socket(state_dir)
         if self.processes == 1:
             return [base]
-        return [f"{base}.{k}" for k in range(self.processes)]
+        return [str(process_socket(base, k)) for k in range(self.processes)]
 
     def log(self, state_dir: Path) -> str:
         return str(servers_dir(state_dir) / f"{self.name}.log")
@@ -127,10 +128,8 @@ def _record(state_dir: Path, name: str) -> Path:
 
 
 def save(state_dir: Path, group: Group) -> None:
-    path = _record(state_dir, group.name)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(group), indent=2) + "\n")
-    tmp.rename(path)
+    paths.write_whole(_record(state_dir, group.name),
+                      json.dumps(dataclasses.asdict(group), indent=2) + "\n")
 
 
 def load_all(state_dir: Path) -> dict[str, Group]:
@@ -203,7 +202,7 @@ def start(state_dir: Path, group: Group, timeout: float = START_TIMEOUT) -> Grou
 def _stats_file(group: Group, k: int) -> str | None:
     if not group.stats_file:
         return None
-    return f"{group.stats_file}.{k}" if k else group.stats_file
+    return process_stats_file(group.stats_file, k) if group.stats_file else None
 
 
 def _cpus(processes: int) -> list[int]:

@@ -31,6 +31,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from nbdloop import paths
 from nbdloop.engine.backing import open_image
 from nbdloop.kernel.nbdclient import BLOCK_SIZES, DEFAULT_TIMEOUT
 from nbdloop.process import process_started
@@ -372,10 +373,8 @@ def state_file(state_dir: Path, device: str) -> Path:
 
 
 def save(state_dir: Path, att: Attachment) -> None:
-    path = state_file(state_dir, att.device)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(att.as_dict(), indent=2) + "\n")
-    tmp.rename(path)
+    paths.write_whole(state_file(state_dir, att.device),
+                      json.dumps(att.as_dict(), indent=2) + "\n")
 
 
 def load(state_dir: Path) -> list[Attachment]:

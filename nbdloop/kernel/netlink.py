@@ -111,14 +111,6 @@ class _NbdMsg(genlmsg):
                        ("NBD_DEVICE_CONNECTED", "uint8"))
 
 
-def device_index(device: str) -> int:
-    """``/dev/nbd3`` or ``nbd3`` -> 3."""
-    name = os.path.basename(device)
-    if not (name.startswith("nbd") and name[3:].isdigit()):
-        raise KernelError(f"{device}: not an NBD device name (expected /dev/nbdN)")
-    return int(name[3:])
-
-
 def backend_of(index: int, sys_block: Path = SYS_BLOCK) -> str | None:
     """The backend identifier the device was connected with ("" if none),
     or None when the kernel shows none (not connected)."""

@@ -50,6 +50,12 @@ def process_socket(path: Path | str, k: int) -> Path:
     return path.with_name(f"{path.name}.{k}")
 
 
+def process_stats_file(path: str, k: int) -> str:
+    """Where process ``k`` of several writes its engine counters: process
+    0 to the stats file itself, the others beside it."""
+    return f"{path}.{k}" if k else path
+
+
 def listen_unix(path: Path, above: int) -> socket.socket:
     """A listening unix socket at ``path`` (mode 0600) whose descriptor is
     above ``above``, for nbdkit to inherit (see supervise.Child).  Never

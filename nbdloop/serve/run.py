@@ -20,7 +20,7 @@ from nbdloop.engine import backing
 from nbdloop.engine import placement as placement_mod
 from nbdloop.engine.config import Server
 from nbdloop.serve.cmdline import (default_socket, listen_unix, nbdkit_argv,
-                                   plugin_env, process_socket, ready_files,
+                                   plugin_env, process_socket, process_stats_file, ready_files,
                                    require_free_port, require_free_socket,
                                    require_permissions, require_psk_file, require_slice)
 from nbdloop.serve.supervise import Child, supervise
@@ -114,7 +114,7 @@ def serve(server: Server, *, cpus: set[int] | None = None, processes: int = 1,
             f = fcntl.fcntl(held, fcntl.F_DUPFD_CLOEXEC, 8)
             stats = server.stats_file
             this = server.replace(socket=None, port=None, placement="off", shared=True,
-                                  stats_file=f"{stats}.{k}" if stats and k else stats)
+                                  stats_file=process_stats_file(stats, k) if stats else None)
             own = dict(listen=tuple(s.fileno() for s in
                                     ([listen[0]] if k == 0 else []) + [listen[1 + k]]),
                        cpu=on[k % len(on)])
