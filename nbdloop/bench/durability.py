@@ -24,6 +24,7 @@ image) shows that the probe tells the two apart.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import mmap
 import os
 import random
@@ -417,7 +418,7 @@ def require_prerequisites() -> None:
         raise DurabilityError("no loop devices here (/dev/loop-control): the durability "
                               "measurement needs one")
     try:
-        import nbd  # noqa: F401
+        importlib.import_module("nbd")
     except ImportError:
         raise DurabilityError("libnbd's Python binding is missing "
                               "(apt-get install python3-libnbd)") from None
