@@ -31,8 +31,10 @@ test-fast: setup
 install: setup
 	@./scripts/install.sh
 
-# The quick preset: direct mode against qemu-nbd, 3 interleaved rounds.
-BENCH_ARGS ?= --quick --modes direct --peers qemu-nbd --rounds 3 --runtime 5 --footprint 0
+# The quick preset: direct mode against qemu-nbd and nbdkit's null plugin
+# (the floor for server CPU per GiB), 3 interleaved rounds.
+BENCH_ARGS ?= --quick --modes direct --peers qemu-nbd,nbdkit-null --rounds 3 --runtime 5 \
+	--footprint 0
 bench: setup
 	$(VENV)/bin/nbdloop bench $(BENCH_ARGS)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -52,6 +53,78 @@ def test_bench_quick_writes_results(tmp_path):
     assert "Steal, the share of the machine's CPU time" in md
     for png in ("throughput.png", "footprint.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+NUMBER_RANGE = r"\d+\.\d\d \(\d+\.\d\d-\d+\.\d\d\)"
+
+
+@pytest.mark.slow
+def test_bench_reports_cpu_per_gib_beside_the_null_floor(tmp_path):
+    """nbdloop direct and nbdkit's null plugin on 1M reads, one short round:
+    results.md has a row a subject of MiB/s and server CPU s/GiB, each a
+    median and its range, and the null peer, a floor, has no ratio."""
+    require_tools("fio", "nbdkit")
+    out = tmp_path / "out"
+    p = run_cli("bench", "--quick", "--size", "64M", "--modes", "direct",
+                "--peers", "nbdkit-null", "--workloads", "read-1m-qd8", "--rounds", "1",
+                "--runtime", "0.5", "--footprint", "0", "--out", str(out),
+                env={"NBDLOOP_CACHE": str(tmp_path / "cache")}, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    data = json.loads((out / "results.json").read_text())
+    assert data["subjects"] == ["nbdloop-direct", "nbdkit-null"]
+    null = [r for r in data["runs"] if r["subject"] == "nbdkit-null"]
+    assert len(null) == 1 and not null[0]["error"], null
+    assert null[0]["mib_s"] > 0 and null[0]["server_cpu_s"] > 0
+    assert null[0]["cpu_s_per_gib"] == pytest.approx(null[0]["server_cpu_s"] / null[0]["gib"])
+    summary = data["summary"]["read-1m-qd8"]["nbdkit-null"]
+    assert summary["cpu_s_per_gib_range"] == [null[0]["cpu_s_per_gib"]] * 2
+    assert "nbdkit-null" not in data["ratios"]
+    md = (out / "results.md").read_text()
+    assert "| subject | 1M read QD8 MiB/s | server CPU s/GiB |" in md
+    for subject in ("nbdloop-direct", "nbdkit-null"):
+        assert re.search(rf"^\| {subject} \| \d+ \(\d+-\d+\) \| {NUMBER_RANGE} \|$", md,
+                         re.MULTILINE), md
+    assert "Ratios," not in md    # the only peer is the floor
+
+
+def test_cpu_per_gib_table_has_medians_and_ranges_over_rounds(tmp_path):
+    """The 1M table from results alone: medians and min-max over rounds,
+    failed runs left out, "-" where a subject has no server process."""
+    from nbdloop.bench import report
+    from nbdloop.bench import run as bench
+
+    def result(subject, workload, rnd, mib_s, cpu, error=""):
+        gib = mib_s / 1024
+        return bench.RunResult(subject, workload, rnd, mib_s, mib_s, 1, 2,
+                               None if cpu is None else cpu * gib, cpu, gib, 0, error=error)
+
+    def subject(name):
+        return bench.Subject(name, "peer", lambda: None)
+
+    campaign = bench.Campaign(
+        image="x.img", rounds=3, runtime=1, size=MiB,
+        subjects=[subject("nbdkit-null"), subject("raw")],
+        workloads=[bench.WORKLOADS[w] for w in ("randread-4k-qd1", "read-1m-qd8",
+                                                 "write-1m-qd8")])
+    campaign.results = [
+        result("nbdkit-null", "read-1m-qd8", 0, 3000, 0.20),
+        result("nbdkit-null", "read-1m-qd8", 1, 2000, 0.40),
+        result("nbdkit-null", "read-1m-qd8", 2, 2500, 0.25),
+        result("nbdkit-null", "write-1m-qd8", 0, 1000, 0.50),
+        result("nbdkit-null", "write-1m-qd8", 1, 0, None, error="fio failed"),
+        result("nbdkit-null", "write-1m-qd8", 2, 1200, 0.30),
+        result("raw", "read-1m-qd8", 0, 900, None),
+    ]
+    lines = report._cpu_per_gib(campaign, ["nbdkit-null", "raw"])
+    assert lines[3:] == [
+        "| subject | 1M read QD8 MiB/s | server CPU s/GiB "
+        "| 1M write QD8 MiB/s | server CPU s/GiB |",
+        "|---|---|---|---|---|",
+        "| nbdkit-null | 2500 (2000-3000) | 0.25 (0.20-0.40) | 1100 (1000-1200) "
+        "| 0.40 (0.30-0.50) |",
+        "| raw | 900 (900-900) | - | - | - |"]
+    campaign.workloads = [bench.WORKLOADS["randread-4k-qd1"]]
+    assert report._cpu_per_gib(campaign, ["nbdkit-null", "raw"]) == []
 
 
 def test_rounds_alternate_the_subject_order(tmp_path):

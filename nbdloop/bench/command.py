@@ -22,7 +22,7 @@ from nbdloop.engine.placement import format_cpu_list
 from nbdloop.sizes import format_size
 
 QUICK = {"workloads": bench.QUICK_WORKLOADS, "rounds": 1, "runtime": 3.0,
-         "peers": ["qemu-nbd", "raw"], "footprint": 256 << 20}
+         "peers": ["qemu-nbd", bench.NULL_PEER, "raw"], "footprint": 256 << 20}
 FULL = {"workloads": bench.DEFAULT_WORKLOADS, "rounds": 2, "runtime": 5.0,
         "peers": list(bench.PEERS), "footprint": 512 << 20}
 

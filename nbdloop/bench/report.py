@@ -9,18 +9,49 @@ from pathlib import Path
 
 from nbdloop.bench.durability import Durability, PhaseResult
 from nbdloop.bench.run import (
+    NULL_PEER,
     Campaign,
     Footprint,
     Workload,
     medians,
     ratios,
     results_json,
+    spread,
 )
 from nbdloop.sizes import format_size
 
 
 def unit(w: Workload) -> str:
     return "MiB/s" if w.bs.upper().endswith("M") else "IOPS"
+
+
+def _range(t: tuple[float, float, float] | None, digits: int, bold: bool = False) -> str:
+    """A median with its min-max in brackets, or "-"."""
+    if t is None:
+        return "-"
+    med = f"**{t[0]:.{digits}f}**" if bold else f"{t[0]:.{digits}f}"
+    return f"{med} ({t[1]:.{digits}f}-{t[2]:.{digits}f})"
+
+
+def _cpu_per_gib(campaign: Campaign, names: list[str]) -> list[str]:
+    """The 1M workloads' throughput beside the server's CPU seconds per GiB,
+    a subject a row, each figure a median with its range over rounds."""
+    big = [w for w in campaign.workloads if unit(w) == "MiB/s"]
+    if not big:
+        return []
+    lines = ["", "1M workloads: MiB/s and the server's CPU seconds per GiB moved, medians "
+             "(min-max over rounds); - where there is none (no server process, or no run "
+             "succeeded).  "
+             f"{NULL_PEER} serves no disk: its CPU is the NBD protocol's floor.", "",
+             "| subject | " + " | ".join(f"{w.label} MiB/s | server CPU s/GiB" for w in big)
+             + " |", "|---|" + "---|---|" * len(big)]
+    for n in names:
+        cells = []
+        for w in big:
+            cells += [_range(spread(campaign, n, w, "mib_s"), 0),
+                      _range(spread(campaign, n, w, "cpu_s_per_gib"), 2)]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(campaign: Campaign, footprints: list[Footprint], skipped: dict[str, str]) -> str:
@@ -47,17 +78,18 @@ def markdown(campaign: Campaign, footprints: list[Footprint], skipped: dict[str,
             m = medians(campaign, n, w)
             cells.append(f"{m['metric']:.0f}" if m else "failed")
         lines.append(f"| {w.label} ({unit(w)}) | " + " | ".join(cells) + " |")
+    lines += _cpu_per_gib(campaign, names)
     for d in [n for n in names if n.startswith("nbdloop-direct")]:
-        others = [n for n in names if n != d]
+        # A server with no disk is a floor, not a peer: no ratios to it.
+        others = [n for n in names if n not in (d, NULL_PEER)]
+        if not others:
+            continue
         lines += ["", f"Ratios, {d} / peer:", "",
                   "| workload | " + " | ".join(others) + " |",
                   "|---|" + "---|" * len(others)]
         rat = {o: ratios(campaign, d, o) for o in others}
         for w in campaign.workloads:
-            cells = []
-            for o in others:
-                r = rat[o][w.name]
-                cells.append(f"**{r[0]:.2f}** ({r[1]:.2f}-{r[2]:.2f})" if r else "-")
+            cells = [_range(rat[o][w.name], 2, bold=True) for o in others]
             lines.append(f"| {w.label} | " + " | ".join(cells) + " |")
     legend = ("Latency (mean / p99, microseconds), CPU seconds per GiB moved (the "
               "server's own, and the whole machine's: client, server and interrupts), "
@@ -285,7 +317,7 @@ def write_reports(campaign: Campaign | None, footprints: list[Footprint],
         for d in [s.name for s in campaign.subjects if s.name.startswith("nbdloop-direct")]:
             key = "ratios" if d == "nbdloop-direct" else f"ratios:{d}"
             data[key] = {s.name: ratios(campaign, d, s.name)
-                         for s in campaign.subjects if s.name != d}
+                         for s in campaign.subjects if s.name not in (d, NULL_PEER)}
         md = markdown(campaign, footprints, skipped)
     elif skipped:
         md = "Skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()) + "\n"

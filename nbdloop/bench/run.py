@@ -1,9 +1,10 @@
 """Benchmark nbdloop against its peers with fio, in interleaved rounds.
 
-Every subject (nbdloop direct/buffered, qemu-nbd, nbdkit's file plugin, the
-kernel loop device with direct I/O, the raw file) is measured in the same
-invocation, round by round (A B C ... A B C ...), so that drift on a noisy
-machine cancels.  Ratios are medians of per-round ratios.
+Every subject (nbdloop direct/buffered, qemu-nbd, nbdkit's file plugin,
+nbdkit's null plugin, the kernel loop device with direct I/O, the raw file)
+is measured in the same invocation, round by round (A B C ... A B C ...),
+so that drift on a noisy machine cancels.  Ratios are medians of
+per-round ratios.
 """
 from __future__ import annotations
 
@@ -136,9 +137,10 @@ def drop_image_cache(path: str) -> None:
 
 def fio_argv(w: Workload, t: Target, runtime: float, out: str, size: int,
              client_cpus: str | None = None) -> list[str]:
+    # In milliseconds: fio reads --runtime=0.5 as 0 seconds, 1.5 as 1.
     argv = ["fio", f"--name={w.name}", f"--rw={w.rw}", f"--bs={w.bs}",
             f"--iodepth={w.iodepth}", f"--numjobs={w.numjobs}", "--group_reporting",
-            f"--runtime={runtime}", "--time_based", "--randrepeat=0",
+            f"--runtime={round(runtime * 1000)}ms", "--time_based", "--randrepeat=0",
             "--output-format=json", f"--output={out}"]
     if client_cpus:
         argv.append(f"--cpus_allowed={client_cpus}")
@@ -234,6 +236,22 @@ def qemu_nbd_subject(image: str, workdir: str) -> Subject:
 
 def nbdkit_file_subject(image: str, workdir: str) -> Subject:
     return _peer_subject("nbdkit-file", lambda: srv.nbdkit_file_server(image, workdir))
+
+
+def nbdkit_null_subject(workdir: str, size: int) -> Subject:
+    """nbdkit's null plugin, as big as the image: the NBD protocol alone
+    (reads return zeros, writes are dropped; fio_argv asks fio to verify
+    nothing), the floor for a server's CPU per GiB.  It runs every
+    workload, as it costs a few seconds each and is the floor for 4K
+    requests too; only its ratios mean nothing (no disk), so the report
+    leaves it out of them."""
+    def server() -> srv.ServerProcess:
+        sock, pid, log = (str(Path(workdir) / f"nbdkit-null.{s}")
+                          for s in ("sock", "pid", "log"))
+        # nbdkit's options as the nbdkit-file peer has them (nbdkit_file_argv).
+        argv = ["nbdkit", "-f", "-U", sock, "-t", "16", "-P", pid, "null", str(size)]
+        return srv.ServerProcess(argv, socket_path=sock, pidfile=pid, log=log)
+    return _peer_subject(NULL_PEER, server)
 
 
 def loop_dio_subject(image: str) -> Subject:
@@ -340,6 +358,15 @@ def ratios(campaign: Campaign, a: str, b: str) -> dict[str, tuple[float, float, 
     return out
 
 
+def spread(campaign: Campaign, subject: str, w: Workload,
+           attr: str) -> tuple[float, float, float] | None:
+    """Median, min and max over rounds of ``attr`` of ``subject``'s runs of
+    ``w`` that succeeded and have it; None if none has."""
+    xs = [getattr(r, attr) for r in campaign.results if r.subject == subject
+          and r.workload == w.name and not r.error and getattr(r, attr) is not None]
+    return (statistics.median(xs), min(xs), max(xs)) if xs else None
+
+
 def medians(campaign: Campaign, subject: str, w: Workload) -> dict | None:
     rs = [r for r in campaign.results if r.subject == subject and r.workload == w.name
           and not r.error]
@@ -348,11 +375,13 @@ def medians(campaign: Campaign, subject: str, w: Workload) -> dict | None:
     vals = [metric(r, w) for r in rs]
 
     def med(attr):
-        xs = [getattr(r, attr) for r in rs if getattr(r, attr) is not None]
-        return statistics.median(xs) if xs else None
+        s = spread(campaign, subject, w, attr)
+        return s[0] if s else None
+    cpu = spread(campaign, subject, w, "cpu_s_per_gib")
     return {"metric": statistics.median(vals), "min": min(vals), "max": max(vals),
             "iops": med("iops"), "mib_s": med("mib_s"), "lat_mean_us": med("lat_mean_us"),
             "lat_p99_us": med("lat_p99_us"), "cpu_s_per_gib": med("cpu_s_per_gib"),
+            "cpu_s_per_gib_range": list(cpu[1:]) if cpu else None,
             "machine_cpu_s_per_gib": med("machine_cpu_s_per_gib"),
             "cache_bytes": med("cache_bytes")}
 
@@ -388,7 +417,8 @@ def have(tool: str, path: str | None = None) -> bool:
 
 # ---- availability -------------------------------------------------------------------
 
-PEERS = ("qemu-nbd", "nbdkit-file", "loop-dio", "raw")
+NULL_PEER = "nbdkit-null"
+PEERS = ("qemu-nbd", "nbdkit-file", NULL_PEER, "loop-dio", "raw")
 
 
 def make_subjects(image: str, workdir: str, modes: list[str], peers: list[str],
@@ -417,6 +447,11 @@ def make_subjects(image: str, workdir: str, modes: list[str], peers: list[str],
         elif p == "nbdkit-file":
             if have("nbdkit"):
                 subjects.append(nbdkit_file_subject(image, workdir))
+            else:
+                skipped[p] = "nbdkit not installed"
+        elif p == NULL_PEER:
+            if have("nbdkit"):
+                subjects.append(nbdkit_null_subject(workdir, os.path.getsize(image)))
             else:
                 skipped[p] = "nbdkit not installed"
         elif p == "loop-dio":

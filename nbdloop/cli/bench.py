@@ -46,7 +46,8 @@ def _progress(total: int):
               help="nbdloop modes to measure.")
 @click.option("--peers", default=None, callback=_choices(bench.PEERS, "a peer"),
               help=f"Peers to compare against [default: all: {','.join(bench.PEERS)}; "
-                   "--quick: qemu-nbd,raw].")
+                   f"--quick: {','.join(command.QUICK['peers'])}].  {bench.NULL_PEER} is "
+                   "nbdkit's null plugin (no disk), the floor for server CPU per GiB.")
 @click.option("--workloads", default=None, callback=_choices(bench.WORKLOADS, "a workload"),
               help=f"Workloads [default: all: {','.join(bench.WORKLOADS)}].")
 @click.option("--runtime", type=click.FloatRange(0.5, 600), default=None,
@@ -92,8 +93,9 @@ def _progress(total: int):
 def bench_command(image, size, modes, peers, workloads, runtime, rounds, out_dir, quick,
                   pin, placements, processes, client_cpus, footprint_size, durability_only,
                   durability_window, durability_writes):
-    """Measure nbdloop against qemu-nbd, nbdkit's file plugin, the kernel loop
-    device (--direct-io=on) and the raw file, in interleaved rounds; then
+    """Measure nbdloop against qemu-nbd, nbdkit's file plugin, nbdkit's null
+    plugin (the protocol alone, no disk), the kernel loop device
+    (--direct-io=on) and the raw file, in interleaved rounds; then
     (not with --quick) how long each mode leaves acknowledged writes off
     the disk."""
     opts = command.Options.with_preset(
