@@ -50,10 +50,13 @@ def vm_check(image, mode, fstype, connections, block_size, timeout, seed, force)
               help="The guest's memory, in MiB.")
 @click.option("--disk-size", type=SIZE, default="4G", show_default=True,
               help="The guest's data disk (ext4, sparse), mounted at $NBDLOOP_DATA.")
+@click.option("--nvme-size", type=SIZE,
+              help="Also give the guest a blank emulated NVMe disk of this size (sparse, "
+                   "deleted afterwards): /dev/nvme0n1, named in $NBDLOOP_NVME.")
 @click.option("--timeout", type=click.IntRange(10, 86400), default=1800, show_default=True,
               help="Seconds before a hung guest is killed.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not show the guest's console.")
-def vm_run(script, args, memory, disk_size, timeout, quiet):
+def vm_run(script, args, memory, disk_size, nvme_size, timeout, quiet):
     """Run SCRIPT ARGS as root in a VM whose kernel has the NBD driver and
     which boots this machine's own root, read-only with a tmpfs on top: the
     same nbdkit, Python, nbdloop and nbd-client, so `nbdloop attach` works
@@ -62,9 +65,9 @@ def vm_run(script, args, memory, disk_size, timeout, quiet):
     Exit status 0 if SCRIPT exited 0, 1 if it failed or hung."""
     try:
         result = vm.run_product(script, args=args, memory_mb=memory, disk_size=disk_size,
-                                timeout=timeout,
+                                nvme_size=nvme_size, timeout=timeout,
                                 echo=None if quiet else _echo_console)
-    except ValueError as e:   # a script the guest cannot see
+    except ValueError as e:   # a script the guest cannot see, a bad NVMe size
         raise UsageError(str(e)) from None
     if not result.ok:
         click.echo(f"nbdloop: vm-run: {result.verdict}", err=True)

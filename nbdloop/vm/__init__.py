@@ -19,7 +19,8 @@ kernel under qemu (TCG) with a small busybox initramfs. The pieces:
   host's own root filesystem (read-only over 9p, a tmpfs overlay on top) and
   runs one host shell script there: the whole product (nbdkit, the venv,
   nbd-client, the kernel NBD client) on one kernel; the images go on a
-  virtio data disk. :func:`ensure_product_assets` caches its initramfs.
+  virtio data disk (or, if asked for, a blank emulated NVMe disk).
+  :func:`ensure_product_assets` caches its initramfs.
 * ``nbdloop/vm/guest/``: the guest's shell scripts (``init.sh``,
   ``kernel-check.sh``, ``product-init.sh``), real files read at run time.
 
@@ -41,6 +42,7 @@ from nbdloop.vm.kernel_check import (
 )
 from nbdloop.vm.product import (
     GUEST_DATA_DIR,
+    GUEST_NVME_DEVICE,
     GUEST_REASON_FILE,
     GUEST_REPORT_PORT,
     ProductAssets,
@@ -66,6 +68,7 @@ __all__ = [
     "DEFAULT_FILE_SIZES",
     "GUEST_DATA_DIR",
     "GUEST_NBD_DEVICE",
+    "GUEST_NVME_DEVICE",
     "GUEST_PAYLOAD_DIR",
     "GUEST_REASON_FILE",
     "GUEST_REPORT_PORT",

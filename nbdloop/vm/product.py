@@ -9,6 +9,9 @@ host's nbdkit, Python, venv, nbd-client and checkout, with nothing copied or
 built for it, and the kernel NBD client as well; writes land in the tmpfs
 and vanish with the VM. The images live on a second virtio disk (ext4, made
 on the host), mounted at :data:`GUEST_DATA_DIR`: tmpfs has no O_DIRECT.
+On request the guest also gets an emulated NVMe disk (qemu's ``nvme``
+device, blank), :data:`GUEST_NVME_DEVICE`: a disk whose direct-I/O memory
+alignment is 4 bytes, where a virtio disk asks for 512.
 
 The guest runs one shell script, a file on the host (so at the same path in
 the guest), as ``/bin/sh SCRIPT ARGS...`` as root with every capability,
@@ -53,6 +56,7 @@ from nbdloop.vm.tools import VmError, require_tool, run
 
 __all__ = [
     "GUEST_DATA_DIR",
+    "GUEST_NVME_DEVICE",
     "GUEST_REASON_FILE",
     "GUEST_REPORT_PORT",
     "PRODUCT_INIT_SCRIPT",
@@ -70,6 +74,10 @@ __all__ = [
 PRODUCT_INIT_SCRIPT = GUEST_SCRIPTS / "product-init.sh"
 #: Where the guest mounts the data disk; ``$NBDLOOP_DATA``, and the script's cwd.
 GUEST_DATA_DIR = "/data"
+#: The emulated NVMe disk's namespace in the guest, when there is one:
+#: ``$NBDLOOP_NVME``.  The driver probes it in the background, so it may
+#: appear a moment after the script starts.
+GUEST_NVME_DEVICE = "/dev/nvme0n1"
 #: The file for the script's one-line failure reason; ``$NBDLOOP_REASON``.
 GUEST_REASON_FILE = "/run/nbdloop-vm/reason"
 #: The name of the virtio-serial port that :func:`run_product` writes to
@@ -270,15 +278,22 @@ def prepare_disk(path: Path, size: int) -> None:
     run([require_tool("mkfs.ext4", "e2fsprogs"), "-F", "-q", str(path)])
 
 
-def _direct_io_works(path: Path) -> bool:
+def _drive(path: Path, options: str) -> list[str]:
+    """qemu's -drive for the raw image ``path``, a name without ',' (which
+    qemu's option parser gives a meaning), with ``options`` added:
+    cache=none (qemu's own O_DIRECT, so that what the guest's disk
+    completed is in the image even after a power cut) where the host's
+    filesystem takes O_DIRECT, else writeback."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_DIRECT)
     except OSError as e:
-        if e.errno == errno.EINVAL:
-            return False
-        raise
-    os.close(fd)
-    return True
+        if e.errno != errno.EINVAL:
+            raise
+        cache = "writeback"
+    else:
+        os.close(fd)
+        cache = "none"
+    return ["-drive", f"file={path},format=raw,cache={cache},{options}"]
 
 
 def run_product(
@@ -287,6 +302,7 @@ def run_product(
     args: Sequence[str] = (),
     disk: Path | None = None,
     disk_size: int = 2 << 30,
+    nvme_size: int | None = None,
     memory_mb: int = 1024,
     cpus: int = 2,
     timeout: float = 300,
@@ -311,10 +327,13 @@ def run_product(
     ``disk`` is the data disk's image: made (sparse, ``disk_size`` bytes) if
     missing or empty, given ext4 if it holds no filesystem, and left for the
     caller to inspect. Without it a temporary ext4 image of ``disk_size``
-    bytes is used and deleted. Neither args nor env values may hold a
-    newline (they travel one a line). ``share`` names more host directories
-    under /tmp or /run for the guest to see (read-only) at their own paths.
-    ``echo`` gets the console as it comes.
+    bytes is used and deleted. ``nvme_size`` adds an emulated NVMe disk of
+    that many bytes, blank (a sparse temporary image, deleted afterwards):
+    :data:`GUEST_NVME_DEVICE`, which the script finds in ``$NBDLOOP_NVME``.
+    Neither args nor env values may hold a newline (they travel one a
+    line). ``share`` names more host directories under /tmp or /run for the
+    guest to see (read-only) at their own paths. ``echo`` gets the console
+    as it comes.
 
     ``report`` is a host file that gets what the guest writes to its
     virtio-serial port :data:`GUEST_REPORT_PORT`, as it writes it (the file
@@ -326,6 +345,10 @@ def run_product(
         raise VmError("qemu-system-x86_64 not found: install the Debian package qemu-system-x86")
     keep = kept_paths(Path(os.path.realpath(script)), share)
     script = _check_visible(Path(script), keep)
+    if nvme_size is not None:
+        if nvme_size <= 0 or nvme_size % 512:
+            raise ValueError(f"NVMe disk size {nvme_size} is not a positive multiple of 512")
+        env = {"NBDLOOP_NVME": GUEST_NVME_DEVICE, **(env or {})}
     argv = product_argv(script, args, env)
     if assets is None:
         assets = ensure_product_assets()
@@ -339,24 +362,28 @@ def run_product(
             disk = Path(tmp) / "data.img"
         disk = Path(disk)
         prepare_disk(disk, disk_size)
-        cache = "none" if _direct_io_works(disk) else "writeback"
         initrd = os.path.join(tmp, "initrd.img")
         with open(initrd, "wb") as f:
             f.write(assets.initrd.read_bytes())
             f.write(extra.finish())
-        # qemu's option parser gives ',' a meaning; a symlink with a plain
-        # name avoids it in the caller's path.
-        link = os.path.join(tmp, "disk")
-        os.symlink(os.path.abspath(disk), link)
+        # A plain name for the caller's path, which may hold a ',' (_drive).
+        link = Path(tmp) / "disk"
+        link.symlink_to(os.path.abspath(disk))
         cmd = [
             *qemu_argv(qemu, cpus=cpus, memory_mb=memory_mb),
             "-nic", "none",
             "-virtfs", _VIRTFS,
-            "-drive", f"file={link},format=raw,if=virtio,cache={cache}",
+            *_drive(link, "if=virtio"),
             "-kernel", str(assets.kernel),
             "-initrd", initrd,
             "-append", KERNEL_CMDLINE,
         ]
+        if nvme_size is not None:
+            nvme = Path(tmp) / "nvme.img"
+            with open(nvme, "wb") as f:
+                f.truncate(nvme_size)
+            cmd += [*_drive(nvme, "if=none,id=nvme0"),
+                    "-device", "nvme,serial=nbdloop-nvme,drive=nvme0"]
         if report is not None:
             Path(report).write_bytes(b"")
             report_link = os.path.join(tmp, "report")
