@@ -35,8 +35,10 @@
  * The segment covers [file_off, file_off + len) of the backing file.  Bytes
  * [skip, skip + copy_len) of it belong to the request and sit at user_off in
  * the caller's buffer.  In buffered mode skip is 0 and copy_len == len: the
- * I/O goes straight to the caller's buffer.  In direct mode the I/O goes
- * through an aligned bounce slot owned by the ring.
+ * I/O goes straight to the caller's buffer.  In direct mode so does a
+ * segment that is all window (no preread) whose place in the caller's
+ * buffer meets the image's memory alignment; any other goes through an
+ * aligned bounce slot owned by the ring.
  */
 struct nbdl_seg {
   uint64_t file_off;
@@ -57,6 +59,8 @@ struct nbdl_stats {
   uint64_t waves;      /* submit-and-wait rounds */
   uint64_t prereads;   /* RMW edge reads */
   uint64_t copied;     /* bytes copied between bounce and caller */
+  uint64_t zero_copy;  /* direct-mode requests done with no copy at all */
+  uint64_t zero_copy_bytes; /* bytes of segments done on the caller's buffer */
   uint64_t lock_waits; /* range-lock acquisitions that had to wait */
   uint64_t rings;      /* rings created */
   uint64_t rings_freed;
@@ -74,13 +78,16 @@ struct nbdl_stats {
 
 struct nbdl_image;
 
-/* Make an engine for fd.  direct: fd has O_DIRECT, so I/O uses bounce
- * buffers.  seg_size: largest segment (a multiple of the alignment).
+/* Make an engine for fd.  direct: fd has O_DIRECT.  mem_align (direct
+ * only, a power of two, 0 for never): the memory alignment O_DIRECT asks
+ * of a buffer (stx_dio_mem_align); a segment whose place in the caller's
+ * buffer meets it is done there, any other through a bounce slot.
+ * seg_size: largest segment (a multiple of the offset alignment).
  * entries: ring entries = bounce slots per thread = segments per wave.
  * pin: keep each calling pthread's Python thread state alive (nbdkit workers).
  * Returns NULL with errno set on failure. */
-struct nbdl_image *nbdl_image_new (int fd, int direct, uint32_t seg_size,
-                                   uint32_t entries, int pin);
+struct nbdl_image *nbdl_image_new (int fd, int direct, uint32_t mem_align,
+                                   uint32_t seg_size, uint32_t entries, int pin);
 void nbdl_image_free (struct nbdl_image *img);
 
 /* Move each worker to the `busy` CPUs while busy_at or more requests are in

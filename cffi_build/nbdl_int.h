@@ -50,6 +50,7 @@ struct nbdl_image {
   uint64_t id; /* rings remember which image they were built for */
   int fd;
   int direct;
+  uint32_t mem_align; /* 0: every direct segment goes through a bounce slot */
   int pin;
   uint32_t seg_size;
   uint32_t entries;

@@ -1,8 +1,9 @@
 /* nbdloop's I/O engine.  See nbdl.h for the contract.
  *
  * Shape (after liburing's examples/io_uring-cp.c): each pthread owns one
- * ring with `entries` SQEs and, in direct mode, `entries` aligned bounce
- * slots of `seg_size` bytes registered with the ring.  A request's segments
+ * ring with `entries` SQEs and, in direct mode, once a segment first needs
+ * one, `entries` aligned bounce slots of `seg_size` bytes registered with
+ * the ring.  A request's segments
  * run in waves of at most `entries`: prepare one SQE per segment with the
  * segment's index in user_data, submit them together, reap every completion
  * and store its result in the segment.  Nothing is left in flight when a
@@ -26,12 +27,13 @@
 static uint64_t next_image_id = 1;
 
 struct nbdl_image *
-nbdl_image_new (int fd, int direct, uint32_t seg_size, uint32_t entries,
-                int pin)
+nbdl_image_new (int fd, int direct, uint32_t mem_align, uint32_t seg_size,
+                uint32_t entries, int pin)
 {
   struct nbdl_image *img;
 
-  if (fd < 0 || seg_size == 0 || entries == 0 || entries > 4096) {
+  if (fd < 0 || seg_size == 0 || entries == 0 || entries > 4096 ||
+      (mem_align & (mem_align - 1)) != 0) {
     errno = EINVAL;
     return NULL;
   }
@@ -41,6 +43,7 @@ nbdl_image_new (int fd, int direct, uint32_t seg_size, uint32_t entries,
   img->id = __atomic_fetch_add (&next_image_id, 1, __ATOMIC_RELAXED);
   img->fd = fd;
   img->direct = direct;
+  img->mem_align = direct ? mem_align : 0;
   img->pin = pin;
   img->seg_size = seg_size;
   img->entries = entries;
@@ -112,7 +115,8 @@ struct nbdl_ring {
   int broken;      /* a submission failed: drop the ring after this call */
   uint32_t entries;
   uint32_t seg_size;
-  char *bounce;    /* entries * seg_size bytes, 4096-aligned; NULL if buffered */
+  char *bounce;    /* entries * seg_size bytes, 4096-aligned; NULL until a
+                    * direct-mode segment first needs a slot */
 };
 
 void
@@ -175,35 +179,42 @@ ring_new (struct nbdl_image *img, int *err)
   ret = io_uring_register_files (&r->ring, &img->fd, 1);
   r->fixed_file = ret == 0;
 
-  if (img->direct) {
-    size_t total = (size_t) img->entries * img->seg_size;
-    struct iovec *iov;
-    uint32_t s;
-
-    ret = posix_memalign ((void **) &r->bounce, 4096, total);
-    if (ret != 0) {
-      io_uring_queue_exit (&r->ring);
-      free (r);
-      *err = -ret;
-      return NULL;
-    }
-    memset (r->bounce, 0, total);
-    iov = calloc (img->entries, sizeof *iov);
-    if (iov != NULL) {
-      for (s = 0; s < img->entries; s++) {
-        iov[s].iov_base = r->bounce + (size_t) s * img->seg_size;
-        iov[s].iov_len = img->seg_size;
-      }
-      /* Fails with ENOMEM past RLIMIT_MEMLOCK; plain reads still work. */
-      ret = io_uring_register_buffers (&r->ring, iov, img->entries);
-      r->fixed_bufs = ret == 0;
-      free (iov);
-    }
-    if (r->fixed_bufs)
-      STAT_ADD (fixed_bufs, 1);
-  }
   STAT_ADD (rings, 1);
   return r;
+}
+
+/* The bounce slots, made on first need: a worker whose requests all go
+ * straight to nbdkit's buffer never holds them.  Returns 0 or -errno. */
+static int
+need_bounce (struct nbdl_ring *r)
+{
+  size_t total = (size_t) r->entries * r->seg_size;
+  struct iovec *iov;
+  uint32_t s;
+  int ret;
+
+  if (r->bounce != NULL)
+    return 0;
+  ret = posix_memalign ((void **) &r->bounce, 4096, total);
+  if (ret != 0) {
+    r->bounce = NULL;
+    return -ret;
+  }
+  memset (r->bounce, 0, total);
+  iov = calloc (r->entries, sizeof *iov);
+  if (iov != NULL) {
+    for (s = 0; s < r->entries; s++) {
+      iov[s].iov_base = r->bounce + (size_t) s * r->seg_size;
+      iov[s].iov_len = r->seg_size;
+    }
+    /* Fails with ENOMEM past RLIMIT_MEMLOCK; plain reads still work. */
+    ret = io_uring_register_buffers (&r->ring, iov, r->entries);
+    r->fixed_bufs = ret == 0;
+    free (iov);
+  }
+  if (r->fixed_bufs)
+    STAT_ADD (fixed_bufs, 1);
+  return 0;
 }
 
 static struct nbdl_ring *
@@ -454,16 +465,53 @@ fill_window (struct nbdl_image *img, int op, char *user,
   (void) img;
 }
 
-/* One wave of at most `entries` segments. */
+/* Whether a direct-mode segment can be done on the caller's buffer: all of
+ * it is window (so no preread), and its place there meets the memory
+ * alignment.  Its offset and length meet the offset alignment already, by
+ * plan.  Decided per segment, since nbdkit moves its buffer when a larger
+ * request comes. */
+static int
+in_place (const struct nbdl_image *img, int op, const char *user,
+          const struct nbdl_seg *s)
+{
+  return img->mem_align != 0 && op != NBDL_OP_WRITE_ZEROES &&
+    !(s->flags & NBDL_SEG_PREREAD) && s->skip == 0 && s->copy_len == s->len &&
+    ((uintptr_t) (user + s->user_off) & (img->mem_align - 1)) == 0;
+}
+
+/* One wave of at most `entries` segments.  *bounced is set when a segment
+ * went through a bounce slot. */
 static int
 run_wave (struct nbdl_image *img, struct nbdl_ring *r, int op, int fua,
-          char *user, struct nbdl_seg *w, unsigned n, uint32_t *next_order)
+          char *user, struct nbdl_seg *w, unsigned n, uint32_t *next_order,
+          int *bounced)
 {
   int64_t res[n];
   uint32_t order[n];
+  char direct_to_user[n];
   unsigned i, prereads = 0, bad = 0;
   int write = op != NBDL_OP_READ;
   int ret;
+
+  if (img->direct) {
+    int need = 0;
+
+    for (i = 0; i < n; i++) {
+      direct_to_user[i] = in_place (img, op, user, &w[i]);
+      need |= !direct_to_user[i];
+    }
+    if (need) {
+      ret = need_bounce (r);
+      if (ret < 0) {
+        for (i = 0; i < n; i++) {
+          w[i].res = ret;
+          w[i].order = (*next_order)++;
+        }
+        return (int) n;
+      }
+      *bounced = 1;
+    }
+  }
 
   if (img->direct && write) {
     /* Read-modify-write: fetch the edge blocks into their slots first. */
@@ -503,7 +551,12 @@ run_wave (struct nbdl_image *img, struct nbdl_ring *r, int op, int fua,
 
     res[i] = NBDL_NOT_RUN;
     order[i] = UINT32_MAX;
-    if (img->direct) {
+    if (img->direct && direct_to_user[i]) {
+      slot = -1;
+      addr = user + s->user_off;
+      STAT_ADD (zero_copy_bytes, s->len);
+    }
+    else if (img->direct) {
       slot = i;
       addr = r->bounce + (size_t) i * r->seg_size;
       if (write)
@@ -519,7 +572,7 @@ run_wave (struct nbdl_image *img, struct nbdl_ring *r, int op, int fua,
   for (i = 0; i < n; i++) {
     w[i].res = res[i];
     w[i].order = order[i];
-    if (img->direct && !write)
+    if (img->direct && !write && !direct_to_user[i])
       copy_out (user, &w[i], r->bounce + (size_t) i * r->seg_size, res[i]);
     if (res[i] != (int64_t) w[i].len)
       bad++;
@@ -538,7 +591,7 @@ nbdl_rw (struct nbdl_image *img, int op, int fua, char *user,
   struct nbdl_ring *r;
   uint32_t done = 0, next_order = 0, i, n_now;
   uint64_t total = 0;
-  int err = 0, bad = 0;
+  int err = 0, bad = 0, bounced = 0;
 
   for (i = 0; i < nsegs; i++) {
     total += segs[i].len;
@@ -573,7 +626,8 @@ nbdl_rw (struct nbdl_image *img, int op, int fua, char *user,
 
     if (n > r->entries)
       n = r->entries;
-    bad = run_wave (img, r, op, fua, user, segs + done, n, &next_order);
+    bad = run_wave (img, r, op, fua, user, segs + done, n, &next_order,
+                    &bounced);
     if (bad < 0)
       break;
     done += n;
@@ -589,6 +643,8 @@ nbdl_rw (struct nbdl_image *img, int op, int fua, char *user,
   }
   if (r != NULL && r->broken)
     drop_ring ();
+  if (img->direct && !bounced)
+    STAT_ADD (zero_copy, 1);
   if (lock_mode != NBDL_LOCK_NONE)
     range_unlock (img, &held);
   __atomic_fetch_sub (&img->inflight, 1, __ATOMIC_RELAXED);

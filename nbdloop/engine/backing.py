@@ -46,23 +46,24 @@ class ImageError(Exception):
 @dataclass(frozen=True)
 class Geometry:
     size: int
-    align: int          # direct-I/O alignment of the backing (discovered)
+    align: int          # direct-I/O alignment of offsets and lengths
+    mem_align: int      # direct-I/O alignment of buffers in memory
     block_device: bool
 
 
-def discover_alignment(fd: int, st: os.stat_result) -> int:
-    """The backing's direct-I/O alignment: BLKSSZGET for block devices, statx
-    STATX_DIOALIGN for files, and 4096 when neither says."""
+def discover_alignment(fd: int, st: os.stat_result) -> tuple[int, int]:
+    """The backing's direct-I/O alignment, ``(offset, memory)``: statx
+    STATX_DIOALIGN where the kernel says; else, for a block device, its
+    logical block size for both; else 4096 for both."""
+    mem, off = uring.dio_alignment(fd)
+    if off > 0:
+        return off, mem
     if stat.S_ISBLK(st.st_mode):
         buf = fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4)
         size = struct.unpack("i", buf)[0]
         if size > 0:
-            return size
-    else:
-        mem, off = uring.dio_alignment(fd)
-        if off > 0:
-            return max(off, mem)
-    return FALLBACK_ALIGN
+            return size, size
+    return FALLBACK_ALIGN, FALLBACK_ALIGN
 
 
 def _size_of(fd: int, st: os.stat_result) -> int:
@@ -129,11 +130,12 @@ def inspect_fd(fd: int, path: str, mode: str) -> Geometry:
         raise ImageError(f"{path}: the image is empty")
     if size % SECTOR:
         raise ImageError(f"{path}: size {size} is not a multiple of {SECTOR} bytes")
-    align = discover_alignment(fd, st)
+    align, mem_align = discover_alignment(fd, st)
     if mode == "direct" and size % align:
         raise ImageError(f"{path}: size {size} is not a multiple of the direct-I/O "
                          f"alignment {align}; use --mode buffered")
-    return Geometry(size=size, align=align, block_device=stat.S_ISBLK(st.st_mode))
+    return Geometry(size=size, align=align, mem_align=mem_align,
+                    block_device=stat.S_ISBLK(st.st_mode))
 
 
 class Backing:
@@ -154,6 +156,7 @@ class Backing:
         self.name = os.path.basename(path)
         self.size = geometry.size
         self.align = geometry.align
+        self.mem_align = geometry.mem_align
         self.block_device = geometry.block_device
         self.mode = mode
         self.readonly = readonly
@@ -176,7 +179,8 @@ class Backing:
         # minimum block size that avoids them.
         self.shared = shared
         self.no_rmw = shared and self.direct
-        self.engine = uring.Engine(fd, direct=self.direct, seg_size=seg_size,
+        self.engine = uring.Engine(fd, direct=self.direct, mem_align=self.mem_align,
+                                   seg_size=seg_size,
                                    entries=entries, pin=pin, name=self.name)
         self._zero_range_ok = True
         self._punch_ok = True

@@ -88,14 +88,16 @@ class Engine:
     """The rings that serve one open backing file.
 
     Each thread that calls in gets its own ring (and, in direct mode, its own
-    registered bounce slots), created on first use and freed when the thread
-    exits.  ``pin`` keeps the calling thread's Python thread state alive
+    registered bounce slots, for segments whose place in the caller's buffer
+    does not meet ``mem_align``), created on first use and freed when the
+    thread exits.  ``pin`` keeps the calling thread's Python thread state alive
     between nbdkit callbacks.
     """
 
     def __init__(self, fd: int, *, direct: bool, seg_size: int, entries: int,
-                 pin: bool = False, name: str = "") -> None:
-        img = lib.nbdl_image_new(fd, int(direct), seg_size, entries, int(pin))
+                 mem_align: int = 0, pin: bool = False, name: str = "") -> None:
+        # mem_align 0: every direct-mode segment goes through a bounce slot.
+        img = lib.nbdl_image_new(fd, int(direct), mem_align, seg_size, entries, int(pin))
         if img == ffi.NULL:
             check(-ffi.errno, "setting up the I/O engine")
         # Freed by close(), or by the garbage collector if nobody closes it.
