@@ -245,13 +245,7 @@ def nbdkit_null_subject(workdir: str, size: int) -> Subject:
     workload, as it costs a few seconds each and is the floor for 4K
     requests too; only its ratios mean nothing (no disk), so the report
     leaves it out of them."""
-    def server() -> srv.ServerProcess:
-        sock, pid, log = (str(Path(workdir) / f"nbdkit-null.{s}")
-                          for s in ("sock", "pid", "log"))
-        # nbdkit's options as the nbdkit-file peer has them (nbdkit_file_argv).
-        argv = ["nbdkit", "-f", "-U", sock, "-t", "16", "-P", pid, "null", str(size)]
-        return srv.ServerProcess(argv, socket_path=sock, pidfile=pid, log=log)
-    return _peer_subject(NULL_PEER, server)
+    return _peer_subject(NULL_PEER, lambda: srv.nbdkit_null_server(size, workdir))
 
 
 def loop_dio_subject(image: str) -> Subject:

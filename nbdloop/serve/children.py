@@ -103,13 +103,19 @@ def qemu_nbd_argv(image: str, socket_path: str, *, pidfile: str | None = None,
     return argv + [image]
 
 
-def nbdkit_file_argv(image: str, socket_path: str, *, pidfile: str | None = None,
-                     threads: int = 16, cache: str = "none") -> list[str]:
-    """nbdkit's own C file plugin, as a peer."""
+def nbdkit_peer_argv(plugin: list[str], socket_path: str, *, pidfile: str | None = None,
+                     threads: int = 16) -> list[str]:
+    """nbdkit with one of its own C plugins (``plugin``: its name and
+    arguments), as a peer."""
     argv = ["nbdkit", "-f", "-U", socket_path, "-t", str(threads)]
     if pidfile:
         argv += ["-P", pidfile]
-    return argv + ["file", image, f"cache={cache}"]
+    return argv + plugin
+
+
+def nbdkit_file_argv(image: str, socket_path: str, *, cache: str = "none", **kw) -> list[str]:
+    """nbdkit's own file plugin, as a peer."""
+    return nbdkit_peer_argv(["file", image, f"cache={cache}"], socket_path, **kw)
 
 
 class ServerProcess:
@@ -238,4 +244,13 @@ def nbdkit_file_server(image: str, workdir: str | os.PathLike, *, name: str = "n
     wd = Path(workdir)
     sock, pid, log = (str(wd / f"{name}.{s}") for s in ("sock", "pid", "log"))
     return ServerProcess(nbdkit_file_argv(image, sock, pidfile=pid, **kw),
+                         socket_path=sock, pidfile=pid, log=log)
+
+
+def nbdkit_null_server(size: int, workdir: str | os.PathLike, *, name: str = "nbdkit-null"
+                       ) -> ServerProcess:
+    """nbdkit's null plugin, ``size`` bytes: the NBD protocol with no disk."""
+    wd = Path(workdir)
+    sock, pid, log = (str(wd / f"{name}.{s}") for s in ("sock", "pid", "log"))
+    return ServerProcess(nbdkit_peer_argv(["null", str(size)], sock, pidfile=pid),
                          socket_path=sock, pidfile=pid, log=log)
