@@ -11,6 +11,18 @@ fail() {
 }
 must() { "$@" || fail "$* (exit $?)"; }
 
+# wait_until SECONDS WHAT CMD...: run CMD every 0.1 s until it succeeds;
+# fail saying that WHAT did not happen in SECONDS.
+wait_until() {
+    limit=$(($1 * 10)) what=$2 tries=0
+    shift 2
+    until "$@"; do
+        tries=$((tries + 1))
+        [ "$tries" -gt "$limit" ] && fail "$what did not happen in $limit tenths of a second"
+        sleep 0.1
+    done
+}
+
 # refused PHRASE CMD...: CMD must fail with exit status 2 and say, in one
 # line on stderr, something containing PHRASE.
 refused() {

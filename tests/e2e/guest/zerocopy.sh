@@ -30,12 +30,7 @@ MiB=1048576
 # connection closes, print it as NAME's counters, then remove it so that
 # the next close writes it anew.
 stats() {
-    i=0
-    while [ ! -s "$2" ]; do
-        i=$((i + 1))
-        [ "$i" -gt 300 ] && fail "the server wrote no counters to $2"
-        sleep 0.1
-    done
+    wait_until 30 "the server's counters in $2" test -s "$2"
     echo "NBDLOOP-ZC-STATS: $1 $(tr -d '\n' < "$2")"
     rm -f "$2"
 }
@@ -132,12 +127,7 @@ EOF
 nvme_disk() {
     step nvme
     [ -n "$NBDLOOP_NVME" ] || fail "no NVMe disk: run_product(nvme_size=...) sets \$NBDLOOP_NVME"
-    i=0
-    while [ ! -b "$NBDLOOP_NVME" ]; do
-        i=$((i + 1))
-        [ "$i" -gt 300 ] && fail "$NBDLOOP_NVME did not appear in 30 s"
-        sleep 0.1
-    done
+    wait_until 30 "$NBDLOOP_NVME appearing" test -b "$NBDLOOP_NVME"
     queue=/sys/block/${NBDLOOP_NVME#/dev/}/queue
     echo "$NBDLOOP_NVME: $(cat "$queue/logical_block_size")-byte blocks," \
         "dma_alignment $(cat "$queue/dma_alignment")"
@@ -145,6 +135,15 @@ nvme_disk() {
     mkdir -p "$MNT"
     must mount "$NBDLOOP_NVME" "$MNT"
 }
+
+# listening PID PIDFILE: serve wrote its pidfile (it listens); fails the
+# script if the server PID exited instead.
+listening() {
+    kill -0 "$1" 2> /dev/null || fail "serve exited: $(tail -n 3 /tmp/zc-serve.log)"
+    test -s "$2"
+}
+
+no_nbdkit() { ! pgrep -x nbdkit > /dev/null; }
 
 serve_check() {
     img=$MNT/serve.img sock=/tmp/zc.sock stats=/tmp/zc-stats.json pidfile=/tmp/zc.pid
@@ -160,13 +159,7 @@ print("NBDLOOP-DIOALIGN: %d %d" % uring.dio_alignment(os.open(sys.argv[1], os.O_
         --pidfile "$pidfile" > /tmp/zc-serve.log 2>&1 &
     server=$!
     trap 'kill "$server" 2> /dev/null' EXIT
-    i=0
-    while [ ! -s "$pidfile" ]; do
-        kill -0 "$server" 2> /dev/null || fail "serve exited: $(tail -n 3 /tmp/zc-serve.log)"
-        i=$((i + 1))
-        [ "$i" -gt 600 ] && fail "serve did not listen in 60 s"
-        sleep 0.1
-    done
+    wait_until 60 "serve listening" listening "$server" "$pidfile"
     step serve-aligned
     must python3 "$CLIENT" aligned "$sock" "$oracle" "$SEED"
     stats serve-aligned "$stats"
@@ -201,12 +194,7 @@ attach_check() {
     step detach
     must nbdloop detach "$dev"
     # The counters are written as the server's last connection closes.
-    i=0
-    while pgrep -x nbdkit > /dev/null; do
-        i=$((i + 1))
-        [ "$i" -gt 300 ] && fail "the server still runs 30 s after detach"
-        sleep 0.1
-    done
+    wait_until 30 "the server's exit after detach" no_nbdkit
     echo "NBDLOOP-ZC-MOVED: attach $((2 * 17 * MiB))"
     stats attach "$stats"
     cmp -n $((17 * MiB)) /tmp/zc-src "$img" || fail "the image differs from what was written"
