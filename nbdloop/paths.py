@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sysconfig
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -28,6 +29,8 @@ PLUGIN = PACKAGE_DIR / "engine" / "plugin.py"
 GUEST_SCRIPTS = PACKAGE_DIR / "vm" / "guest"
 #: Debian's libpython3.11, which nbdkit embeds.
 EMBEDDED_PYTHON_HOME = "/usr"
+#: The allocator loaded into nbdkit (Debian's libtcmalloc-minimal4).
+ALLOCATOR = f"/usr/lib/{sysconfig.get_config_var('MULTIARCH')}/libtcmalloc_minimal.so.4"
 
 #: Where system tools live; a user's PATH often lacks the sbin directories.
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -8,7 +8,8 @@ APT_PACKAGES="nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd
   liburing-dev python3-dev python3-venv python3-pip python3-setuptools
   python3-cffi libffi-dev gcc make fio qemu-utils qemu-system-x86 nbd-client
   socat busybox-static cpio kmod e2fsprogs xfsprogs fuse3 util-linux shellcheck
-  procps psmisc linux-perf fdisk man-db systemd python3-systemd"
+  procps psmisc linux-perf fdisk man-db systemd python3-systemd
+  libtcmalloc-minimal4"
 
 missing=""
 for p in $APT_PACKAGES; do
