@@ -4,8 +4,10 @@ In direct mode the engine hands nbdkit's own request buffer to the kernel,
 with no copy through a bounce slot, when the buffer's address meets the
 backing's direct-I/O memory alignment (``stx_dio_mem_align``) and the
 request's offset and length meet its offset alignment.  On a virtio disk
-the memory alignment is 512 and glibc's buffers are 16-aligned, so nothing
-goes zero-copy there; on an NVMe disk it is 4.  So one boot of the
+the memory alignment is 512, which nbdkit's buffers meet only through the
+allocator nbdkit is started with (tcmalloc; glibc's are 16 bytes past a
+boundary), and tests/test_clients.py checks that on the host; on an NVMe
+disk it is 4, which any allocator's buffers meet.  So one boot of the
 one-kernel VM (nbdloop.vm.product) with qemu's ``nvme`` device runs
 tests/e2e/guest/zerocopy.sh: ext4 on the NVMe disk, the images there, a
 libnbd client of ``nbdloop serve`` and the kernel NBD client of ``nbdloop
