@@ -3,10 +3,10 @@
  * Shape (after liburing's examples/io_uring-cp.c): each pthread owns one
  * ring with `entries` SQEs and, in direct mode, once a segment first needs
  * one, `entries` aligned bounce slots of `seg_size` bytes registered with
- * the ring.  A request's segments
- * run in waves of at most `entries`: prepare one SQE per segment with the
- * segment's index in user_data, submit them together, reap every completion
- * and store its result in the segment.  Nothing is left in flight when a
+ * the ring.  A request's segments run in waves of at most `entries`:
+ * prepare one SQE per segment with the segment's index in user_data,
+ * submit them together, reap every completion and store its result in the
+ * segment.  Nothing is left in flight when a
  * call returns, because the caller's buffer belongs to nbdkit.
  */
 #include "nbdl_int.h"

@@ -12,9 +12,11 @@ Coordinates: a segment covers ``[file_off, file_off + length)`` of the backing
 file.  Its bytes ``[skip, skip + copy_len)`` belong to the request and sit at
 ``user_off`` in the request's buffer (the "window").  In buffered mode the
 alignment is 1, every segment is all window, and the I/O uses the request's
-buffer directly.  In direct mode the I/O goes through aligned bounce buffers,
-and a write whose window does not fill its segment must first read the
-segment (``preread``): a read-modify-write of an edge block.
+buffer directly.  In direct mode a segment that is all window goes straight
+to the request's buffer when the buffer's address allows (the engine decides
+that), any other through an aligned bounce slot; and a write whose window
+does not fill its segment must first read the segment (``preread``): a
+read-modify-write of an edge block.
 """
 from __future__ import annotations
 
