@@ -261,11 +261,13 @@ def test_a_store_slower_than_a_wait_slice(faulty_store, serve, mode, tmp_path):
 
 
 def test_a_stalled_store_is_reported_and_still_waited_for(faulty_store, serve, tmp_path):
-    """A read that takes 11 s: the server's log says, after ten seconds,
+    """A read that takes 14 s: the server's log says, after ten seconds,
     that a submission has not completed, and the read then returns its data
     (the engine never gives up on a submission: the kernel may still be
-    using the buffer)."""
-    store = faulty_store("--filter=delay", "delay-read=11")
+    using the buffer).  The report comes after ten one-second waits, which
+    on a loaded machine take longer than ten seconds: with a read of 11 s
+    it once did not come in time."""
+    store = faulty_store("--filter=delay", "delay-read=14")
     s = serve(store.path, "direct")
     h = connect(s.uri)
     data = block(21, 64 * KiB)
