@@ -200,8 +200,6 @@ def start(state_dir: Path, group: Group, timeout: float = START_TIMEOUT) -> Grou
 
 
 def _stats_file(group: Group, k: int) -> str | None:
-    if not group.stats_file:
-        return None
     return process_stats_file(group.stats_file, k) if group.stats_file else None
 
 

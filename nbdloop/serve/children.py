@@ -221,11 +221,15 @@ class ServerProcess:
         self.stop()
 
 
+def _files(workdir: str | os.PathLike, name: str) -> tuple[str, str, str]:
+    """The socket, pidfile and log of the server ``name`` in ``workdir``."""
+    return tuple(str(Path(workdir) / f"{name}.{s}") for s in ("sock", "pid", "log"))
+
+
 def nbdloop_server(image: str, workdir: str | os.PathLike, *, name: str = "nbdloop",
                    **kw) -> ServerProcess:
     """An nbdloop server on a socket in ``workdir``, started with ``nbdloop serve``."""
-    wd = Path(workdir)
-    sock, pid, log = (str(wd / f"{name}.{s}") for s in ("sock", "pid", "log"))
+    sock, pid, log = _files(workdir, name)
     return ServerProcess(nbdloop_serve_argv(image, sock, pidfile=pid, **kw),
                          socket_path=sock, pidfile=pid, log=log,
                          processes=kw.get("processes", 1))
@@ -233,16 +237,14 @@ def nbdloop_server(image: str, workdir: str | os.PathLike, *, name: str = "nbdlo
 
 def qemu_nbd_server(image: str, workdir: str | os.PathLike, *, name: str = "qemu-nbd",
                     **kw) -> ServerProcess:
-    wd = Path(workdir)
-    sock, pid, log = (str(wd / f"{name}.{s}") for s in ("sock", "pid", "log"))
+    sock, pid, log = _files(workdir, name)
     return ServerProcess(qemu_nbd_argv(image, sock, pidfile=pid, **kw),
                          socket_path=sock, pidfile=pid, log=log)
 
 
 def nbdkit_file_server(image: str, workdir: str | os.PathLike, *, name: str = "nbdkit-file",
                        **kw) -> ServerProcess:
-    wd = Path(workdir)
-    sock, pid, log = (str(wd / f"{name}.{s}") for s in ("sock", "pid", "log"))
+    sock, pid, log = _files(workdir, name)
     return ServerProcess(nbdkit_file_argv(image, sock, pidfile=pid, **kw),
                          socket_path=sock, pidfile=pid, log=log)
 
@@ -250,7 +252,6 @@ def nbdkit_file_server(image: str, workdir: str | os.PathLike, *, name: str = "n
 def nbdkit_null_server(size: int, workdir: str | os.PathLike, *, name: str = "nbdkit-null"
                        ) -> ServerProcess:
     """nbdkit's null plugin, ``size`` bytes: the NBD protocol with no disk."""
-    wd = Path(workdir)
-    sock, pid, log = (str(wd / f"{name}.{s}") for s in ("sock", "pid", "log"))
+    sock, pid, log = _files(workdir, name)
     return ServerProcess(nbdkit_peer_argv(["null", str(size)], sock, pidfile=pid),
                          socket_path=sock, pidfile=pid, log=log)
