@@ -16,6 +16,7 @@ KNOWN_ERRORS = (
     ("nbdloop.daemon.control", "ControlSocketError"),
     ("nbdloop.daemon.control", "DaemonError"),
     ("nbdloop.daemon.servers", "ServerError"),
+    ("nbdloop.daemon.users", "UserError"),
     ("nbdloop.engine.backing", "ImageError"),
     ("nbdloop.engine.config", "ConfigError"),
     ("nbdloop.kernel.attach", "AttachError"),

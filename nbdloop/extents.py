@@ -123,3 +123,14 @@ def warn_if_unsettled(image: str, mode: str, start: int, end: int,
         say(f"nbdloop: warning: {image}: {format_size(n)} of it is holes or unwritten "
             "extents, where a write in direct mode is durable only after a flush "
             "(nbdloop create --preallocate writes an image fully)")
+
+
+def write_zeros(fd: int, start: int, end: int, chunk: int = 8 << 20) -> None:
+    """Write zeros over bytes [start, end) of ``fd`` and make them durable
+    (create --preallocate, resize --preallocate): written, not fallocated,
+    so that the filesystem records them as data."""
+    zeros = memoryview(bytes(chunk))
+    offset = start
+    while offset < end:
+        offset += os.pwrite(fd, zeros[:min(chunk, end - offset)], offset)
+    os.fdatasync(fd)

@@ -4,9 +4,11 @@ Environment variables (all optional):
 
 - ``NBDLOOP_RUNTIME_DIR``: sockets, ready files and attachment records
   [default: ``/run/nbdloop`` for root, else ``$XDG_RUNTIME_DIR/nbdloop``, else
-  ``/tmp/nbdloop-UID``].
+  ``/tmp/nbdloop-UID``].  A user's commands reach root's daemon at
+  ``control.sock`` in it [default: ``/run/nbdloop``].
 - ``NBDLOOP_ATTACHMENTS``: the table of attachments that ``attach --all``
   reads [default: ``/etc/nbdloop/attachments``].
+- ``NBDLOOP_MAX_PER_USER``: ``nbdloop daemon --max-per-user``.
 - ``NBDLOOP_CACHE``: what is kept between runs, because it is slow to make:
   ``vm/`` (the VM's kernel and initramfs) and the benchmark's images
   [default: ``~/.cache/nbdloop``].
@@ -36,8 +38,13 @@ ALLOCATOR = f"/usr/lib/{sysconfig.get_config_var('MULTIARCH')}/libtcmalloc_minim
 SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 RUNTIME_DIR_ENV = "NBDLOOP_RUNTIME_DIR"
+#: Root's runtime directory, where the daemon of the host listens.
+SYSTEM_RUNTIME_DIR = Path("/run/nbdloop")
+#: The group whose members may attach their own images (make install makes it).
+USERS_GROUP = "nbdloop"
 CACHE_ENV = "NBDLOOP_CACHE"
 ATTACHMENTS_ENV = "NBDLOOP_ATTACHMENTS"
+MAX_PER_USER_ENV = "NBDLOOP_MAX_PER_USER"
 
 
 class PathError(Exception):
@@ -46,12 +53,14 @@ class PathError(Exception):
 
 def runtime_dir() -> Path:
     """Where sockets and state live, created 0700 so that only its owner
-    can use it; PathError if it exists and others could."""
+    can use it (root's 0711: users reach the control socket in it by its
+    name, and nothing else); PathError if it exists and others could write
+    it."""
     override = os.environ.get(RUNTIME_DIR_ENV)
     if override:
         base = Path(override)
     elif os.geteuid() == 0:
-        base = Path("/run/nbdloop")
+        base = SYSTEM_RUNTIME_DIR
     elif os.environ.get("XDG_RUNTIME_DIR"):
         base = Path(os.environ["XDG_RUNTIME_DIR"]) / "nbdloop"
     else:
@@ -60,6 +69,8 @@ def runtime_dir() -> Path:
     st = base.stat()
     if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o022:
         raise PathError(f"runtime directory {base} is not private to this user")
+    if os.geteuid() == 0 and stat.S_IMODE(st.st_mode) != 0o711:
+        base.chmod(0o711)
     return base
 
 
@@ -79,8 +90,19 @@ def write_whole(path: Path, text: str) -> None:
 
 
 def control_socket() -> Path:
-    """The daemon's control socket (nbdloop.daemon.control)."""
-    return runtime_dir() / "control.sock"
+    """The daemon's control socket (nbdloop.daemon.control): root's, for
+    root and users alike."""
+    if os.geteuid() == 0:
+        return runtime_dir() / "control.sock"
+    return Path(os.environ.get(RUNTIME_DIR_ENV) or SYSTEM_RUNTIME_DIR) / "control.sock"
+
+
+def device_properties_dir() -> Path:
+    """Where the daemon leaves, per device, the udev properties that the
+    rule make install puts in place reads (``nbdN``: KEY=value lines)."""
+    d = runtime_dir() / "devices"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
 
 
 def attachments_table() -> Path:

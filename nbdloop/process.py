@@ -17,11 +17,15 @@ engine does not).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import signal
 import subprocess
 from collections.abc import Callable
+
+#: pidfd_getfd(2), the same number on every architecture; Python has no wrapper.
+SYS_PIDFD_GETFD = 438
 
 #: Seconds a process gets to go after SIGKILL (it may be in uninterruptible
 #: I/O) before :func:`terminate` gives up waiting.
@@ -134,3 +138,11 @@ def fds(pid: int) -> dict[int, str]:
         except OSError:
             continue        # closed meanwhile (the listing's own, for one)
     return found
+
+
+def getfd(pidfd: int, fd: int) -> int | None:
+    """A copy, close-on-exec, of descriptor ``fd`` of the process behind
+    ``pidfd`` (pidfd_getfd: the caller may ptrace it); None if it has none
+    such, or has gone."""
+    copy = ctypes.CDLL(None).syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+    return copy if copy >= 0 else None

@@ -259,7 +259,7 @@ def test_default_socket_is_private(img, tmp_path):
         socks = list(rt.glob("*.sock"))
         assert len(socks) == 1 and socks[0].name.startswith("disk.img-")
         assert stat.S_IMODE(socks[0].stat().st_mode) == 0o600
-        assert stat.S_IMODE(rt.stat().st_mode) == 0o700
+        assert stat.S_IMODE(rt.stat().st_mode) == 0o711   # root's: users reach the daemon only
         run(["nbdinfo", f"nbd+unix:///?socket={socks[0]}"])
 
 

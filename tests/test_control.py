@@ -17,6 +17,7 @@ import pytest
 
 from conftest import ROOT, require_root, require_tools
 from nbdloop.daemon import control
+from nbdloop.paths import USERS_GROUP
 from nbdloop.daemon.control import (
     INVALID_PARAMS, INVALID_REQUEST, MAX_FDS, MAX_MESSAGE, METHOD_NOT_FOUND, PARSE_ERROR,
     REFUSED, ControlServer, ControlSocketError, DaemonError, DaemonUnavailable, Refusal, call,
@@ -29,8 +30,8 @@ NOBODY = 65534
 
 
 def echo(request):
-    return {"params": request.params, "fds": len(request.fds),
-            "uid": request.uid, "gid": request.gid, "pid": request.pid}
+    return {"params": request.params, "fds": len(request.fds), "uid": request.uid,
+            "gid": request.gid, "pid": request.pid, "groups": list(request.groups)}
 
 
 def read_file(request):
@@ -127,9 +128,10 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def in_child(work, user: int | None = None) -> dict:
-    """``work()`` in a forked process, which first becomes ``user`` (uid and
-    gid) if given: ``{"result": ..., "pid": ...}``, or ``{"error": message,
+def in_child(work, user: int | None = None, groups=(), gid: int | None = None) -> dict:
+    """``work()`` in a forked process, which first becomes ``user`` (uid, and
+    gid ``gid`` or the same number, with the supplementary ``groups``) if
+    given: ``{"result": ..., "pid": ...}``, or ``{"error": message,
     "status": status}`` if it raised DaemonError; reported through a pipe."""
     r, w = os.pipe()
     pid = os.fork()
@@ -137,8 +139,8 @@ def in_child(work, user: int | None = None) -> dict:
         try:
             os.close(r)
             if user is not None:
-                os.setgroups([])
-                os.setgid(user)
+                os.setgroups(list(groups))
+                os.setgid(user if gid is None else gid)
                 os.setuid(user)
             try:
                 report = {"result": work(), "pid": os.getpid()}
@@ -235,7 +237,15 @@ def test_a_refusal_reaches_the_caller_with_its_status(daemon, method, message, s
 
 # ---- who may ask ----------------------------------------------------------------
 
-def test_a_caller_that_is_not_root_is_refused(daemon, tmp_path):
+@pytest.fixture(scope="module")
+def users_group() -> int:
+    """The group nbdloop, as make install makes it."""
+    if control.group_id() is None:
+        subprocess.run(["groupadd", "--system", USERS_GROUP], check=True)
+    return control.group_id()
+
+
+def test_only_root_and_the_group_may_ask(daemon, tmp_path, users_group):
     # An abstract address: no file whose mode stops nobody before the
     # daemon's own check does.
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -243,9 +253,16 @@ def test_a_caller_that_is_not_root_is_refused(daemon, tmp_path):
     sock.listen()
     address = daemon(sock=sock)
     report = in_child(lambda: call(address, "echo"), user=NOBODY)
-    assert report == {"error": "the nbdloop daemon takes requests from root only",
-                      "status": 2}
+    assert report == {"error": "only root and members of the group nbdloop may ask the "
+                               "nbdloop daemon", "status": 2}
+    # A member by a supplementary group, and one whose primary group it is.
+    member = in_child(lambda: call(address, "echo"), user=NOBODY, groups=[users_group])
+    assert member["result"]["uid"] == NOBODY, member
+    assert users_group in member["result"]["groups"], member
+    primary = in_child(lambda: call(address, "echo"), user=NOBODY, gid=users_group)
+    assert primary["result"]["uid"] == NOBODY, primary
     assert call(address, "echo")["uid"] == 0
+
 
 
 # ---- bad input ------------------------------------------------------------------
@@ -401,7 +418,7 @@ def test_a_daemon_that_hangs_up_without_answering(tmp_path):
 
 # ---- the socket -----------------------------------------------------------------
 
-def test_listen_makes_a_socket_only_its_owner_can_use(tmp_path):
+def test_listen_makes_a_socket_only_root_and_the_group_can_use(tmp_path, users_group):
     path = tmp_path / "control.sock"
     umask = os.umask(0o022)
     try:
@@ -409,8 +426,9 @@ def test_listen_makes_a_socket_only_its_owner_can_use(tmp_path):
             assert os.umask(0o022) == 0o022, "listen() left the umask changed"
     finally:
         os.umask(umask)
-    mode = os.lstat(path).st_mode
-    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    st = os.lstat(path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o660, 0, users_group)
 
 
 def test_listen_replaces_a_stale_socket_but_not_a_live_one(tmp_path):
@@ -444,6 +462,7 @@ def test_close_stops_the_server_and_callers_find_no_daemon(daemon, tmp_path):
 ACTIVATED = """
 import os
 from nbdloop.daemon import control
+from nbdloop.paths import USERS_GROUP
 sock = control.from_systemd()
 methods = {"env": lambda request: [os.environ.get("LISTEN_FDS"), os.getpid()]}
 control.ControlServer(sock, methods).serve_forever()

@@ -8,6 +8,7 @@ import os
 import click
 
 from nbdloop.cli.common import SIZE, Failure, UsageError
+from nbdloop.extents import write_zeros
 from nbdloop.sizes import SECTOR, format_size
 
 
@@ -46,7 +47,7 @@ def create(image: str, size: int, force: bool, preallocate: bool) -> None:
             os.ftruncate(fd, 0)
         os.ftruncate(fd, size)
         if preallocate:
-            _write_zeros(fd, size)
+            write_zeros(fd, 0, size)
     except OSError as e:
         os.close(fd)
         if not force:
@@ -59,10 +60,3 @@ def create(image: str, size: int, force: bool, preallocate: bool) -> None:
     how = "fully written" if preallocate else "sparse"
     click.echo(f"created {image}: {format_size(size)} ({size} bytes), {how}")
 
-
-def _write_zeros(fd: int, size: int, chunk: int = 8 << 20) -> None:
-    zeros = bytes(chunk)
-    offset = 0
-    while offset < size:
-        offset += os.pwrite(fd, memoryview(zeros)[:min(chunk, size - offset)], offset)
-    os.fdatasync(fd)

@@ -1,13 +1,15 @@
-"""``nbdloop attach``, ``detach``, ``list``, ``restart`` and ``daemon``:
-images on kernel NBD devices, like losetup.  The commands are clients of
+"""``nbdloop attach``, ``detach``, ``list``, ``restart``, ``resize`` and
+``daemon``: images on kernel NBD devices, like losetup.  The commands are clients of
 the daemon (:mod:`nbdloop.daemon`), which does the work; the checks that
 need no daemon are made here first, in :mod:`nbdloop.kernel.attach`."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
+import stat
 import sys
 import time
 from pathlib import Path
@@ -16,11 +18,13 @@ import click
 from click.core import ParameterSource
 
 from nbdloop import extents, paths
-from nbdloop.cli.common import (SIZE, block_size_option, connections_option, mode_option,
-                                one_line_error)
+from nbdloop.cli.common import (SIZE, UsageError, block_size_option, connections_option,
+                                mode_option, one_line_error)
 from nbdloop.daemon import client, control
+from nbdloop.daemon.users import DEFAULT_MAX_PER_USER, user_name
 from nbdloop.kernel import attach as attach_mod
 from nbdloop.kernel import table
+from nbdloop.sizes import SECTOR, format_size
 
 
 #: attach's own options, which a line of the table cannot hold.
@@ -60,6 +64,9 @@ _NOT_IN_TABLE = {"image", "all_", "persist", "foreground", "from_table"}
               help="When the server dies, the kernel holds the device's requests this long "
                    "while a new server is started; 0: fail them at once, as nbd-client's "
                    "devices do.")
+@click.option("--ref", metavar="NAME",
+              help="Name the device: /dev/nbdloop/by-ref/NAME links to it while it is "
+                   "attached, and detach, restart and resize take NAME (losetup --loop-ref).")
 @click.option("--all", "all_", is_flag=True,
               help="Attach every image of the table of attachments that is not attached "
                    "yet, each with its line's options.")
@@ -78,10 +85,17 @@ def attach(ctx, image, all_, persist, from_table, foreground, **options):
     """Serve IMAGE in the background and attach it to a kernel NBD device
     (like losetup -f --show); prints the device.
 
+    Root, and the members of the group nbdloop: a user attaches their own
+    image, opened with their own rights, and the device is theirs (mode
+    0600) until it is detached.
+
     The table of attachments is /etc/nbdloop/attachments ($NBDLOOP_ATTACHMENTS),
     one line per image: IMAGE OPTIONS, the options as attach's long options
     without dashes, comma-separated (mode=buffered,connections=2,partscan)."""
     table_path = paths.attachments_table()
+    if os.geteuid() != 0 and (all_ or persist or from_table):
+        raise UsageError("the table of attachments is root's: --all, --persist and "
+                         "--from-table are root's options")
     if all_:
         if image or persist or from_table or foreground or _given(ctx, options):
             raise click.UsageError("--all takes no IMAGE and no other option")
@@ -179,12 +193,19 @@ def _table_options(ctx: click.Context, options: dict) -> list[str]:
 def attach_image(image, foreground=False, **options):
     """Check IMAGE and the options, then ask the daemon to attach it; the
     attachment (or, foreground, the exit status once it is detached)."""
+    own = _open_own(image, options["readonly"]) if os.geteuid() != 0 else None
     try:
-        options, part, regular = attach_mod.check_options(image, attach_mod.Options(**options))
-    except attach_mod.DeviceNameError as e:
-        raise click.BadParameter(str(e), param_hint="--device") from None
-    att = attach_mod.Attachment.from_dict(client.call("attach", {
-        "image": os.path.abspath(image), "options": dataclasses.asdict(options)}))
+        try:
+            options, part, regular = attach_mod.check_options(
+                image, attach_mod.Options(**options), fd=own)
+        except attach_mod.DeviceNameError as e:
+            raise click.BadParameter(str(e), param_hint="--device") from None
+        att = attach_mod.Attachment.from_dict(client.call("attach", {
+            "image": os.path.abspath(image), "options": dataclasses.asdict(options)},
+            fds=() if own is None else (own,)))
+    finally:
+        if own is not None:
+            os.close(own)
     if regular and not options.readonly:
         extents.warn_if_unsettled(image, options.mode, part.offset, part.end,
                                   lambda line: click.echo(line, err=True))
@@ -197,6 +218,25 @@ def attach_image(image, foreground=False, **options):
     return 0
 
 
+def _open_own(image: str, readonly: bool) -> int:
+    """A user's image, opened with the user's rights, for the daemon: never
+    waiting (a fifo), and only a regular file."""
+    how = "reading" if readonly else "reading and writing"
+    try:
+        fd = os.open(image, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NONBLOCK |
+                     os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        hint = "; use --readonly to attach it read-only" \
+            if not readonly and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
+        raise attach_mod.AttachError(f"{image}: cannot open it for {how}: "
+                                     f"{e.strerror}{hint}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise attach_mod.AttachError(f"{image}: not a regular file; a user attaches "
+                                     "regular files only")
+    return fd
+
+
 def _rows() -> list[dict]:
     """What ``list --json`` lists; without asking a daemon that is not
     running when there is nothing for it to take over."""
@@ -207,10 +247,21 @@ def _rows() -> list[dict]:
 
 def _row_of(target: str) -> dict | None:
     device = _target(target)
-    for row in _rows():
-        if row["device"] == device or row["image"] == os.path.realpath(target):
+    rows = _rows()
+    for row in rows:
+        if row["device"] == device or (row.get("ref") and row["ref"] == target):
+            return row
+    for row in rows:
+        if row["image"] == os.path.realpath(target):
             return row
     return None
+
+
+def _resolve(target: str) -> str:
+    """The device a target names (a device, a reference or an image), as
+    the daemon takes it."""
+    row = _row_of(target)
+    return row["device"] if row is not None else _target(target)
 
 
 def _target(target: str) -> str:
@@ -222,7 +273,7 @@ def _target(target: str) -> str:
 
 
 @click.command()
-@click.argument("target", metavar="DEVICE|IMAGE", required=False)
+@click.argument("target", metavar="DEVICE|IMAGE|REF", required=False)
 @click.option("--all", "all_", is_flag=True,
               help="Detach every image of the table of attachments that is attached.")
 @click.option("--forget", is_flag=True,
@@ -230,6 +281,9 @@ def _target(target: str) -> str:
 def detach(target, all_, forget):
     """Disconnect an attached device and stop its server."""
     table_path = paths.attachments_table()
+    if os.geteuid() != 0 and (all_ or forget):
+        raise UsageError("the table of attachments is root's: --all and --forget are "
+                         "root's options")
     if all_:
         if target or forget:
             raise click.UsageError("--all takes no DEVICE|IMAGE and no --forget")
@@ -250,7 +304,7 @@ def detach(target, all_, forget):
 def _detach(target: str) -> dict:
     if not client.needed():
         raise attach_mod.AttachError(f"{target}: not attached (see nbdloop list)")
-    answer = client.call("detach", {"target": _target(target)})
+    answer = client.call("detach", {"target": _resolve(target)})
     att, state = answer["attachment"], answer["state"]
     if state == "stale":
         click.echo(f"nbdloop: {att['device']}: removed a stale attachment of {att['image']} "
@@ -266,7 +320,7 @@ def detach_all(table_path: Path) -> int:
 
 
 @click.command()
-@click.argument("target", metavar="DEVICE|IMAGE")
+@click.argument("target", metavar="DEVICE|IMAGE|REF")
 @click.option("--timeout", type=click.IntRange(1, 3600), default=120, show_default=True,
               metavar="SECONDS", help="How long to wait for the new server.")
 def restart(target, timeout):
@@ -303,6 +357,33 @@ def restart(target, timeout):
                + (f" in {took:g} s" if took is not None else ""))
 
 
+@click.command()
+@click.argument("target", metavar="DEVICE|IMAGE|REF")
+@click.argument("size", type=SIZE, required=False)
+@click.option("--preallocate", is_flag=True,
+              help="Write the image's new bytes with zeros instead of leaving them sparse "
+                   "(as create --preallocate).")
+@click.option("--shrink", is_flag=True,
+              help="Allow a smaller size: what lies past it is dropped.  Refused while the "
+                   "device or a partition of it is mounted or held.")
+def resize(target, size, preallocate, shrink):
+    """Give an attached device its image's current size (losetup -c); with
+    SIZE, first make the image that large (for a slice: the slice, which
+    keeps its offset).  A filesystem on the device can then be grown while
+    mounted (resize2fs, xfs_growfs).  The device's server is restarted for
+    it, with every device it serves, as restart does."""
+    if preallocate and size is None:
+        raise UsageError("--preallocate needs a SIZE")
+    if size is not None and (size <= 0 or size % SECTOR):
+        raise UsageError(f"size must be a positive multiple of {SECTOR} bytes, not {size}")
+    if not client.needed():
+        raise attach_mod.AttachError(f"{target}: not attached (see nbdloop list)")
+    answer = client.call("resize", {"target": _resolve(target), "size": size,
+                                    "preallocate": preallocate, "shrink": shrink})
+    click.echo(f"{answer['attachment']['device']}: {format_size(answer['before'])} -> "
+               f"{format_size(answer['after'])}")
+
+
 def state_text(row: dict) -> str:
     """``attached``; ``recovering for 3.2 s: why``; ``stale: why``."""
     state = row["state"]
@@ -317,6 +398,7 @@ def state_text(row: dict) -> str:
 #: mode), then nbdloop's own.  Name -> (right-aligned, value of a row).
 COLUMNS = {
     "NAME": (False, lambda r: r["device"]),
+    "SIZE": (True, lambda r: str(r.get("size", 0))),
     "SIZELIMIT": (True, lambda r: str(r["sizelimit"])),
     "OFFSET": (True, lambda r: str(r["offset"])),
     "RO": (True, lambda r: str(int(r["readonly"]))),
@@ -327,10 +409,12 @@ COLUMNS = {
     "PID": (True, lambda r: str(r["pid"])),
     "CONNS": (True, lambda r: str(r["connections"])),
     "PARTS": (False, lambda r: ",".join(os.path.basename(p) for p in r["partitions"]) or "-"),
+    "REF": (False, lambda r: r.get("ref") or "-"),
+    "OWNER": (False, lambda r: user_name(r.get("owner", 0))),
     "STATE": (False, state_text),
 }
-DEFAULT_COLUMNS = ["NAME", "SIZELIMIT", "OFFSET", "RO", "BACK-FILE", "DIO", "LOG-SEC",
-                   "MODE", "PID", "CONNS", "PARTS", "STATE"]
+DEFAULT_COLUMNS = ["NAME", "SIZE", "SIZELIMIT", "OFFSET", "RO", "BACK-FILE", "DIO", "LOG-SEC",
+                   "MODE", "PID", "CONNS", "PARTS", "REF", "OWNER", "STATE"]
 
 
 def parse_columns(ctx, param, value):
@@ -388,13 +472,18 @@ def list_(as_json, columns, noheadings, associated):
 @click.option("--attach-table", is_flag=True,
               help="Once started, attach every image of the table of attachments that is "
                    "not attached (what the systemd service does at boot).")
-def daemon(attach_table):
+@click.option("--max-per-user", type=click.IntRange(0, 4096),
+              default=DEFAULT_MAX_PER_USER, show_default=True,
+              envvar=paths.MAX_PER_USER_ENV, show_envvar=True,
+              help="How many devices each user of the group nbdloop may have attached at "
+                   "once; 0: users may attach none.")
+def daemon(attach_table, max_per_user):
     """Run the daemon that owns every attached device.  systemd starts it
     (nbdloop.socket, nbdloop.service); without systemd the first command
     that needs it does.  Stopping it leaves the devices working: the next
     daemon takes them over."""
     from nbdloop.daemon import main
     try:
-        sys.exit(main.run(attach_table))
+        sys.exit(main.run(attach_table, max_per_user))
     except main.AlreadyRunning as e:
         click.echo(f"nbdloop: {e}", err=True)

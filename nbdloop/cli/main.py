@@ -24,6 +24,7 @@ COMMANDS = {
     "detach": "nbdloop.cli.kernel:detach",
     "list": "nbdloop.cli.kernel:list_",
     "restart": "nbdloop.cli.kernel:restart",
+    "resize": "nbdloop.cli.kernel:resize",
     "daemon": "nbdloop.cli.kernel:daemon",
     "vm-check": "nbdloop.cli.vm:vm_check",
     "vm-run": "nbdloop.cli.vm:vm_run",

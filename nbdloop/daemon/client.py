@@ -21,11 +21,16 @@ START_TIMEOUT = 120.0
 
 
 def call(method: str, params: dict | None = None, *, fds=()) -> object:
-    """The daemon's answer to ``method``; the daemon is started if none runs."""
+    """The daemon's answer to ``method``; the daemon is started if none runs
+    (by root: a user's command only asks root's)."""
     path = paths.control_socket()
     try:
         return control.call(path, method, params, fds=fds)
-    except control.DaemonUnavailable:
+    except control.DaemonUnavailable as e:
+        if os.geteuid() != 0:
+            raise control.DaemonError(f"{e}: root starts it (systemctl start "
+                                      "nbdloop.socket, or any nbdloop attach as root)") \
+                from None
         start()
     return control.call(path, method, params, fds=fds)
 
@@ -34,7 +39,7 @@ def needed() -> bool:
     """Whether a command that only looks at or removes attachments needs
     the daemon: there are records for one to take over, or one runs.  A
     command that would find nothing starts no daemon."""
-    if any(paths.state_dir().glob("nbd*.json")):
+    if os.geteuid() == 0 and any(paths.state_dir().glob("nbd*.json")):
         return True
     try:
         control.call(paths.control_socket(), "list")

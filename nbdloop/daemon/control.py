@@ -32,12 +32,18 @@ reads the answer, and the server closes the connection.  That keeps both
 ends simple (no ids to match, no state between requests); a client that
 needs two things connects twice.
 
-Who asks is what the kernel says of the socket's peer (SO_PEERCRED), never
-what the message says.
+Who asks is what the kernel says of the socket's peer (SO_PEERCRED and
+SO_PEERGROUPS, as they were when it connected), never what the message
+says.  Root and the members of the group ``nbdloop`` may ask; the socket's
+mode (0660, that group) keeps everyone else from connecting at all, and the
+check here holds where the socket was made otherwise.  What each may ask is
+the handlers' business.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
+import grp
 import json
 import os
 import select
@@ -49,6 +55,8 @@ import threading
 import traceback
 from typing import Callable
 
+from nbdloop.paths import USERS_GROUP
+
 #: The largest message, request or answer, in bytes.
 MAX_MESSAGE = 64 * 1024
 #: The most open files that may travel with one request.
@@ -58,6 +66,12 @@ MAX_FDS = 8
 CLIENT_TIMEOUT = 10.0
 #: Connections that may wait to be accepted.
 BACKLOG = 64
+#: Clients served at once; more wait in the backlog.  Users may connect, and
+#: each client holds a thread until it speaks or its time runs out.
+MAX_CLIENTS = 64
+#: SO_PEERGROUPS (asm-generic/socket.h); the socket module lacks it.
+SO_PEERGROUPS = 59
+
 
 #: JSON-RPC 2.0's codes, and ours.
 PARSE_ERROR = -32700
@@ -134,6 +148,7 @@ class Request:
     uid: int
     gid: int
     pid: int
+    groups: tuple[int, ...] = ()    # the supplementary groups
 
 
 Handler = Callable[[Request], object]
@@ -182,9 +197,35 @@ def _error(request_id: int | str | None, code: int, message: str, status: int) -
 
 
 def _authorize(request: Request) -> None:
-    """Refuse a caller that may not ask the daemon anything."""
-    if request.uid != 0:
-        raise Refusal("the nbdloop daemon takes requests from root only")
+    """Refuse a caller that may not ask the daemon anything: anyone but root
+    and the members of the group (not only by their primary group)."""
+    if request.uid == 0:
+        return
+    gid = group_id()
+    if gid is None or gid not in (request.gid, *request.groups):
+        raise Refusal(f"only root and members of the group {USERS_GROUP} may ask the nbdloop "
+                      "daemon")
+
+
+def group_id() -> int | None:
+    """The gid of the group whose members may ask; None if it does not exist."""
+    try:
+        return grp.getgrnam(USERS_GROUP).gr_gid
+    except KeyError:
+        return None
+
+
+def _peer_groups(conn: socket.socket) -> tuple[int, ...]:
+    """The supplementary groups of the peer (SO_PEERGROUPS)."""
+    for room in (256, 65536):
+        try:
+            data = conn.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * room)
+        except OSError as e:
+            if e.errno == errno.ERANGE:
+                continue
+            raise
+        return struct.unpack(f"{len(data) // 4}I", data)
+    return ()
 
 
 def _log(message: str) -> None:
@@ -194,9 +235,10 @@ def _log(message: str) -> None:
 # ---- the server ---------------------------------------------------------------
 
 def listen(path: str | os.PathLike) -> socket.socket:
-    """A listening control socket at ``path``, mode 0600, in place of a
-    stale one that nobody listens on.  ControlSocketError if another daemon
-    listens there or the path is something else than a socket."""
+    """A listening control socket at ``path``, mode 0660 and of the group
+    (0600 where there is no such group), in place of a stale one that nobody
+    listens on.  ControlSocketError if another daemon listens there or the
+    path is something else than a socket."""
     path = os.fspath(path)
     _remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -209,6 +251,11 @@ def listen(path: str | os.PathLike) -> socket.socket:
             sock.bind(path)
         finally:
             os.umask(old)
+        gid = group_id()
+        if gid is not None:
+            # Root's group until now: nobody but root could connect meanwhile.
+            os.chown(path, -1, gid)
+            os.chmod(path, 0o660)
         sock.listen(BACKLOG)
     except BaseException:
         sock.close()
@@ -281,9 +328,8 @@ class ControlServer:
     and the server carries on.
 
     Each client is served in a thread of its own, so that a long attach
-    holds up nobody else.  The threads are not limited in number: only root
-    can connect, and a client has ``client_timeout`` seconds to send its
-    request.
+    holds up nobody else; at most :data:`MAX_CLIENTS` at once, and a client
+    has ``client_timeout`` seconds to send its request.
     """
 
     def __init__(self, sock: socket.socket, methods: dict[str, Handler], *,
@@ -298,6 +344,7 @@ class ControlServer:
         self._lock = threading.Lock()
         self._serving = False
         self._closed = False
+        self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
 
     def serve_forever(self) -> None:
         """Accept clients until close() is called (from another thread)."""
@@ -313,11 +360,15 @@ class ControlServer:
             while True:
                 if any(fd == self._wake_r for fd, _ in poller.poll()):
                     return
+                if not self._clients.acquire(timeout=0.1):
+                    continue
                 try:
                     conn, _ = self._sock.accept()
                 except (BlockingIOError, InterruptedError):
+                    self._clients.release()
                     continue
                 except OSError as e:
+                    self._clients.release()
                     # Out of fds, say: the connection stays queued, so
                     # polling again at once would spin.
                     _log(f"accepting a client: {e}")
@@ -356,9 +407,16 @@ class ControlServer:
         os.close(self._wake_w)
 
     def _serve_client(self, conn: socket.socket) -> None:
+        try:
+            self._serve(conn)
+        finally:
+            self._clients.release()
+
+    def _serve(self, conn: socket.socket) -> None:
         with conn:
             pid, uid, gid = _PEERCRED.unpack(
                 conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            groups = _peer_groups(conn)
             conn.settimeout(self.client_timeout)
             try:
                 data, fds, flags, _ = socket.recv_fds(conn, MAX_MESSAGE, MAX_FDS,
@@ -371,7 +429,7 @@ class ControlServer:
             try:
                 if not data and not fds and not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                     return  # it hung up without a word
-                answer = self._answer(data, fds, flags, (pid, uid, gid))
+                answer = self._answer(data, fds, flags, (pid, uid, gid), groups)
             finally:
                 # Closed before the answer is sent, so that a caller who has
                 # it knows that the daemon holds no copy it did not keep.
@@ -383,7 +441,7 @@ class ControlServer:
                 _log(f"answering pid {pid}: {e}")
 
     def _answer(self, data: bytes, fds: list[int], flags: int,
-                peer: tuple[int, int, int]) -> bytes:
+                peer: tuple[int, int, int], groups: tuple[int, ...]) -> bytes:
         pid, uid, gid = peer
         request_id = method = None
         try:
@@ -394,7 +452,7 @@ class ControlServer:
                 raise _BadRequest(INVALID_REQUEST,
                                   f"more than {MAX_FDS} open files sent with one request",
                                   request_id)
-            request = Request(method, params, fds, uid, gid, pid)
+            request = Request(method, params, fds, uid, gid, pid, groups)
             _authorize(request)
             handler = self.methods.get(method)
             if handler is None:
@@ -442,7 +500,8 @@ def call(path: str | os.PathLike, method: str, params: dict | None = None, *,
             raise DaemonUnavailable(f"no nbdloop daemon listens on {path}: {e.strerror}") \
                 from None
         except PermissionError as e:
-            raise DaemonError(f"connecting to the nbdloop daemon at {path}: {e.strerror}", 2) \
+            raise DaemonError(f"connecting to the nbdloop daemon at {path}: {e.strerror} "
+                              f"(only root and members of the group {USERS_GROUP} may)", 2) \
                 from None
         except TimeoutError:
             raise DaemonError(f"no answer from the nbdloop daemon at {path} "

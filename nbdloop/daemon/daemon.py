@@ -36,14 +36,17 @@ import time
 from pathlib import Path
 
 from nbdloop import paths, process
-from nbdloop.daemon import servers
+from nbdloop.daemon import servers, users
 from nbdloop.daemon.control import Refusal, Request
-from nbdloop.engine.config import Export, export_json
+from nbdloop.engine.backing import discover_alignment
+from nbdloop.engine.config import ConfigError, Export, export_from_json, export_json
 from nbdloop.errors import one_line_error
 from nbdloop.kernel import attach as A
-from nbdloop.kernel import handshake
+from nbdloop.kernel import handshake, nodes, table
 
 CRASH_AT_ENV = "NBDLOOP_DAEMON_CRASH_AT"
+#: Across an exec: the users' images the daemon keeps, ``nbd3:7,nbd5:9``.
+KEPT_FDS_ENV = "NBDLOOP_DAEMON_KEPT_FDS"
 #: Seconds detach waits for the kernel to let a device go (and to remove
 #: one it made).
 DISCONNECT_TIMEOUT = 30.0
@@ -55,8 +58,10 @@ AGENT_STOP_TIMEOUT = servers.DRAIN + 10.0
 class Daemon:
     """Every attachment of the host, and the servers that serve them."""
 
-    def __init__(self, state_dir: Path, log=None, sys_block: Path = A.SYS_BLOCK) -> None:
+    def __init__(self, state_dir: Path, log=None, sys_block: Path = A.SYS_BLOCK,
+                 max_per_user: int = users.DEFAULT_MAX_PER_USER) -> None:
         self.state_dir = state_dir
+        self.max_per_user = max_per_user
         self.sys_block = sys_block      # where the kernel shows its devices
         self.log = log or (lambda message: None)
         self.lock = threading.RLock()
@@ -69,67 +74,106 @@ class Daemon:
         self.restart_requested = False
         self.stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # A user's device: the file the user sent, kept as the source of its
+        # servers' files (nbdloop.daemon.users).
+        self.kept: dict[str, int] = _inherited_kept()
 
     # ---- the control socket's requests ------------------------------------------------
 
     def methods(self) -> dict:
         return {name: _answering(getattr(self, name)) for name in
-                ("attach", "detach", "list", "restart")}
+                ("attach", "detach", "list", "restart", "resize")}
 
     def attach(self, request: Request) -> dict:
-        """Serve an image and connect a kernel device to it; the record."""
+        """Serve an image and connect a kernel device to it; the record.
+        A user sends the image open, and may attach nothing else."""
         image, options = _attach_params(request.params)
-        with self.lock:
+        owner = _owner(request)
+        sent = request.fds.pop(0) if owner and request.fds else None
+        if owner and sent is None:
+            raise Refusal(f"{image}: a user's attach sends the image, open")
+        try:
+            with self.lock:
+                return self._attach(image, options, owner, sent).as_dict()
+        finally:
+            if sent is not None:
+                os.close(sent)
+
+    def _attach(self, image: str, options: A.Options, owner: users.Owner | None,
+                sent: int | None) -> A.Attachment:
+        if owner:
+            self._check_user(owner, options)
+            real = users.check_sent(sent, image, options.readonly)
+            fd = users.reopen(owner, writable=not options.readonly, fd=sent)
+            try:
+                options, _, _ = A.check_options(image, options, fd=fd)
+                image_id = list(users.identity(fd))
+            finally:
+                os.close(fd)
+        else:
             options, _, _ = A.check_options(image, options)
             real = os.path.realpath(image)
-            for other in self.devices.values():
-                if other.image == real:
-                    hint = (f" (it is stale: `nbdloop detach {other.device}` cleans up)"
-                            if A.state_of(other, self.sys_block) == "stale" else "")
-                    raise A.AttachError(f"{image}: already attached to {other.device}{hint}")
-            device, made = A.choose_device(set(self.devices), options.device,
-                                           self.sys_block)
-            name = os.path.basename(device)
-            spec = servers.group_for(name, mlock=options.mlock,
-                                     stats_file=options.stats_file or "",
-                                     processes=options.processes)
-            att = A.Attachment(
-                device=device, image=real, mode=options.mode, readonly=options.readonly,
-                socket=spec.socket(self.state_dir), pid=0, server_pid=0,
-                connections=options.connections, block_size=options.block_size,
-                log=spec.log(self.state_dir), started=A.now_iso(), timeout=options.timeout,
-                recover_timeout=options.recover_timeout, identifier=A.new_identifier(real),
-                mlock=options.mlock, stats_file=options.stats_file or "",
-                offset=options.offset, sizelimit=options.sizelimit, partscan=options.partscan,
-                processes=options.processes, group=spec.name, export=name, made=made,
-                since=time.time())
-            self._write_export(att)
-            self.devices[device] = att
-            A.save(self.state_dir, att)
-            _crash_point("attach-recorded")
+            image_id = []
+        if options.ref:
+            self._check_ref(options.ref, owner)
+        for other in self.devices.values():
+            if other.image == real:
+                hint = (f" (it is stale: `nbdloop detach {other.device}` cleans up)"
+                        if A.state_of(other, self.sys_block) == "stale" else "")
+                raise A.AttachError(f"{image}: already attached to {other.device}{hint}")
+        device, made = A.choose_device(set(self.devices), options.device,
+                                       self.sys_block)
+        name = os.path.basename(device)
+        spec = servers.group_for(name, mlock=options.mlock,
+                                 stats_file=options.stats_file or "",
+                                 processes=options.processes, owned=owner is not None)
+        att = A.Attachment(
+            device=device, image=real, mode=options.mode, readonly=options.readonly,
+            socket=spec.socket(self.state_dir), pid=0, server_pid=0,
+            connections=options.connections, block_size=options.block_size,
+            log=spec.log(self.state_dir), started=A.now_iso(), timeout=options.timeout,
+            recover_timeout=options.recover_timeout, identifier=A.new_identifier(real),
+            mlock=options.mlock, stats_file=options.stats_file or "",
+            offset=options.offset, sizelimit=options.sizelimit, partscan=options.partscan,
+            processes=options.processes, group=spec.name, export=name, made=made,
+            since=time.time(), ref=options.ref or "",
+            owner=owner.uid if owner else 0, owner_gid=owner.gid if owner else 0,
+            owner_groups=list(owner.groups) if owner else [], image_id=image_id)
+        if owner:
+            self.kept[device] = os.dup(sent)
+        else:
+            self._write_export(att)     # a user's: as its server starts, with its file
+        self.devices[device] = att
+        A.save(self.state_dir, att)
+        _crash_point("attach-recorded")
+        try:
+            nodes.announce(att)
+            group = self._running_group(spec)
+            _crash_point("attach-served")
+            self._connect(att, group)
+        except BaseException:
+            self._forget(att)
+            raise
+        _crash_point("attach-connected")
+        self._set_state(att, "attached", "")
+        nodes.claim(att, self.sys_block)
+        self.log(f"{device} attached to {real}"
+                 + (f" for {owner.name}" if owner else ""))
+        if options.partscan:
             try:
-                group = self._running_group(spec)
-                _crash_point("attach-served")
-                self._connect(att, group)
-            except BaseException:
-                self._forget(att)
+                A.read_partitions(device)
+            except A.AttachFailed:
+                self._detach(att, A.state_of(att, self.sys_block))
                 raise
-            _crash_point("attach-connected")
-            self._set_state(att, "attached", "")
-            self.log(f"{device} attached to {real}")
-            if options.partscan:
-                try:
-                    A.read_partitions(device)
-                except A.AttachFailed:
-                    self._detach(att, A.state_of(att, self.sys_block))
-                    raise
-            return att.as_dict()
+            nodes.claim(att, self.sys_block)
+        return att
 
     def detach(self, request: Request) -> dict:
         """Disconnect a device and forget it; the record and its state before."""
         target = _text_param(request.params, "target")
         with self.lock:
             att = self._find(target)
+            _may_change(att, request, "detach")
             state = A.state_of(att, self.sys_block)
             if A.device_connected(att.device, self.sys_block):
                 where, held = A.users(att.device)
@@ -154,6 +198,7 @@ class Daemon:
         target = _text_param(request.params, "target")
         with self.lock:
             att = self._find(target)
+            _may_change(att, request, "restart")
             if att.state == "stale":
                 raise A.AttachError(f"{att.device} is stale ({att.reason}): "
                                     "detach it and attach again")
@@ -170,6 +215,164 @@ class Daemon:
             self.wake()
             return {"attachment": before}
 
+    def resize(self, request: Request) -> dict:
+        """Give a device its image's size now (``losetup -c``), first making
+        the image ``size`` bytes from the device's offset if asked.  The
+        device's connections are renewed (the server fixes a connection's
+        size at its handshake): every device of its server goes through a
+        restart of it, as for ``restart``.  Returns the record and the
+        sizes before and after."""
+        target = _text_param(request.params, "target")
+        size = request.params.get("size")
+        if size is not None and (type(size) is not int or size <= 0):
+            raise Refusal("size must be a positive number of bytes")
+        preallocate = request.params.get("preallocate") is True
+        shrink = request.params.get("shrink") is True
+        with self.lock:
+            att = self._find(target)
+            _may_change(att, request, "resize")
+            before, after = self._resize(att, size, preallocate, shrink)
+            return {"attachment": att.as_dict(), "before": before, "after": after}
+
+    def _resize(self, att: A.Attachment, size: int | None, preallocate: bool,
+                shrink: bool) -> tuple[int, int]:
+        state = A.state_of(att, self.sys_block)
+        if state != "attached":
+            raise A.AttachError(f"{att.device} is {state}"
+                                + (f" ({att.reason})" if att.reason else "")
+                                + ": it can be resized only while attached")
+        if size is not None and att.readonly:
+            raise A.AttachError(f"{att.device} is read-only: its image is not made larger")
+        renewed = self._devices_of(att.group)
+        off = [a.device for a in renewed if a.recover_timeout == 0]
+        if off:
+            raise A.AttachError(f"resizing {att.device} renews the connections of "
+                                f"{', '.join(a.device for a in renewed)}, and "
+                                f"{', '.join(off)} has recovery off (--recover-timeout 0)")
+        before = A.device_size(att.device, self.sys_block)
+        fd = self._image_file(att, writable=size is not None)
+        try:
+            st = os.fstat(fd)
+            have = st.st_size
+            after = size if size is not None else (att.sizelimit or have - att.offset)
+            end = att.offset + after
+            A.check_resize(att, after, discover_alignment(fd, st)[0])
+            if size is None and end > have:
+                raise A.AttachError(f"{att.device}: its slice ends at {end}, past the end of "
+                                    f"{att.image} ({have} bytes)")
+            if after < before:
+                if not shrink:
+                    raise A.AttachError(f"{att.device}: {after} bytes is smaller than its "
+                                        f"{before}: give --shrink to drop the rest")
+                where, held = A.users(att.device)
+                if where or held:
+                    why = f"mounted on {where[0]}" if where else f"held by {', '.join(held)}"
+                    raise A.AttachError(f"{att.device} is {why}: it is not made smaller")
+            if end > have:
+                A.grow_image(fd, att.image, end, preallocate)
+            if att.sizelimit:
+                att.sizelimit = after
+                self._write_export(att)
+            A.save(self.state_dir, att)
+            if after != before:
+                self._renew(att, after)
+            if size is not None and end < have and not att.sizelimit:
+                # Only once the device no longer reaches past the new end.
+                os.ftruncate(fd, end)
+        finally:
+            os.close(fd)
+        self.log(f"{att.device} resized from {before} to {after} bytes")
+        return before, after
+
+    def _renew(self, att: A.Attachment, size: int) -> None:
+        """New connections for every device of ``att``'s group, from a new
+        server, and ``size`` for ``att``'s."""
+        group = self.groups.get(att.group)
+        if group is not None:
+            self._unwatch(group.name)
+            servers.stop(self.state_dir, group)
+        self.recover(att.group, f"resize of {att.device}", sizes={att.device: size})
+        if att.state != "attached":
+            raise A.AttachFailed(f"{att.device}: the resize failed: {att.reason}")
+
+    def _image_file(self, att: A.Attachment, writable: bool) -> int:
+        """The device's image, open: root's by its path, a user's as the user."""
+        if att.owner:
+            return users.reopen(_owner_of(att), writable=writable, fd=self._kept(att))
+        try:
+            return os.open(att.image, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        except OSError as e:
+            raise A.AttachError(f"{att.image}: cannot open it: {e.strerror}") from None
+
+    def _check_user(self, owner: users.Owner, options: A.Options) -> None:
+        """What a user may not attach, or no more of."""
+        for name, value in (("stats-file", options.stats_file), ("mlock", options.mlock),
+                            ("processes", options.processes > 1)):
+            if value:
+                raise Refusal(f"--{name} is root's option")
+        have = sum(1 for a in self.devices.values() if a.owner == owner.uid)
+        if have >= self.max_per_user:
+            raise Refusal(f"{owner.name} has {have} devices attached, as many as a user "
+                          f"may (nbdloop daemon --max-per-user)")
+
+    def _check_ref(self, ref: str, owner: users.Owner | None) -> None:
+        for other in self.devices.values():
+            if other.ref == ref:
+                raise A.AttachError(f"reference {ref!r} is taken by {other.device}")
+        if owner:
+            try:
+                entries = table.read(paths.attachments_table())
+            except table.TableError:
+                entries = []
+            for entry in entries:
+                if f"ref={ref}" in entry.options:
+                    raise A.AttachError(f"reference {ref!r} is root's: the table of "
+                                        f"attachments gives it to {entry.image}")
+
+    # ---- a user's image -------------------------------------------------------------
+
+    def _kept(self, att: A.Attachment) -> int:
+        """The file of a user's image that the daemon keeps: the one the user
+        sent; after a daemon that ended, the one its server has; else the
+        file at the image's path, opened as the user, if it is still the
+        same file."""
+        fd = self.kept.get(att.device)
+        if fd is not None:
+            return fd
+        fd = self._from_server(att)
+        if fd is None:
+            fd = users.reopen(_owner_of(att), writable=not att.readonly, path=att.image)
+            if list(users.identity(fd)) != att.image_id:
+                os.close(fd)
+                raise users.UserError(f"{att.image} is not the file that was attached "
+                                      "(it was moved or replaced)")
+        self.kept[att.device] = fd
+        return fd
+
+    def _from_server(self, att: A.Attachment) -> int | None:
+        """The server's copy of a user's image, if its server still runs."""
+        group = self.groups.get(att.group)
+        try:
+            export = export_from_json(A.export_file(self.state_dir, att).read_bytes())
+        except (OSError, ConfigError):
+            return None
+        if group is None or export.fd is None or not group.alive():
+            return None
+        try:
+            pidfd = os.pidfd_open(group.pids[0])
+        except OSError:
+            return None
+        try:
+            return process.getfd(pidfd, export.fd)
+        finally:
+            os.close(pidfd)
+
+    def kept_env(self) -> str:
+        """The kept files, inheritable, as an exec passes them on."""
+        for fd in self.kept.values():
+            os.set_inheritable(fd, True)
+        return ",".join(f"{os.path.basename(d)}:{fd}" for d, fd in self.kept.items())
+
     # ---- attach and detach, inside ------------------------------------------------
 
     def _find(self, target: str) -> A.Attachment:
@@ -181,12 +384,13 @@ class Daemon:
     def _devices_of(self, group: str) -> list[A.Attachment]:
         return [a for a in self.devices.values() if a.group == group]
 
-    def _write_export(self, att: A.Attachment) -> None:
+    def _write_export(self, att: A.Attachment, fd: int | None = None) -> None:
         servers.exports_dir(self.state_dir)
         paths.write_whole(A.export_file(self.state_dir, att),
                           export_json(Export(image=att.image, mode=att.mode,
                                              readonly=att.readonly, name=att.export,
-                                             offset=att.offset, length=att.sizelimit)) + "\n")
+                                             offset=att.offset, length=att.sizelimit,
+                                             fd=fd)) + "\n")
 
     def _running_group(self, spec: servers.Group) -> servers.Group:
         """The group ``spec`` names, started if it does not run."""
@@ -196,10 +400,23 @@ class Daemon:
         if group is not None:
             self._unwatch(group.name)
             servers.kill(self.state_dir, group)
-        group = servers.start(self.state_dir, spec)
+        group = self._start(spec)
         self.groups[group.name] = group
         self._watch(group)
         return group
+
+    def _start(self, spec: servers.Group) -> servers.Group:
+        """Start a group; a user's device's gets a file of its own, opened as
+        the user, so that its lock and flags are that server's alone."""
+        if not spec.owned:
+            return servers.start(self.state_dir, spec)
+        att = self._devices_of(spec.name)[0]
+        fd = users.reopen(_owner_of(att), writable=not att.readonly, fd=self._kept(att))
+        try:
+            self._write_export(att, fd)
+            return servers.start(self.state_dir, spec, fds=(fd,))
+        finally:
+            os.close(fd)
 
     def _connections(self, att: A.Attachment, group: servers.Group):
         """The device's connections, negotiated: connection k to process
@@ -233,11 +450,13 @@ class Daemon:
             for s in socks:
                 s.close()
 
-    def _reconnect(self, att: A.Attachment, group: servers.Group) -> None:
+    def _reconnect(self, att: A.Attachment, group: servers.Group,
+                   size: int | None = None) -> None:
         nl = self._kernel()
         socks, _ = self._connections(att, group)
         try:
-            nl.reconfigure(att.index, [s.fileno() for s in socks], identifier=att.identifier)
+            nl.reconfigure(att.index, [s.fileno() for s in socks], identifier=att.identifier,
+                           size=size)
         finally:
             for s in socks:
                 s.close()
@@ -263,8 +482,9 @@ class Daemon:
         self.log(f"{att.device} detached from {att.image}")
 
     def _forget(self, att: A.Attachment) -> None:
-        """The attachment's record and export, and its group if it was the
-        group's last device."""
+        """The attachment's record and export, its udev properties, and its
+        group if it was the group's last device."""
+        nodes.release(att, self.sys_block)
         A.remove(self.state_dir, att)
         self.devices.pop(att.device, None)
         group = self.groups.get(att.group)
@@ -273,6 +493,9 @@ class Daemon:
             servers.stop(self.state_dir, group)
             servers.forget(self.state_dir, group)
             del self.groups[group.name]
+        kept = self.kept.pop(att.device, None)
+        if kept is not None:
+            os.close(kept)
 
     def _set_state(self, att: A.Attachment, state: str, reason: str) -> None:
         att.state = state
@@ -356,9 +579,10 @@ class Daemon:
 
     # ---- recovery ------------------------------------------------------------------
 
-    def recover(self, name: str, cause: str) -> None:
+    def recover(self, name: str, cause: str, sizes: dict[str, int] | None = None) -> None:
         """Replace group ``name`` and hand each of its devices new
-        connections; a device whose recovery time runs out goes stale."""
+        connections (and the device a size if ``sizes`` has one for it); a
+        device whose recovery time runs out goes stale."""
         self._unwatch(name)
         group = self.groups.get(name)
         if group is not None:
@@ -392,7 +616,7 @@ class Daemon:
                 group = None
             for att in list(pending) if group is not None else []:
                 try:
-                    self._reconnect(att, group)
+                    self._reconnect(att, group, (sizes or {}).get(att.device))
                 except Exception as e:    # noqa: BLE001 - each device tries again
                     known = one_line_error(e)
                     if known is None and not isinstance(e, OSError):
@@ -422,7 +646,7 @@ class Daemon:
 
     def _spec_of(self, att: A.Attachment) -> servers.Group:
         return servers.group_for(att.name, mlock=att.mlock, stats_file=att.stats_file,
-                                 processes=att.processes)
+                                 processes=att.processes, owned=att.owner != 0)
 
     # ---- a new daemon ----------------------------------------------------------------
 
@@ -447,6 +671,12 @@ class Daemon:
                         self._watch(group)
                     else:
                         to_recover[name] = "its server died while no daemon ran"
+            for att in self.devices.values():
+                if att.owner and att.device not in self.kept:
+                    # While its server still has it: that server may die next.
+                    fd = self._from_server(att)
+                    if fd is not None:
+                        self.kept[att.device] = fd
             known = {a.index for a in self.devices.values()}
             for device in A.nbd_devices(self.sys_block):
                 index = int(device[8:])
@@ -563,6 +793,34 @@ def _answering(method):
     return handler
 
 
+def _owner(request: Request) -> users.Owner | None:
+    """The user who asks, if not root."""
+    if request.uid == 0:
+        return None
+    return users.Owner(request.uid, request.gid, tuple(request.groups))
+
+
+def _owner_of(att: A.Attachment) -> users.Owner:
+    return users.Owner(att.owner, att.owner_gid, tuple(att.owner_groups))
+
+
+def _may_change(att: A.Attachment, request: Request, what: str) -> None:
+    """Root may change any device; a user, their own."""
+    if request.uid != 0 and att.owner != request.uid:
+        whose = f"{users.user_name(att.owner)}'s" if att.owner else "root's"
+        raise Refusal(f"{att.device} is {whose}: only its owner and root may {what} it")
+
+
+def _inherited_kept() -> dict[str, int]:
+    """The kept files the daemon before an exec passed on."""
+    kept = {}
+    for item in filter(None, os.environ.pop(KEPT_FDS_ENV, "").split(",")):
+        name, _, fd = item.partition(":")
+        os.set_inheritable(int(fd), False)
+        kept[f"/dev/{name}"] = int(fd)
+    return kept
+
+
 def _text_param(params: dict, name: str) -> str:
     value = params.get(name)
     if not isinstance(value, str) or not value:
@@ -593,7 +851,7 @@ def _attach_params(params: dict) -> tuple[str, A.Options]:
 
 
 #: Options that may be None (attach chooses), and their type otherwise.
-_OPTIONAL = {"device": str, "block_size": int, "stats_file": str}
+_OPTIONAL = {"device": str, "block_size": int, "stats_file": str, "ref": str}
 #: The ranges the command line's options have.
 _RANGES = {"connections": (1, 16), "processes": (1, 64), "timeout": (1, 3600),
            "recover_timeout": (0, 86400), "block_size": (512, 4096)}

@@ -21,7 +21,8 @@ import threading
 
 from nbdloop import paths
 from nbdloop.daemon import control
-from nbdloop.daemon.daemon import Daemon
+from nbdloop.daemon.daemon import KEPT_FDS_ENV, Daemon
+from nbdloop.daemon.users import DEFAULT_MAX_PER_USER
 
 #: Across an exec: the descriptor that holds the daemon's lock.
 LOCK_FD_ENV = "NBDLOOP_DAEMON_LOCK_FD"
@@ -59,11 +60,11 @@ def _control_socket():
     return control.listen(paths.control_socket()), True
 
 
-def run(attach_table: bool = False) -> int:
+def run(attach_table: bool = False, max_per_user: int = DEFAULT_MAX_PER_USER) -> int:
     lock = _lock()
     listening, ours = _control_socket()
     _stay_out_of_reclaim()
-    daemon = Daemon(paths.state_dir(), log=log)
+    daemon = Daemon(paths.state_dir(), log=log, max_per_user=max_per_user)
 
     def on_signal(signum, frame):
         if signum == signal.SIGHUP:
@@ -83,7 +84,7 @@ def run(attach_table: bool = False) -> int:
     log(f"ready: {len(daemon.devices)} device(s), pid {os.getpid()}")
     daemon.watch()
     if daemon.restart_requested and not daemon.stopping:
-        _exec_again(lock, listening)
+        _exec_again(lock, listening, daemon.kept_env(), daemon.max_per_user)
     log("stopping; the devices and their servers stay")
     server.close()
     if ours:
@@ -111,9 +112,10 @@ def _stay_out_of_reclaim() -> None:
         log("warning: PR_SET_IO_FLUSHER not permitted (no CAP_SYS_RESOURCE)")
 
 
-def _exec_again(lock: int, listening) -> None:
-    """Start again as the nbdloop now installed, keeping the lock and the
-    control socket (passed as systemd passes it: descriptor 3)."""
+def _exec_again(lock: int, listening, kept: str, max_per_user: int) -> None:
+    """Start again as the nbdloop now installed, keeping the lock, the
+    control socket (passed as systemd passes it: descriptor 3) and the
+    users' images (``kept``: Daemon.kept_env)."""
     log("restarting")
     sys.stdout.flush()
     sys.stderr.flush()
@@ -126,7 +128,8 @@ def _exec_again(lock: int, listening) -> None:
     else:
         os.set_inheritable(3, True)
     env = dict(os.environ, LISTEN_FDS="1", LISTEN_PID=str(os.getpid()),
-               **{LOCK_FD_ENV: str(lock)})
+               **{LOCK_FD_ENV: str(lock), KEPT_FDS_ENV: kept,
+                  paths.MAX_PER_USER_ENV: str(max_per_user)})
     argv = [sys.executable, "-m", "nbdloop.cli.main", "daemon"]
     os.execve(argv[0], argv, env)
 

@@ -10,7 +10,9 @@ servers are grouped by what only a whole process can have:
 - ``mlock``: the devices attached with ``--mlock`` (mlockall is per process);
 - ``nbdN``: a device with ``--stats-file`` (the counters are per process)
   or ``--processes N`` (N processes of its own, one socket and CPU each,
-  connection k to process k mod N) has a group of its own.
+  connection k to process k mod N) has a group of its own, and so has a
+  user's device (``owned``): its image is a descriptor the group inherits,
+  since a server may not open a user's file by its path.
 
 A group's processes are started in a session of their own and without a
 death signal, so they outlive the daemon: the next daemon finds them by
@@ -67,6 +69,7 @@ class Group:
     mlock: bool = False
     stats_file: str = ""
     threads: int = THREADS
+    owned: bool = False            # serves a user's image, inherited at start
     pids: list[int] = dataclasses.field(default_factory=list)
     starts: list[int] = dataclasses.field(default_factory=list)   # process_started
 
@@ -96,16 +99,16 @@ class Group:
             for pid, started in zip(self.pids, self.starts))
 
     def same_kind(self, other: Group) -> bool:
-        return (self.name, self.processes, self.mlock, self.stats_file) == \
-            (other.name, other.processes, other.mlock, other.stats_file)
+        return (self.name, self.processes, self.mlock, self.stats_file, self.owned) == \
+            (other.name, other.processes, other.mlock, other.stats_file, other.owned)
 
 
 def group_for(device_name: str, *, mlock: bool, stats_file: str, processes: int,
-              threads: int = THREADS) -> Group:
+              owned: bool = False, threads: int = THREADS) -> Group:
     """The group that serves a device with these options."""
-    if stats_file or processes > 1:
+    if stats_file or processes > 1 or owned:
         return Group(name=device_name, processes=processes, mlock=mlock,
-                     stats_file=stats_file, threads=threads)
+                     stats_file=stats_file, owned=owned, threads=threads)
     return Group(name=MLOCK if mlock else SHARED, mlock=mlock, threads=threads)
 
 
@@ -153,10 +156,12 @@ def forget(state_dir: Path, group: Group) -> None:
 
 # ---- processes ----------------------------------------------------------------------
 
-def start(state_dir: Path, group: Group, timeout: float = START_TIMEOUT) -> Group:
-    """Start the group's processes and wait until each listens.  Returns
-    the group with its pids, recorded.  On failure nothing is left running
-    and ServerError says why, from the log."""
+def start(state_dir: Path, group: Group, timeout: float = START_TIMEOUT,
+          fds: tuple[int, ...] = ()) -> Group:
+    """Start the group's processes, each inheriting ``fds`` under their own
+    numbers, and wait until each listens.  Returns the group with its pids,
+    recorded.  On failure nothing is left running and ServerError says why,
+    from the log."""
     sockets = group.sockets(state_dir)
     ready = group.ready_files(state_dir)
     cpus = _cpus(group.processes)
@@ -176,7 +181,7 @@ def start(state_dir: Path, group: Group, timeout: float = START_TIMEOUT) -> Grou
                                     shared=group.processes > 1, outlive_parent=True,
                                     placement="off" if cpus else "irq",
                                     pidfile=str(ready[k]))
-                    child = supervise.Child(nbdkit_argv(server, exit_with_parent=False), (),
+                    child = supervise.Child(nbdkit_argv(server, exit_with_parent=False), fds,
                                             listen=(listening.fileno(),),
                                             cpu=cpus[k] if cpus else None)
                     procs.append(supervise.popen(child, plugin_env(), stdout=log,

@@ -110,16 +110,38 @@ def open_image(path: str, *, mode: str = "direct", readonly: bool = False,
         raise ImageError(f"{path}: cannot open: {e.strerror}") from None
     try:
         if lock:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ImageError(f"{path}: already in use by another nbdloop server "
-                                 "(the image is locked)") from None
+            _lock(fd, path, readonly)
         geometry = inspect_fd(fd, path, mode)
     except BaseException:
         os.close(fd)
         raise
     return fd, geometry
+
+
+def adopt_image(fd: int, path: str, *, mode: str, readonly: bool,
+                lock: bool = True) -> Geometry:
+    """What open_image does, for an image opened elsewhere (a user's, which
+    only the user may open): O_DIRECT set on it in direct mode, locked,
+    checked.  ``path`` is for messages."""
+    if mode == "direct":
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                raise ImageError(f"{path}: this filesystem does not support O_DIRECT; "
+                                 "use --mode buffered") from None
+            raise ImageError(f"{path}: cannot set O_DIRECT: {e.strerror}") from None
+    if lock:
+        _lock(fd, path, readonly)
+    return inspect_fd(fd, path, mode)
+
+
+def _lock(fd: int, path: str, readonly: bool) -> None:
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ImageError(f"{path}: already in use by another nbdloop server "
+                         "(the image is locked)") from None
 
 
 def inspect_fd(fd: int, path: str, mode: str) -> Geometry:

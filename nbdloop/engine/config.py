@@ -213,7 +213,7 @@ def from_plugin_keys(pairs: list[tuple[str, str]]) -> Server:
 #: What an export's definition holds, with each field's JSON type.  Not its
 #: name, which is the file's, nor ``fd``, a descriptor of whoever made it.
 _DEFINITION = {"image": str, "mode": str, "readonly": bool, "segment_size": int,
-               "offset": int, "length": int}
+               "offset": int, "length": int, "fd": int}
 _JSON_TYPES = {str: "a string", bool: "true or false", int: "an integer"}
 EXPORT_NAME_MAX = 64
 
@@ -242,7 +242,8 @@ def export_json(export: Export) -> str:
     """The definition of ``export`` in an exports directory, one line of
     JSON, as :func:`export_from_json` reads it back."""
     _absolute(export.image)
-    return json.dumps({field: getattr(export, field) for field in _DEFINITION})
+    return json.dumps({field: getattr(export, field) for field in _DEFINITION
+                       if getattr(export, field) is not None})
 
 
 def export_from_json(text: str | bytes) -> Export:

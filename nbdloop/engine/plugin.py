@@ -40,7 +40,7 @@ import nbdkit
 
 from nbdloop.engine import config as cfg
 from nbdloop.engine import placement, uring
-from nbdloop.engine.backing import Backing, ImageError, inspect_fd
+from nbdloop.engine.backing import Backing, ImageError, adopt_image, inspect_fd
 
 API_VERSION = 2
 
@@ -210,17 +210,21 @@ def _acquire(name, export):
     # Keyed by what the Backing is opened with, so that two exports of one
     # image (two slices of a disk) share it: a Backing of its own would
     # find the image locked by the first.
-    key = (os.path.realpath(export.image), export.mode, export.readonly,
-           export.segment_size)
+    # An image given as an inherited descriptor (a user's, which this
+    # process may not open by its path) is known by that descriptor.
+    where = os.path.realpath(export.image) if export.fd is None else export.fd
+    key = (where, export.mode, export.readonly, export.segment_size)
     with _opened_lock:
         opened = _opened.get(key)
         if opened is None:
             shared = _server.shared
+            kw = dict(mode=export.mode, readonly=export.readonly,
+                      seg_size=export.segment_size, pin=True, shared=shared)
             try:
-                backing = Backing.open(export.image, mode=export.mode,
-                                       readonly=export.readonly,
-                                       seg_size=export.segment_size, pin=True,
-                                       lock=not shared, shared=shared)
+                if export.fd is not None:
+                    backing = _adopt(export, lock=not shared, **kw)
+                else:
+                    backing = Backing.open(export.image, lock=not shared, **kw)
             except ImageError as e:
                 _fail(_image_errno(export.image, e), f"export {name!r}: {e}")
             try:
@@ -233,6 +237,23 @@ def _acquire(name, export):
             opened = _opened[key] = Opened(key, backing)
         opened.users += 1
         return opened
+
+
+def _adopt(export, lock, **kw):
+    """A Backing of the descriptor ``export`` names, through a copy of it:
+    the inherited one stays for the next connections once this Backing
+    closes."""
+    try:
+        fd = os.dup(export.fd)
+    except OSError as e:
+        raise ImageError(f"{export.image}: descriptor {export.fd}: {e.strerror}") from None
+    try:
+        geometry = adopt_image(fd, export.image, mode=kw["mode"], readonly=kw["readonly"],
+                               lock=lock)
+        return Backing(fd, export.image, geometry, **kw)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _lock_shared(name, backing):

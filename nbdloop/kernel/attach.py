@@ -32,7 +32,8 @@ import time
 from pathlib import Path
 
 from nbdloop import paths
-from nbdloop.engine.backing import open_image
+from nbdloop.extents import write_zeros
+from nbdloop.engine.backing import adopt_image, open_image
 from nbdloop.kernel.nbdclient import BLOCK_SIZES, DEFAULT_TIMEOUT
 from nbdloop.process import process_started
 from nbdloop.serve.cmdline import Slice, require_permissions, require_slice
@@ -94,15 +95,37 @@ class Options:
     stats_file: str | None = None
     timeout: int = DEFAULT_TIMEOUT
     recover_timeout: int = DEFAULT_RECOVER_TIMEOUT
+    ref: str | None = None         # /dev/nbdloop/by-ref/REF (losetup --loop-ref)
 
 
-def check_options(image: str, options: Options) -> tuple[Options, Slice, bool]:
+#: A reference names a link in /dev/nbdloop/by-ref: never a path of its own.
+REF_MAX = 64
+_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+:@-]{0,%d}" % (REF_MAX - 1))
+
+
+def check_ref(ref: str) -> str:
+    """``ref`` if it can name a device: 1 to 64 of ``A-Z a-z 0-9 . _ + : @
+    -``, the first a letter or a digit (so never ``.`` or ``..``)."""
+    if not _REF.fullmatch(ref):
+        raise AttachError(f"{ref[:80]!r}: not a reference name (1 to {REF_MAX} letters, "
+                          "digits and . _ + : @ -, starting with a letter or a digit)")
+    return ref
+
+
+def check_options(image: str, options: Options,
+                  fd: int | None = None) -> tuple[Options, Slice, bool]:
     """Refuse what attach cannot do with ``image`` before anything starts,
     the way serve will; returns the options with the block size chosen,
-    the slice served, and whether the image is a regular file."""
-    require_permissions(image, options.readonly)
-    fd, geometry = open_image(image, mode=options.mode, readonly=options.readonly, lock=False)
-    os.close(fd)
+    the slice served, and whether the image is a regular file.  ``fd``: the
+    image is that open file (a user's), not opened here by its path."""
+    if fd is None:
+        require_permissions(image, options.readonly)
+        fd, geometry = open_image(image, mode=options.mode, readonly=options.readonly,
+                                  lock=False)
+        os.close(fd)
+    else:
+        geometry = adopt_image(fd, image, mode=options.mode, readonly=options.readonly,
+                               lock=False)
     part = require_slice(geometry.size, geometry.align, options.mode, options.offset,
                          options.sizelimit)
     block_size = options.block_size
@@ -123,6 +146,8 @@ def check_options(image: str, options: Options) -> tuple[Options, Slice, bool]:
                           f"its block size, {block_size} (give another --block-size)")
     if options.device is not None:
         check_device_name(options.device)
+    if options.ref is not None:
+        check_ref(options.ref)
     problem = nbd_support_problem()
     if problem:
         raise AttachFailed(problem)
@@ -166,6 +191,14 @@ class Attachment:
     group: str = ""                # the daemon's server group (nbdloop.daemon.servers)
     export: str = ""               # the export name the device's connections ask for
     made: bool = False             # the device was made for it, and goes at detach
+    ref: str = ""                  # its name in /dev/nbdloop/by-ref
+    # Who attached it: root (0), or a user whose image the daemon opens only
+    # with the user's rights (nbdloop.daemon.users), and only as the file
+    # that was sent: its device and inode.
+    owner: int = 0
+    owner_gid: int = 0
+    owner_groups: list[int] = dataclasses.field(default_factory=list)
+    image_id: list[int] = dataclasses.field(default_factory=list)
     # A device attached by the per-device agent of an nbdloop before the
     # daemon: the daemon stops that agent and takes the device over.
     agent_pid: int = 0
@@ -366,6 +399,40 @@ def users(device: str) -> tuple[list[str], list[str]]:
     return mounts, stacked
 
 
+def device_size(device: str, sys_block: Path = SYS_BLOCK) -> int:
+    """The device's size in bytes, as the kernel has it now."""
+    try:
+        return int((sys_block / os.path.basename(device) / "size").read_text()) * 512
+    except (OSError, ValueError):
+        raise AttachFailed(f"{device}: the kernel does not say its size") from None
+
+
+# ---- resize -------------------------------------------------------------------------
+
+def check_resize(att: Attachment, size: int, align: int) -> None:
+    """Refuse a device size the device, or in direct mode its image, could
+    not have (``align``: the image's direct-I/O alignment)."""
+    unit = max(att.block_size, align if att.mode == "direct" else 1)
+    if size <= 0 or size % unit or (att.offset + size) % (align if att.mode == "direct" else 1):
+        raise AttachError(f"{att.device}: {size} bytes is not a multiple of "
+                          f"{unit} (its block size"
+                          + (" and the image's direct-I/O alignment)" if unit > att.block_size
+                             else ")"))
+
+
+def grow_image(fd: int, image: str, end: int, preallocate: bool) -> None:
+    """Make the image ``end`` bytes long, its new bytes written with zeros
+    if ``preallocate`` (as ``create --preallocate``)."""
+    have = os.fstat(fd).st_size
+    try:
+        os.ftruncate(fd, end)
+        if preallocate:
+            write_zeros(fd, have, end)
+    except OSError as e:
+        os.ftruncate(fd, have)
+        raise AttachFailed(f"{image}: cannot make it {end} bytes: {e.strerror}") from None
+
+
 # ---- state --------------------------------------------------------------------------
 
 def state_file(state_dir: Path, device: str) -> Path:
@@ -390,12 +457,15 @@ def load(state_dir: Path) -> list[Attachment]:
 
 
 def find(attachments, target: str) -> Attachment | None:
-    """The attachment of a device (``/dev/nbd0`` or ``nbd0``) or an image
-    path, among ``attachments``."""
+    """The attachment of a device (``/dev/nbd0`` or ``nbd0``), a reference
+    name or an image path, among ``attachments``."""
     device = target if target.startswith("/dev/") else f"/dev/{target}"
     image = os.path.realpath(target)
     for att in attachments:
-        if att.device == device or att.image == image:
+        if att.device == device or (att.ref and att.ref == target):
+            return att
+    for att in attachments:
+        if att.image == image:
             return att
     return None
 
@@ -416,11 +486,15 @@ def describe(att: Attachment, sys_block: Path = SYS_BLOCK, now: float | None = N
     """What ``list --json`` shows for one attachment."""
     data = att.as_dict()
     for private in ("agent_pid", "agent_started", "mlock", "stats_file", "since", "group",
-                    "export", "made"):
+                    "export", "made", "owner_gid", "owner_groups", "image_id"):
         del data[private]
     data["state"] = state_of(att, sys_block)
     data["state_seconds"] = round((now or time.time()) - att.since, 1) if att.since else None
     data["partitions"] = partitions(att.device, sys_block)
+    try:
+        data["size"] = device_size(att.device, sys_block)
+    except AttachFailed:
+        data["size"] = 0
     return data
 
 

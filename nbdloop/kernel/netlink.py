@@ -201,20 +201,23 @@ class Nbd:
         return index
 
     def reconfigure(self, index: int, fds: Sequence[int], *, identifier: str,
-                    sys_block: Path = SYS_BLOCK) -> None:
-        """Hand nbd``index`` new sockets in place of its dead connections.
-        A device tagged with another identifier is refused here, in one
-        line, before the kernel refuses it too."""
+                    size: int | None = None, sys_block: Path = SYS_BLOCK) -> None:
+        """Hand nbd``index`` new sockets in place of its dead connections,
+        and a new size in bytes if ``size`` (the ioctl that would set it is
+        refused on a device configured over netlink).  A device tagged with
+        another identifier is refused here, in one line, before the kernel
+        refuses it too."""
         tag = backend_of(index, sys_block)
         if tag is None:
             raise KernelError(f"/dev/nbd{index} is not connected: nothing to reconfigure")
         if tag != identifier:
             raise KernelError(f"/dev/nbd{index} belongs to {tag or 'an untagged client'!r}, "
                               f"not to {identifier!r}: refusing to hand it a connection")
-        self._request(CMD_RECONFIGURE, [["NBD_ATTR_INDEX", index],
-                                        ["NBD_ATTR_BACKEND_IDENTIFIER", identifier],
-                                        self._sockets(fds)],
-                      f"reconfiguring /dev/nbd{index}")
+        attrs = [["NBD_ATTR_INDEX", index], ["NBD_ATTR_BACKEND_IDENTIFIER", identifier],
+                 self._sockets(fds)]
+        if size is not None:
+            attrs.append(["NBD_ATTR_SIZE_BYTES", size])
+        self._request(CMD_RECONFIGURE, attrs, f"reconfiguring /dev/nbd{index}")
 
     def disconnect(self, index: int) -> None:
         self._request(CMD_DISCONNECT, [["NBD_ATTR_INDEX", index]],

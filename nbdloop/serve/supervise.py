@@ -14,7 +14,6 @@ see nbdloop.daemon.servers.stop), with the helpers here.
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import signal
@@ -27,7 +26,6 @@ from pathlib import Path
 
 from nbdloop import process
 
-SYS_PIDFD_GETFD = 438
 GRACE = 1.0        # seconds nbdkit gets to stop by itself
 DRAIN = 60.0       # seconds for in-flight requests after the sockets close
 
@@ -35,7 +33,6 @@ DRAIN = 60.0       # seconds for in-flight requests after the sockets close
 def _sockets(pid: int, connected_only: bool) -> Iterator[socket.socket]:
     """Copies (pidfd_getfd) of process ``pid``'s sockets, each closed after
     the caller's turn; ``connected_only`` leaves out listening sockets."""
-    libc = ctypes.CDLL(None, use_errno=True)
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:
@@ -44,8 +41,8 @@ def _sockets(pid: int, connected_only: bool) -> Iterator[socket.socket]:
         for theirs, target in process.fds(pid).items():
             if not target.startswith("socket:"):
                 continue
-            fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, theirs, 0)
-            if fd < 0:
+            fd = process.getfd(pidfd, theirs)
+            if fd is None:
                 continue
             s = socket.socket(fileno=fd)
             try:
