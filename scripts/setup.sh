@@ -9,7 +9,7 @@ APT_PACKAGES="nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd
   python3-cffi libffi-dev gcc make fio qemu-utils qemu-system-x86 nbd-client
   socat busybox-static cpio kmod e2fsprogs xfsprogs fuse3 util-linux shellcheck
   procps psmisc linux-perf fdisk man-db systemd python3-systemd
-  libtcmalloc-minimal4"
+  libtcmalloc-minimal4 udev lvm2 mdadm"
 
 missing=""
 for p in $APT_PACKAGES; do
