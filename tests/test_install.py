@@ -1,7 +1,7 @@
 """make install, into a PREFIX of its own: the man pages (one per command,
-made from the click definitions), bash completion (click's), and the systemd
+made from the click definitions), bash completion (click's), the systemd
 units (the daemon, its socket and the per-image template), which
-systemd-analyze verify accepts."""
+systemd-analyze verify accepts, and the udev rule."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, require_tools, run
+from conftest import ROOT, require, require_tools, run
 from nbdloop.cli.main import COMMANDS
 
 
@@ -142,3 +142,61 @@ def test_the_units_documentation_is_installed(prefix, unitdir):
     if unwritten:
         pytest.skip("no man page for a command not written yet: "
                     + ", ".join(f"nbdloop {c}" for c in sorted(unwritten)))
+
+
+RULE = "60-nbdloop.rules"
+
+
+def test_the_udev_rule_is_installed_where_that_udev_reads(prefix):
+    """A PREFIX other than /usr/local gets $PREFIX/lib/udev/rules.d, as
+    /usr gets /usr/lib/udev/rules.d; /usr/local's goes to /etc/udev/rules.d,
+    since udev reads nothing under /usr/local."""
+    installed = prefix / "lib" / "udev" / "rules.d" / RULE
+    assert installed.read_text() == (ROOT / "systemd" / RULE).read_text()
+
+
+def test_the_hosts_rules_still_read_the_flags_the_rule_sets():
+    """The variables the rule sets are the ones the host's rules test, under
+    the names this udev, mdadm and lvm2 use (a rename upstream would leave
+    the rule setting a flag nobody reads), and those rules run after it:
+    udev runs /etc/udev/rules.d and /lib/udev/rules.d as one list sorted by
+    name."""
+    rules = Path("/lib/udev/rules.d")
+    require((rules / "69-lvm.rules").is_file() and (rules / "64-md-raid-assembly.rules").is_file(),
+            "lvm2 or mdadm not installed (run: make setup)")
+    ours = (ROOT / "systemd" / RULE).read_text()
+    read_by = {
+        "UDEV_DISABLE_PERSISTENT_STORAGE_RULES_FLAG": "60-persistent-storage.rules",
+        "SYSTEMD_READY": "64-md-raid-assembly.rules",
+        "DM_UDEV_DISABLE_OTHER_RULES_FLAG": "69-lvm.rules",
+    }
+    assert "50-udev-default.rules" < RULE  # its GROUP="disk", overridden
+    for flag, rule in read_by.items():
+        assert RULE < rule
+        assert f'ENV{{{flag}}}="' in ours, flag
+        assert f"ENV{{{flag}}}==" in (rules / rule).read_text(), f"{rule} no longer tests {flag}"
+    # Without blkid's ID_FS_TYPE, neither md nor lvm2 looks further.
+    assert 'ENV{ID_FS_TYPE}=="linux_raid_member", GOTO="md_inc"' in \
+        (rules / "64-md-raid-assembly.rules").read_text()
+    assert 'ENV{ID_FS_TYPE}!="LVM2_member", GOTO="lvm_end"' in (rules / "69-lvm.rules").read_text()
+
+
+def test_udevadm_verify_accepts_the_rule(prefix):
+    """udevd itself loads the rule in the product VM (tests/e2e); here, the
+    offline check, where this udev has one."""
+    require_tools("udevadm")
+    if subprocess.run(["udevadm", "verify", "--help"], capture_output=True).returncode != 0:
+        # Not a missing package: Debian 12's udev is 252.
+        pytest.skip("udevadm verify is in systemd 253 and later; this udevadm is "
+                    + run(["udevadm", "--version"]).stdout.strip())
+    p = subprocess.run(["udevadm", "verify", "--no-summary",
+                        str(prefix / "lib" / "udev" / "rules.d" / RULE)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+
+
+def test_a_root_install_makes_the_group_nbdloop(prefix):
+    """The socket unit's SocketGroup= and the rule's users: install.sh makes
+    the system group when root runs it (the prefix fixture did)."""
+    require(os.geteuid() == 0, "root (make install makes the group only as root)")
+    assert run(["getent", "group", "nbdloop"]).stdout.startswith("nbdloop:")
