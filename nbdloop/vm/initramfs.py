@@ -39,10 +39,12 @@ MODULE_ROOTS = ("virtio_pci", "virtio_net", "nbd", "crc32c_generic", "ext4", "xf
 #: devices.  crct10dif_generic and crc64_rocksoft_generic, before nvme's
 #: crc_t10dif and crc64_rocksoft, for the reason crc32c_generic is named:
 #: without them each of those two spends 0.7 s under TCG asking modprobe for
-#: its crypto algorithm, where all nine NVMe modules load in 0.3 s.
+#: its crypto algorithm, where all nine NVMe modules load in 0.3 s.  md
+#: (raid1) and device-mapper (dm_mod), so that a test can show what udev's
+#: rules from mdadm and lvm2 do, or do not do, with an NBD device.
 PRODUCT_MODULE_ROOTS = ("virtio_pci", "virtio_blk", "virtio_console", "nbd", "9pnet_virtio",
                         "9p", "overlay", "crc32c_generic", "ext4", "xfs",
-                        "crct10dif_generic", "crc64_rocksoft_generic", "nvme")
+                        "crct10dif_generic", "crc64_rocksoft_generic", "nvme", "raid1", "dm_mod")
 #: Module parameters of the product VM, given to insmod after the module's path.
 PRODUCT_MODULE_PARAMS = {"nbd": ("nbds_max=8", "max_part=8")}
 #: Host packages whose files go into the product initramfs.
