@@ -126,9 +126,9 @@ definitions = st.builds(
 def test_an_export_definition_reads_back_as_written(export):
     text = config.export_json(export)
     assert "\n" not in text
-    # The name is the definition file's, and a descriptor means nothing
-    # to another process.
-    assert config.export_from_json(text) == dataclasses.replace(export, name="", fd=None)
+    # The name is the definition file's; a descriptor is one the server
+    # inherits under that number (a user's image).
+    assert config.export_from_json(text) == dataclasses.replace(export, name="")
     assert config.export_from_json(text.encode()) == config.export_from_json(text)
 
 
@@ -137,7 +137,7 @@ def test_an_export_definition_holds_its_fields_and_no_more():
                     name="disk", offset=4096, length=8192, fd=3)
     assert json.loads(config.export_json(export)) == {
         "image": "/img", "mode": "buffered", "readonly": True, "segment_size": 1 << 20,
-        "offset": 4096, "length": 8192}
+        "offset": 4096, "length": 8192, "fd": 3}
     assert config.export_from_json('{"image": "/img"}') == Export("/img")
 
 
@@ -147,7 +147,7 @@ def test_an_export_definition_holds_its_fields_and_no_more():
     ("[" * 100_000, "not JSON"),
     ('["/img"]', 'a JSON object, not ["/img"]'),
     ('{"image": "/img", "colour": "red"}', 'no key "colour"'),
-    ('{"image": "/img", "fd": 3}', 'no key "fd"'),
+    ('{"image": "/img", "fd": "3"}', 'fd must be an integer'),
     ('{"image": "/img", "name": "disk"}', 'no key "name"'),
     ('{"mode": "direct"}', "needs its image"),
     ('{"image": 7}', "image must be a string, not 7"),

@@ -9,7 +9,6 @@ import errno
 import json
 import os
 import re
-import stat
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from nbdloop import extents, paths
 from nbdloop.cli.common import (SIZE, UsageError, block_size_option, connections_option,
                                 mode_option, one_line_error)
 from nbdloop.daemon import client, control
+from nbdloop.daemon import users
 from nbdloop.daemon.users import DEFAULT_MAX_PER_USER, user_name
 from nbdloop.kernel import attach as attach_mod
 from nbdloop.kernel import table
@@ -32,7 +32,8 @@ _NOT_IN_TABLE = {"image", "all_", "persist", "foreground", "from_table"}
 
 
 @click.command()
-@click.argument("image", type=click.Path(), required=False)
+# Not click's readability check: it would speak for the open that tells why.
+@click.argument("image", type=click.Path(readable=False), required=False)
 @mode_option("direct: O_DIRECT, no page cache; buffered: through the page cache.")
 @click.option("--device", metavar="/dev/nbdN",
               help="The NBD device to use [default: the first free one].")
@@ -230,10 +231,11 @@ def _open_own(image: str, readonly: bool) -> int:
             if not readonly and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
         raise attach_mod.AttachError(f"{image}: cannot open it for {how}: "
                                      f"{e.strerror}{hint}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    try:
+        users.require_regular(fd, image)
+    except users.UserError:
         os.close(fd)
-        raise attach_mod.AttachError(f"{image}: not a regular file; a user attaches "
-                                     "regular files only")
+        raise
     return fd
 
 

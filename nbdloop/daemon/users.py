@@ -60,18 +60,23 @@ def check_sent(fd: int, image: str, readonly: bool) -> str:
     """The real path of the file a user sent for ``image``; UserError unless
     it is a regular file open for reading, and for writing too unless
     ``readonly``."""
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else
-                "a fifo" if stat.S_ISFIFO(st.st_mode) else
-                "a device node" if stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode) else
-                "not a regular file")
-        raise UserError(f"{image}: is {kind}; a user attaches regular files only")
+    require_regular(fd, image)
     access = _access_mode(fd)
     if access == os.O_WRONLY or (not readonly and access != os.O_RDWR):
         raise UserError(f"{image}: sent open for {_ACCESS[access]}, not for "
                         f"{'reading' if readonly else 'reading and writing'}")
     return real_path(fd)
+
+
+def require_regular(fd: int, image: str) -> None:
+    """UserError, naming what it is, unless ``fd`` is a regular file."""
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else
+                "a fifo" if stat.S_ISFIFO(mode) else
+                "a device node" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else
+                "a socket")
+        raise UserError(f"{image}: is {kind}; a user attaches regular files only")
 
 
 _ACCESS = {os.O_RDONLY: "reading only", os.O_WRONLY: "writing only",
