@@ -1,10 +1,12 @@
 """A user's own image, grown online, found by name.
 
 One boot of the one-kernel VM (nbdloop.vm.product) with Debian's udev
-running and make install's group, udev rule and units in place, and real
+running, the group and udev rule that make install puts in place, and real
 users made there with useradd, runs tests/e2e/guest/users.sh: a member of
 the group nbdloop attaches her own image, which only she can open, and the
-device is hers and kept from the host's automatic machinery; every refusal
+device is hers (qemu-img, qemu-io, mkfs and fsck run as her) and kept
+from the host's automatic machinery (no by-label or by-uuid link, LVM and
+md not activated, where root's device gets them); every refusal
 (another user's device, a user outside the group, a file she may not open,
 a fifo, a directory, a device node, a taken or a bad name, her limit) is
 one line with status 2 and leaves nothing; her device outlives its server,

@@ -37,6 +37,23 @@ bytes() { echo $(($(cat "/sys/block/${1#/dev/}/size") * 512)); }
 server_of() { field "$1" pid; }
 recovered() { [ "$(field "$1" recoveries)" = "$2" ] && [ "$(field "$1" state)" = attached ]; }
 
+# lvm_activates DEV VG: a volume group VG with one volume on DEV, left
+# inactive, then an add event of DEV: true if udev's rules activated it
+lvm_activates() {
+    must pvcreate -qq -ff -y "$1"
+    must vgcreate -qq "$2" "$1"
+    must lvcreate -qq -y -L 8M -n lv "$2"
+    must vgchange -qq -an "$2"
+    rm -f /run/lvm/pvs_online/* /run/lvm/vgs_online/*
+    echo add > "/sys/block/${1#/dev/}/uevent"
+    udevadm settle
+    dmsetup info "$2-lv" > /dev/null 2>&1
+    active=$?
+    must vgremove -qq -ff -y "$2"
+    must pvremove -qq -ff -y "$1"
+    return $active
+}
+
 setup() {
     step setup
     start_udev
@@ -66,6 +83,12 @@ own() {
     [ "$(field "$dev" image)" = "$A/a.img" ] || fail "the record's image is $(field "$dev" image)"
 
     step own-use
+    must as alice qemu-img create -q -f qcow2 "$A/q.qcow2" 8M
+    must as alice qemu-io -f qcow2 -c "write -q -P 0x5a 0 1M" "$A/q.qcow2"
+    must as alice qemu-img convert -n -O raw "$A/q.qcow2" "$dev"
+    as alice qemu-io -f raw -c "read -q -P 0x5a 0 1M" "$dev" > /tmp/qemu-io.out 2>&1 \
+        || fail "qemu-io read back: $(cat /tmp/qemu-io.out)"
+    grep -q "Pattern verification failed" /tmp/qemu-io.out && fail "qemu-io: $(cat /tmp/qemu-io.out)"
     must as alice mkfs.ext4 -q -L alicefs -U 0a1b2c3d-0000-4000-8000-000000000001 "$dev"
     must as alice dd if=/dev/urandom of="$dev" bs=4k count=1 seek=100 oflag=direct status=none
     must as alice fsck.ext4 -n "$dev" > /dev/null
@@ -75,6 +98,20 @@ own() {
     [ -e /dev/disk/by-uuid/0a1b2c3d-0000-4000-8000-000000000001 ] && fail "alice's UUID is a by-uuid link"
     [ -n "$(prop "$dev" ID_FS_UUID)" ] && fail "udev read alice's filesystem (ID_FS_UUID)"
     [ "$(owner_mode "$dev")" = "alice:root 600" ] || fail "after a change: $dev is $(owner_mode "$dev")"
+
+    step own-machinery
+    # LVM and md on alice's device, as root could be tricked into: neither
+    # is activated by udev (refs has root's device, where LVM is).
+    lvm_activates "$dev" alicevg && fail "alice's LVM volume was activated by udev"
+    must wipefs -qa "$dev"
+    mdadm --create -q --run /dev/md/alicemd --level=1 --raid-devices=1 --force \
+        --metadata=1.2 "$dev" > /dev/null 2>&1 || fail "mdadm --create on $dev"
+    must mdadm -q --stop /dev/md/alicemd
+    echo add > "/sys/block/${dev#/dev/}/uevent"
+    udevadm settle
+    grep -q "${dev#/dev/}" /proc/mdstat && fail "alice's md member was assembled: $(cat /proc/mdstat)"
+    must mdadm -q --zero-superblock "$dev"
+    [ "$(owner_mode "$dev")" = "alice:root 600" ] || fail "after md: $dev is $(owner_mode "$dev")"
 
     step own-list
     as bob nbdloop list > /tmp/list.bob || fail "bob's list failed"
@@ -171,9 +208,23 @@ refs() {
     [ "$(nbdloop list -n -O REF)" = data-r ] || fail "list's REF: $(nbdloop list -n -O REF)"
     must as alice nbdloop create "$NBDLOOP_DATA/alice/e.img" 64M > /dev/null
     refused "taken by $r" as alice nbdloop attach --ref data-r "$NBDLOOP_DATA/alice/e.img"
+    # The controls: on root's device, udev does make the links, and LVM activates.
+    must mkfs.ext4 -q -L rootfs "$r"
+    echo change > "/sys/block/${r#/dev/}/uevent"
+    udevadm settle
+    [ -e /dev/disk/by-label/rootfs ] || fail "root's filesystem got no by-label link"
+    lvm_activates "$r" rootvg || fail "root's LVM volume was not activated: the check shows nothing"
+    # The table takes ref=, and a user cannot take a name it gives.
+    must nbdloop create "$NBDLOOP_DATA/t.img" 64M > /dev/null
     mkdir -p /etc/nbdloop
-    echo "/srv/boot.img ref=boot-disk" > /etc/nbdloop/attachments
+    echo "$NBDLOOP_DATA/t.img ref=boot-disk" > /etc/nbdloop/attachments
     refused "root's" as alice nbdloop attach --ref boot-disk "$NBDLOOP_DATA/alice/e.img"
+    must nbdloop attach --all > /dev/null
+    udevadm settle
+    t=$(readlink -f /dev/nbdloop/by-ref/boot-disk)
+    [ "$(nbdloop list -n -O NAME,REF | awk '$2 == "boot-disk" { print $1 }')" = "$t" ] \
+        || fail "the table's line with ref= did not give its device the name"
+    must nbdloop detach --all
     for bad in ../x a/b . .. "$(printf 'x%.0s' $(seq 65))"; do
         refused "reference name" nbdloop attach --ref "$bad" "$NBDLOOP_DATA/alice/e.img"
     done
@@ -189,7 +240,10 @@ refs() {
 grow() {
     before=$(bytes "$1")
     after=$((before * 3 / 2))
+    read -r t0 _ < /proc/uptime
     nbdloop resize "$1" "$after" > /tmp/resize.out 2>&1 || fail "resize $1 $after: $(cat /tmp/resize.out)"
+    read -r t1 _ < /proc/uptime
+    echo "NBDLOOP-COST: resize_seconds $(echo "$t0 $t1" | awk '{ printf "%.2f", $2 - $1 }')"
     [ "$(bytes "$1")" -eq "$after" ] || fail "$1 is $(bytes "$1") bytes after the resize to $after"
     [ "$(lsblk -bno SIZE "$1")" -eq "$after" ] || fail "lsblk says $(lsblk -bno SIZE "$1")"
     [ "$(nbdloop list -n -O NAME,SIZE | awk -v d="$1" '$1 == d { print $2 }')" -eq "$after" ] \
@@ -259,8 +313,10 @@ slice() {
     step slice
     must nbdloop create "$NBDLOOP_DATA/s.img" 64M > /dev/null
     s=$(nbdloop attach --offset 1M --sizelimit 32M "$NBDLOOP_DATA/s.img") || fail "attach a slice"
-    must nbdloop resize "$s" 96M > /dev/null
+    must nbdloop resize --preallocate "$s" 96M > /dev/null
     [ "$(bytes "$s")" -eq $((96 << 20)) ] || fail "the slice is $(bytes "$s") bytes"
+    # The new 33 MiB written, not left as a hole.
+    [ "$(du -B1M "$NBDLOOP_DATA/s.img" | cut -f1)" -ge 33 ] || fail "--preallocate wrote $(du -h "$NBDLOOP_DATA/s.img")"
     [ "$(stat -c %s "$NBDLOOP_DATA/s.img")" -eq $((97 << 20)) ] || fail "the image is $(stat -c %s "$NBDLOOP_DATA/s.img")"
     [ "$(nbdloop list -n -O OFFSET,SIZELIMIT)" = "$(printf '%s %s' $((1 << 20)) $((96 << 20)))" ] \
         || fail "list: $(nbdloop list -n -O OFFSET,SIZELIMIT)"
