@@ -51,7 +51,10 @@ def needed() -> bool:
 def start() -> None:
     """Start a daemon and wait until it answers."""
     path = paths.control_socket()
-    with open(paths.runtime_dir() / "daemon.log", "ab") as log:
+    # Root's alone: it names every image attached.
+    fd = os.open(paths.runtime_dir() / "daemon.log",
+                 os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with open(fd, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "nbdloop.cli.main", "daemon"],
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                 start_new_session=True, env=_env())

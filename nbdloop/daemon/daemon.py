@@ -272,7 +272,8 @@ class Daemon:
                 A.grow_image(fd, att.image, end, preallocate)
             if att.sizelimit:
                 att.sizelimit = after
-                self._write_export(att)
+                if not att.owner:       # a user's: written as its new server starts
+                    self._write_export(att)
             A.save(self.state_dir, att)
             if after != before:
                 self._renew(att, after)
@@ -611,7 +612,9 @@ class Daemon:
         while pending:
             try:
                 group = self._running_group(spec)
-            except servers.ServerError as e:
+            except (servers.ServerError, users.UserError) as e:
+                # A user's image the user may no longer open is a server
+                # that cannot start: the device waits, then goes stale.
                 problem = str(e)
                 group = None
             for att in list(pending) if group is not None else []:
