@@ -73,7 +73,7 @@ def daemon(tmp_path):
     """Factory: a ControlServer serving ``methods`` on a thread, by default
     on ``tmp_path/control.sock`` made by ``control.listen``; the address to
     call.  At teardown, close() must make serve_forever return."""
-    require_root()     # the server takes requests from root only
+    require_root()     # the server takes requests from root and the group nbdloop
     started = []
 
     def start(methods=METHODS, sock=None, client_timeout=control.CLIENT_TIMEOUT):

@@ -1,7 +1,9 @@
 """``nbdloop attach``, ``detach``, ``list``, ``restart``, ``resize`` and
-``daemon``: images on kernel NBD devices, like losetup.  The commands are clients of
-the daemon (:mod:`nbdloop.daemon`), which does the work; the checks that
-need no daemon are made here first, in :mod:`nbdloop.kernel.attach`."""
+``daemon``: images on kernel NBD devices, like losetup.  The commands are
+clients of the daemon (:mod:`nbdloop.daemon`), which does the work; the
+checks that need no daemon are made here first, in
+:mod:`nbdloop.kernel.attach`.  A user's attach opens the image here, with
+the user's rights, and sends it open."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,5 +1,10 @@
 """The daemon's state and what it does with it: attach, detach, list,
-restart, and keep every device served.
+restart, resize, and keep every device served.
+
+Root may ask anything; a member of the group ``nbdloop`` attaches images
+it sends open, which the daemon opens again only with that user's rights
+(:mod:`nbdloop.daemon.users`), and detaches, restarts and resizes only
+its own devices.
 
 One :class:`Daemon` owns every attachment of the host: its record, the
 export its server serves, the kernel's device (over netlink) and the watch
