@@ -121,7 +121,7 @@ own() {
     refused "alice's" as bob nbdloop detach "$dev"
     refused "alice's" as bob nbdloop restart alice-a
     refused "alice's" as bob nbdloop resize "$dev"
-    must as carol nbdloop create "$NBDLOOP_DATA/carol/c.img" 64M > /dev/null
+    must as carol truncate -s 64M "$NBDLOOP_DATA/carol/c.img"
     refused "group nbdloop" as carol nbdloop attach "$NBDLOOP_DATA/carol/c.img"
     refused "group nbdloop" as carol nbdloop list
     install -m 600 /dev/null "$NBDLOOP_DATA/root.img" && truncate -s 64M "$NBDLOOP_DATA/root.img"
@@ -145,12 +145,11 @@ own() {
     [ -e /etc/nbdloop/attachments ] && fail "a user's attach wrote the table"
 
     step own-limit
-    must as alice nbdloop create "$A/c.img" 64M > /dev/null
-    must as alice nbdloop create "$A/d.img" 64M > /dev/null
+    must as alice truncate -s 64M "$A/c.img" "$A/d.img"
     b=$(as alice nbdloop attach -r "$A/ro.img") || fail "alice's read-only attach failed"
     c=$(as alice nbdloop attach "$A/c.img") || fail "alice's third attach failed"
     refused "as many as a user may" as alice nbdloop attach "$A/d.img"
-    must as bob nbdloop create "$NBDLOOP_DATA/bob/x.img" 64M > /dev/null
+    must as bob truncate -s 64M "$NBDLOOP_DATA/bob/x.img"
     bobdev=$(as bob nbdloop attach "$NBDLOOP_DATA/bob/x.img") || fail "bob's attach (alice is at her limit) failed"
     as alice dd if=/dev/zero of="$b" bs=4k count=1 oflag=direct status=none 2> /dev/null \
         && fail "alice's read-only device took a write"
@@ -193,14 +192,21 @@ own() {
         [ "$(owner_mode "$p")" = "alice:root 600" ] || fail "$p is $(owner_mode "$p")"
         [ "$(prop "$p" SYSTEMD_READY)" = 0 ] || fail "$p is not kept from systemd"
     done
+    # A rescan of the partition table makes them anew; udev gives them to her.
+    must blockdev --rereadpt "$dev"
+    udevadm settle
+    for p in "${dev}p1" "${dev}p2"; do
+        [ "$(owner_mode "$p")" = "alice:root 600" ] || fail "after a rescan $p is $(owner_mode "$p")"
+    done
     must as alice nbdloop detach "$dev"
+    [ -e "/run/nbdloop/devices/${dev#/dev/}" ] && fail "the udev properties of $dev outlived it"
     [ -e "${dev}p1" ] && [ "$(owner_mode "${dev}p1")" != "root:disk 660" ] && fail "${dev}p1 is still alice's"
     return 0
 }
 
 refs() {
     step refs
-    must nbdloop create "$NBDLOOP_DATA/r.img" 64M > /dev/null
+    must truncate -s 64M "$NBDLOOP_DATA/r.img"
     r=$(nbdloop attach --ref data-r "$NBDLOOP_DATA/r.img") || fail "root's attach --ref failed"
     udevadm settle
     [ "$(readlink -f /dev/nbdloop/by-ref/data-r)" = "$r" ] || fail "no by-ref link for root's $r"
@@ -215,7 +221,7 @@ refs() {
     [ -e /dev/disk/by-label/rootfs ] || fail "root's filesystem got no by-label link"
     lvm_activates "$r" rootvg || fail "root's LVM volume was not activated: the check shows nothing"
     # The table takes ref=, and a user cannot take a name it gives.
-    must nbdloop create "$NBDLOOP_DATA/t.img" 64M > /dev/null
+    must truncate -s 64M "$NBDLOOP_DATA/t.img"
     mkdir -p /etc/nbdloop
     echo "$NBDLOOP_DATA/t.img ref=boot-disk" > /etc/nbdloop/attachments
     refused "root's" as alice nbdloop attach --ref boot-disk "$NBDLOOP_DATA/alice/e.img"
@@ -261,8 +267,8 @@ resize() {
     step "resize-$1-$2"
     img_a=$NBDLOOP_DATA/g-ext4.img img_b=$NBDLOOP_DATA/alice/g-xfs.img
     rm -f "$img_a" "$img_b"
-    must nbdloop create "$img_a" 320M > /dev/null
-    must as alice nbdloop create "$img_b" 320M > /dev/null
+    must truncate -s 320M "$img_a"
+    must as alice truncate -s 320M "$img_b"
     # A short request timeout: what the killed server had read is resent soon.
     a=$(nbdloop attach --mode "$1" --timeout 5 "$img_a") || fail "attach $img_a"
     b=$(as alice nbdloop attach --mode "$2" --ref alice-xfs "$img_b") || fail "alice's attach $img_b"
@@ -311,7 +317,7 @@ resize() {
 
 slice() {
     step slice
-    must nbdloop create "$NBDLOOP_DATA/s.img" 64M > /dev/null
+    must truncate -s 64M "$NBDLOOP_DATA/s.img"
     s=$(nbdloop attach --offset 1M --sizelimit 32M "$NBDLOOP_DATA/s.img") || fail "attach a slice"
     must nbdloop resize --preallocate "$s" 96M > /dev/null
     [ "$(bytes "$s")" -eq $((96 << 20)) ] || fail "the slice is $(bytes "$s") bytes"
