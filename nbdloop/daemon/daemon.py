@@ -181,9 +181,8 @@ class Daemon:
             _may_change(att, request, "detach")
             state = A.state_of(att, self.sys_block)
             if A.device_connected(att.device, self.sys_block):
-                where, held = A.users(att.device)
-                if where or held:
-                    why = f"mounted on {where[0]}" if where else f"held by {', '.join(held)}"
+                why = A.in_use(att.device)
+                if why:
                     raise A.AttachError(f"{att.device} is {why}: unmount it first")
             before = att.as_dict()
             self._detach(att, state)
@@ -269,9 +268,8 @@ class Daemon:
                 if not shrink:
                     raise A.AttachError(f"{att.device}: {after} bytes is smaller than its "
                                         f"{before}: give --shrink to drop the rest")
-                where, held = A.users(att.device)
-                if where or held:
-                    why = f"mounted on {where[0]}" if where else f"held by {', '.join(held)}"
+                why = A.in_use(att.device)
+                if why:
                     raise A.AttachError(f"{att.device} is {why}: it is not made smaller")
             if end > have:
                 A.grow_image(fd, att.image, end, preallocate)

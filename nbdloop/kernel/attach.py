@@ -378,6 +378,17 @@ def choose_device(taken: set[str], wanted: str | None,
     return f"/dev/nbd{n}", True
 
 
+def in_use(device: str) -> str | None:
+    """Why ``device`` may not go or shrink (``mounted on /mnt``, ``held by
+    dm-0``), or None if nothing uses it."""
+    where, held = users(device)
+    if where:
+        return f"mounted on {where[0]}"
+    if held:
+        return f"held by {', '.join(held)}"
+    return None
+
+
 def users(device: str) -> tuple[list[str], list[str]]:
     """What uses ``device``, as lsblk sees it: where it or a partition of it
     is mounted (or [SWAP]), and the devices stacked on them (device mapper,
