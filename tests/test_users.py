@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -15,17 +18,25 @@ NOBODY = users.Owner(65534, 65534)
 
 
 @pytest.fixture
-def files(tmp_path):
-    """A directory anyone may enter: nobody's image in it, and root's."""
-    tmp_path.chmod(0o755)
-    mine = tmp_path / "mine.img"
+def files():
+    """A directory anyone may enter (pytest's own are root's alone, so a
+    path in them would be refused whatever the file): nobody's image in
+    it, and root's."""
+    top = Path(tempfile.mkdtemp(prefix="nbdloop-users-", dir="/tmp"))
+    top.chmod(0o755)
+    yield top / "mine.img", top / "root.img"
+    shutil.rmtree(top)
+
+
+@pytest.fixture(autouse=True)
+def _made(files):
+    mine, roots = files
+    mine.write_bytes(b"\0" * 4096)
     mine.write_bytes(b"\0" * 4096)
     os.chown(mine, NOBODY.uid, NOBODY.gid)
     mine.chmod(0o600)
-    roots = tmp_path / "root.img"
     roots.write_bytes(b"\0" * 4096)
     roots.chmod(0o600)
-    return mine, roots
 
 
 def test_a_users_file_is_reopened_as_a_file_of_its_own(files):
@@ -46,7 +57,7 @@ def test_a_users_file_is_reopened_as_a_file_of_its_own(files):
         os.close(sent)
 
 
-def test_root_rights_never_reach_a_users_open(files, tmp_path):
+def test_root_rights_never_reach_a_users_open(files):
     _, roots = files
     # Root's file, sent by root (as a user could not): reopened as nobody, refused.
     sent = os.open(roots, os.O_RDONLY | os.O_CLOEXEC)
@@ -57,10 +68,14 @@ def test_root_rights_never_reach_a_users_open(files, tmp_path):
         os.close(sent)
     with pytest.raises(users.UserError, match="Permission denied"):
         users.reopen(NOBODY, writable=False, path=str(roots))
-    # A link the user made to it is not followed at all.
-    link = tmp_path / "link.img"
-    link.symlink_to(roots)
-    with pytest.raises(users.UserError, match="Too many levels|Permission denied"):
+    # By its path, nobody's own file opens; a link to it is not followed
+    # at all (a link could be swapped for one to root's file).
+    mine = roots.with_name("mine.img")
+    fd = users.reopen(NOBODY, writable=True, path=str(mine))
+    os.close(fd)
+    link = roots.with_name("link.img")
+    link.symlink_to(mine)
+    with pytest.raises(users.UserError, match="Too many levels of symbolic links"):
         users.reopen(NOBODY, writable=False, path=str(link))
 
 
